@@ -1,0 +1,98 @@
+//! Exit codes, the one place that maps errors to them, and how errors are printed (cause chain and hint).
+//!
+//! | code | meaning |
+//! |---|---|
+//! | 0 | ok |
+//! | 1 | runtime or provider failure |
+//! | 2 | invalid usage, config or input |
+//! | 3 | a gate refused the promotion |
+//! | 4 | deployment failed; the previous group kept serving |
+//! | 5 | stage busy, or concurrent write conflict after retries |
+//! | 6 | verification failed (tampered ledger, drift) |
+
+use std::error::Error as _;
+
+use kiln::config::ConfigError;
+use kiln::ledger::LedgerError;
+use kiln::Error;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Exit {
+    Ok = 0,
+    Failure = 1,
+    Invalid = 2,
+    Refused = 3,
+    DeployFailed = 4,
+    Busy = 5,
+    VerifyFailed = 6,
+}
+
+impl From<Exit> for std::process::ExitCode {
+    fn from(exit: Exit) -> Self {
+        std::process::ExitCode::from(exit as u8)
+    }
+}
+
+pub fn classify(err: &Error) -> Exit {
+    match err {
+        Error::Config(_) | Error::Digest(_) | Error::Clock(_) | Error::Usage { .. } => Exit::Invalid,
+        Error::Ledger(LedgerError::Tampered { .. }) => Exit::VerifyFailed,
+        Error::Ledger(LedgerError::Contended { .. }) => Exit::Busy,
+        Error::Ledger(_) | Error::NotImplemented { .. } | Error::Io { .. } => Exit::Failure,
+    }
+}
+
+/// What to do next, when kiln can tell.
+fn hint(err: &Error) -> Option<String> {
+    match err {
+        Error::Config(ConfigError::AmbiguousPipeline { .. }) => {
+            Some("pass --pipeline NAME or set KILN_PIPELINE".into())
+        }
+        Error::Ledger(LedgerError::Tampered { .. }) => {
+            Some("run `kiln verify` to check the whole chain; restore the ledger from a copy you trust".into())
+        }
+        Error::Ledger(LedgerError::Contended { .. }) => Some("other writers were busy; retry the command".into()),
+        Error::NotImplemented { .. } => Some("this command lands with a later release; see README.md".into()),
+        _ => None,
+    }
+}
+
+/// The error and its causes, outermost first, skipping causes whose text the error already shows.
+pub fn chain(err: &Error) -> Vec<String> {
+    let mut lines = vec![err.to_string()];
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !lines.iter().any(|l| l.contains(&text)) {
+            lines.push(text);
+        }
+        source = cause.source();
+    }
+    lines
+}
+
+/// Prints the error to stderr (and, with --json, a document to stdout); returns the exit code.
+pub fn report(err: &Error, json: bool) -> Exit {
+    let exit = classify(err);
+    let lines = chain(err);
+    eprintln!("error: {}", lines[0]);
+    for cause in &lines[1..] {
+        eprintln!("  caused by: {cause}");
+    }
+    let hint = hint(err);
+    if let Some(hint) = &hint {
+        eprintln!("  hint: {hint}");
+    }
+    if json {
+        let doc = serde_json::json!({
+            "ok": false,
+            "exit_code": exit as u8,
+            "error": lines[0],
+            "causes": &lines[1..],
+            "hint": hint,
+        });
+        println!("{doc:#}");
+    }
+    exit
+}

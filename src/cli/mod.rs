@@ -1,0 +1,215 @@
+//! The command line: global options, one module per subcommand (`XArgs` + `run`), and the shared context they get.
+
+mod approve;
+mod bake;
+mod deploy;
+mod down;
+pub mod exit;
+mod gc;
+mod images;
+mod lineage;
+mod log;
+pub mod output;
+mod promote;
+mod revoke;
+mod rollback;
+mod run;
+mod status;
+mod verify;
+
+use std::cell::OnceCell;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use kiln::clock::Clock;
+use kiln::config::{pipeline, LedgerLocation, Pipeline, Repo};
+use kiln::ledger::Ledger;
+use kiln::Error;
+
+use output::Output;
+
+#[derive(Parser)]
+#[command(
+    name = "kiln",
+    version,
+    about = "Bake immutable images, promote them by digest through gated stages, deploy by replacing whole groups",
+    after_help = "Exit codes: 0 ok, 1 runtime/provider failure, 2 invalid usage/config/input, 3 gate refused, \
+                  4 deployment failed (previous group kept serving), 5 stage busy/write conflict, 6 verification failed"
+)]
+struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct GlobalArgs {
+    /// Pipeline to use (a file in pipelines/); optional when there is only one
+    #[arg(long, global = true, env = "KILN_PIPELINE")]
+    pub pipeline: Option<String>,
+    /// Print one JSON document on stdout (logs stay on stderr)
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// More log output (-v, -vv)
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// Only errors on stderr
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    /// Ledger location: a directory or s3://bucket/prefix (default: the pipeline's `ledger`, else .kiln/ledger)
+    #[arg(long, global = true, env = "KILN_LEDGER")]
+    pub ledger: Option<String>,
+    /// Run as if started in DIR
+    #[arg(short = 'C', long = "dir", global = true, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The main job: bake, then promote and deploy stage by stage until a gate stops it
+    Run(run::RunArgs),
+    /// Build (or reuse) the image and print its digest
+    Bake(bake::BakeArgs),
+    /// Run a stage's gates, record the promotion, deploy
+    Promote(promote::PromoteArgs),
+    /// (Re)deploy what is promoted to a stage; resumes an interrupted deployment
+    Deploy(deploy::DeployArgs),
+    /// Redeploy an earlier digest
+    Rollback(rollback::RollbackArgs),
+    /// Record an approval of a digest for a stage
+    Approve(approve::ApproveArgs),
+    /// Revoke a digest and every image built on it
+    Revoke(revoke::RevokeArgs),
+    /// Per stage: promoted digest, live group, health, revoked warnings
+    Status(status::StatusArgs),
+    /// The lineage of a digest or of what a stage runs
+    Lineage(lineage::LineageArgs),
+    /// Ledger history, newest first
+    Log(log::LogArgs),
+    /// Check the ledger's hash chain and provider drift
+    Verify(verify::VerifyArgs),
+    /// Delete what no stage can roll back to
+    Gc(gc::GcArgs),
+    /// Local provider: stop a stage's instances and its endpoint proxy
+    Down(down::DownArgs),
+    /// List baked images
+    Images(images::ImagesArgs),
+}
+
+/// What every subcommand gets: options, repository, output mode, clock and actor, with config loaded on demand.
+pub struct Ctx {
+    pub global: GlobalArgs,
+    pub repo: Repo,
+    pub out: Output,
+    // Read by the commands that append events; the first of them lands with `bake`.
+    #[allow(dead_code)]
+    pub clock: Clock,
+    #[allow(dead_code)]
+    pub actor: String,
+    pipeline: OnceCell<Pipeline>,
+}
+
+impl Ctx {
+    fn new(global: GlobalArgs) -> Result<Ctx, Error> {
+        let start = match &global.dir {
+            Some(dir) => dir.clone(),
+            None => std::env::current_dir().map_err(Error::io("the current directory"))?,
+        };
+        let repo = Repo::discover(&start).map_err(Error::io(start))?;
+        let clock = Clock::from_env()?;
+        Ok(Ctx {
+            out: Output { json: global.json },
+            global,
+            repo,
+            clock,
+            actor: kiln::actor::current(),
+            pipeline: OnceCell::new(),
+        })
+    }
+
+    /// The pipeline: `--pipeline`, or the only one in pipelines/.
+    pub fn pipeline(&self) -> Result<&Pipeline, Error> {
+        if let Some(p) = self.pipeline.get() {
+            return Ok(p);
+        }
+        let name = pipeline::choose(&self.repo, self.global.pipeline.as_deref())?;
+        let loaded = pipeline::load(&self.repo, &name)?;
+        Ok(self.pipeline.get_or_init(|| loaded))
+    }
+
+    /// Where the ledger is: `--ledger`/`KILN_LEDGER`, else the pipeline's, else the default directory.
+    pub fn ledger_location(&self) -> Result<LedgerLocation, Error> {
+        if let Some(url) = &self.global.ledger {
+            return LedgerLocation::parse(&self.repo, url).map_err(|m| Error::usage(format!("--ledger: {m}")));
+        }
+        match self.pipeline() {
+            Ok(p) => Ok(p.ledger.clone()),
+            Err(Error::Config(kiln::config::ConfigError::NoPipeline { .. })) => {
+                Ok(LedgerLocation::default_for(&self.repo))
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Loads and validates the pipeline and its recipe chain.
+    pub fn check_config(&self) -> Result<(), Error> {
+        let pipeline = self.pipeline()?;
+        kiln::config::recipe::load_chain(&self.repo, &pipeline.image)?;
+        Ok(())
+    }
+
+    pub fn ledger(&self) -> Result<Ledger, Error> {
+        match self.ledger_location()? {
+            LedgerLocation::Dir(dir) => Ok(Ledger::open_dir(&dir)),
+            LedgerLocation::S3 { .. } => {
+                Err(Error::NotImplemented { command: "with an s3:// ledger (it comes with the aws provider)" })
+            }
+        }
+    }
+}
+
+fn init_logging(global: &GlobalArgs) {
+    let default = match (global.quiet, global.verbose) {
+        (true, _) => "error",
+        (false, 0) => "info",
+        (false, 1) => "debug",
+        (false, _) => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("kiln={default}")));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+pub fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.global);
+    let json = cli.global.json;
+    let result = Ctx::new(cli.global).and_then(|ctx| match cli.command {
+        Command::Run(args) => run::run(&ctx, args),
+        Command::Bake(args) => bake::run(&ctx, args),
+        Command::Promote(args) => promote::run(&ctx, args),
+        Command::Deploy(args) => deploy::run(&ctx, args),
+        Command::Rollback(args) => rollback::run(&ctx, args),
+        Command::Approve(args) => approve::run(&ctx, args),
+        Command::Revoke(args) => revoke::run(&ctx, args),
+        Command::Status(args) => status::run(&ctx, args),
+        Command::Lineage(args) => lineage::run(&ctx, args),
+        Command::Log(args) => log::run(&ctx, args),
+        Command::Verify(args) => verify::run(&ctx, args),
+        Command::Gc(args) => gc::run(&ctx, args),
+        Command::Down(args) => down::run(&ctx, args),
+        Command::Images(args) => images::run(&ctx, args),
+    });
+    match result {
+        Ok(()) => exit::Exit::Ok.into(),
+        Err(err) => exit::report(&err, json).into(),
+    }
+}

@@ -1,0 +1,446 @@
+//! Pipelines: `pipelines/<name>.toml`, which recipe, which provider and ledger, and the ordered stages with their
+//! gates and deploy targets.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+use super::{check_name, parse_duration, toml_stems, ConfigError, Repo, RepoPath, Source, IMAGES_DIR, PIPELINES_DIR};
+
+const DEFAULT_LEDGER: &str = ".kiln/ledger";
+const DEFAULT_GATE_TIMEOUT: Duration = Duration::from_secs(600);
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct PipelineToml {
+    image: Spanned<String>,
+    provider: Option<Spanned<String>>,
+    ledger: Option<Spanned<String>>,
+    aws: Option<AwsPipelineToml>,
+    #[serde(rename = "stage", default)]
+    stages: Vec<Spanned<StageToml>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct AwsPipelineToml {
+    region: Option<String>,
+    artifact_bucket: Option<String>,
+    profile: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct StageToml {
+    name: Spanned<String>,
+    capacity: Option<Spanned<u32>>,
+    keep_previous: Option<u32>,
+    ready_timeout: Option<Spanned<String>>,
+    lease: Option<Spanned<String>>,
+    deploy: Option<Spanned<DeployToml>>,
+    #[serde(rename = "gate", default)]
+    gates: Vec<Spanned<GateToml>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct DeployToml {
+    port: Option<Spanned<u16>>,
+    target_group_arn: Option<String>,
+    subnets: Option<Vec<String>>,
+    instance_type: Option<String>,
+    regions: Option<Vec<String>>,
+    accounts: Option<Vec<String>>,
+    security_groups: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct GateToml {
+    soak: Option<Spanned<String>>,
+    command: Option<Spanned<Vec<String>>>,
+    timeout: Option<Spanned<String>>,
+    approvals: Option<Spanned<u32>>,
+    approvers: Option<Spanned<Vec<String>>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProviderKind {
+    Local,
+    Aws,
+}
+
+/// Where the ledger lives: a directory (relative paths are taken from the repository root) or `s3://bucket/prefix`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LedgerLocation {
+    Dir(PathBuf),
+    S3 { bucket: String, prefix: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    pub name: String,
+    pub file: RepoPath,
+    pub image: String,
+    pub provider: ProviderKind,
+    pub ledger: LedgerLocation,
+    pub aws: Option<AwsPipeline>,
+    pub stages: Vec<Stage>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AwsPipeline {
+    pub region: Option<String>,
+    pub artifact_bucket: Option<String>,
+    pub profile: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Stage {
+    pub name: String,
+    pub capacity: u32,
+    pub keep_previous: u32,
+    pub ready_timeout: Option<Duration>,
+    pub lease: Duration,
+    pub deploy: StageDeploy,
+    pub gates: Vec<Gate>,
+}
+
+#[derive(Debug, Clone)]
+pub enum StageDeploy {
+    Local {
+        port: u16,
+    },
+    Aws {
+        target_group_arn: Option<String>,
+        subnets: Vec<String>,
+        instance_type: Option<String>,
+        regions: Vec<String>,
+        accounts: Vec<String>,
+        security_groups: Vec<String>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Gate {
+    Soak { duration: Duration, written: String },
+    Command { argv: Vec<String>, program: CommandProgram, timeout: Duration },
+    Approvals { count: u32, approvers: Vec<String> },
+}
+
+/// A command gate's program: a repository script (the argument has a `/`) or a program looked up on `PATH`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommandProgram {
+    Script(RepoPath),
+    OnPath(String),
+}
+
+impl Pipeline {
+    pub fn stage(&self, name: &str) -> Option<&Stage> {
+        self.stages.iter().find(|s| s.name == name)
+    }
+
+    pub fn stage_index(&self, name: &str) -> Option<usize> {
+        self.stages.iter().position(|s| s.name == name)
+    }
+
+    pub fn stage_names(&self) -> Vec<&str> {
+        self.stages.iter().map(|s| s.name.as_str()).collect()
+    }
+}
+
+impl LedgerLocation {
+    /// Parses a ledger URL as written in a pipeline, `--ledger` or `KILN_LEDGER`.
+    pub fn parse(repo: &Repo, written: &str) -> Result<LedgerLocation, String> {
+        if let Some(rest) = written.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(format!("`{written}` names no bucket; write s3://bucket/prefix"));
+            }
+            return Ok(LedgerLocation::S3 { bucket: bucket.to_string(), prefix: prefix.trim_matches('/').to_string() });
+        }
+        if let Some((scheme, _)) = written.split_once("://") {
+            return Err(format!("ledger scheme `{scheme}://` is not supported; use a directory or s3://bucket/prefix"));
+        }
+        if written.trim().is_empty() {
+            return Err("the ledger location is empty".into());
+        }
+        let path = PathBuf::from(written);
+        Ok(LedgerLocation::Dir(if path.is_absolute() { path } else { repo.root().join(path) }))
+    }
+
+    pub fn default_for(repo: &Repo) -> LedgerLocation {
+        LedgerLocation::Dir(repo.root().join(DEFAULT_LEDGER))
+    }
+}
+
+impl std::fmt::Display for LedgerLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LedgerLocation::Dir(path) => write!(f, "{}", path.display()),
+            LedgerLocation::S3 { bucket, prefix } => write!(f, "s3://{bucket}/{prefix}"),
+        }
+    }
+}
+
+/// Finds the pipeline to use: the one named, or the only one in `pipelines/`.
+pub fn choose(repo: &Repo, name: Option<&str>) -> Result<String, ConfigError> {
+    let dir = repo.root().join(PIPELINES_DIR);
+    if let Some(name) = name {
+        return Ok(name.to_string());
+    }
+    let available = toml_stems(&dir);
+    match available.len() {
+        0 => Err(ConfigError::NoPipeline { dir: repo.display(&dir) }),
+        1 => Ok(available[0].clone()),
+        _ => Err(ConfigError::AmbiguousPipeline { dir: repo.display(&dir), available }),
+    }
+}
+
+pub fn load(repo: &Repo, name: &str) -> Result<Pipeline, ConfigError> {
+    check_name("pipeline", name)?;
+    let dir = repo.root().join(PIPELINES_DIR);
+    let path = dir.join(format!("{name}.toml"));
+    if !path.is_file() {
+        return Err(ConfigError::NotFound {
+            kind: "pipeline",
+            name: name.to_string(),
+            file: repo.display(&path),
+            available: toml_stems(&dir),
+        });
+    }
+    let source = Source::read(repo, &path)?;
+    let raw: PipelineToml = source.parse()?;
+    validate(repo, &source, name, raw)
+}
+
+fn validate(repo: &Repo, source: &Source, name: &str, raw: PipelineToml) -> Result<Pipeline, ConfigError> {
+    let file = repo.resolve(&source.absolute, &format!("{name}.toml")).map_err(|m| source.error(0..0, "(file)", m))?;
+    let image = raw.image.get_ref().clone();
+    if check_name("recipe", &image).is_err() || !repo.root().join(IMAGES_DIR).join(format!("{image}.toml")).is_file() {
+        let available = toml_stems(&repo.root().join(IMAGES_DIR));
+        let hint = if available.is_empty() { String::new() } else { format!("; recipes: {}", available.join(", ")) };
+        return Err(source.error(
+            raw.image.span(),
+            "image",
+            format!("recipe `{image}` does not exist (no {IMAGES_DIR}/{image}.toml){hint}"),
+        ));
+    }
+    let provider = match raw.provider.as_ref().map(|p| (p.get_ref().as_str(), p.span())) {
+        None | Some(("local", _)) => ProviderKind::Local,
+        Some(("aws", _)) => ProviderKind::Aws,
+        Some((other, span)) => {
+            return Err(source.error(
+                span,
+                "provider",
+                format!("unknown provider `{other}`; expected \"local\" or \"aws\""),
+            ))
+        }
+    };
+    let ledger = match &raw.ledger {
+        Some(l) => LedgerLocation::parse(repo, l.get_ref()).map_err(|m| source.error(l.span(), "ledger", m))?,
+        None => LedgerLocation::default_for(repo),
+    };
+    if raw.stages.is_empty() {
+        return Err(source.error(0..0, "stage", "a pipeline needs at least one [[stage]]"));
+    }
+
+    let mut stages = Vec::with_capacity(raw.stages.len());
+    let mut names = BTreeSet::new();
+    let mut ports = BTreeSet::new();
+    for (index, stage) in raw.stages.into_iter().enumerate() {
+        let stage_span = stage.span();
+        let stage = stage.into_inner();
+        let field = format!("stage[{index}]");
+        let stage_name = stage.name.get_ref().clone();
+        let name_ok = !stage_name.is_empty()
+            && stage_name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !stage_name.starts_with('-');
+        if !name_ok {
+            return Err(source.error(
+                stage.name.span(),
+                format!("{field}.name"),
+                format!("`{stage_name}` is not a stage name: use lowercase letters, digits and `-`"),
+            ));
+        }
+        if !names.insert(stage_name.clone()) {
+            return Err(source.error(
+                stage.name.span(),
+                format!("{field}.name"),
+                format!("stage `{stage_name}` is defined twice; stage names must be unique"),
+            ));
+        }
+        let capacity = match &stage.capacity {
+            Some(c) if *c.get_ref() == 0 => {
+                return Err(source.error(c.span(), format!("{field}.capacity"), "capacity must be at least 1"))
+            }
+            Some(c) => *c.get_ref(),
+            None => 1,
+        };
+        let ready_timeout = stage
+            .ready_timeout
+            .as_ref()
+            .map(|t| {
+                parse_duration(t.get_ref()).map_err(|m| source.error(t.span(), format!("{field}.ready-timeout"), m))
+            })
+            .transpose()?;
+        let lease = match &stage.lease {
+            Some(t) => parse_duration(t.get_ref()).map_err(|m| source.error(t.span(), format!("{field}.lease"), m))?,
+            None => Duration::from_secs(900),
+        };
+        let deploy = match (provider, stage.deploy) {
+            (ProviderKind::Local, None) => {
+                return Err(source.error(
+                    stage_span,
+                    format!("{field}.deploy"),
+                    "a local stage needs `deploy = { port = N }`, its stable proxy port",
+                ))
+            }
+            (ProviderKind::Local, Some(deploy)) => {
+                let span = deploy.span();
+                let deploy = deploy.into_inner();
+                if deploy.target_group_arn.is_some() || deploy.subnets.is_some() || deploy.regions.is_some() {
+                    return Err(source.error(
+                        span,
+                        format!("{field}.deploy"),
+                        "AWS deploy keys are set but the provider is \"local\"",
+                    ));
+                }
+                let port = deploy.port.ok_or_else(|| {
+                    source.error(
+                        span.clone(),
+                        format!("{field}.deploy.port"),
+                        "a local stage needs `port`, its stable proxy port",
+                    )
+                })?;
+                if *port.get_ref() < 1024 {
+                    return Err(source.error(
+                        port.span(),
+                        format!("{field}.deploy.port"),
+                        format!("port {} is privileged; use 1024–65535", port.get_ref()),
+                    ));
+                }
+                if !ports.insert(*port.get_ref()) {
+                    return Err(source.error(
+                        port.span(),
+                        format!("{field}.deploy.port"),
+                        format!("port {} is used by another stage", port.get_ref()),
+                    ));
+                }
+                StageDeploy::Local { port: *port.get_ref() }
+            }
+            (ProviderKind::Aws, deploy) => {
+                let deploy = deploy.map(Spanned::into_inner);
+                let subnets = deploy.as_ref().and_then(|d| d.subnets.clone()).unwrap_or_default();
+                if subnets.is_empty() {
+                    return Err(source.error(
+                        stage_span,
+                        format!("{field}.deploy.subnets"),
+                        "an AWS stage needs `subnets` for its Auto Scaling groups",
+                    ));
+                }
+                let deploy = deploy.expect("subnets came from it");
+                if let Some(port) = deploy.port {
+                    return Err(source.error(
+                        port.span(),
+                        format!("{field}.deploy.port"),
+                        "`port` is for the local provider",
+                    ));
+                }
+                StageDeploy::Aws {
+                    target_group_arn: deploy.target_group_arn,
+                    subnets,
+                    instance_type: deploy.instance_type,
+                    regions: deploy.regions.unwrap_or_default(),
+                    accounts: deploy.accounts.unwrap_or_default(),
+                    security_groups: deploy.security_groups.unwrap_or_default(),
+                }
+            }
+        };
+        let mut gates = Vec::with_capacity(stage.gates.len());
+        for (gate_index, gate) in stage.gates.into_iter().enumerate() {
+            let gate_field = format!("{field}.gate[{gate_index}]");
+            gates.push(validate_gate(repo, source, &gate_field, gate)?);
+        }
+        stages.push(Stage {
+            name: stage_name,
+            capacity,
+            keep_previous: stage.keep_previous.unwrap_or(1),
+            ready_timeout,
+            lease,
+            deploy,
+            gates,
+        });
+    }
+    if provider == ProviderKind::Aws && raw.aws.as_ref().and_then(|a| a.region.as_ref()).is_none() {
+        return Err(source.error(0..0, "aws.region", "the aws provider needs `[aws] region = \"…\"`"));
+    }
+    let aws = raw.aws.map(|a| AwsPipeline { region: a.region, artifact_bucket: a.artifact_bucket, profile: a.profile });
+    Ok(Pipeline { name: name.to_string(), file, image, provider, ledger, aws, stages })
+}
+
+fn validate_gate(repo: &Repo, source: &Source, field: &str, gate: Spanned<GateToml>) -> Result<Gate, ConfigError> {
+    let span = gate.span();
+    let gate = gate.into_inner();
+    let kinds = [gate.soak.is_some(), gate.command.is_some(), gate.approvals.is_some()];
+    if kinds.iter().filter(|k| **k).count() != 1 {
+        return Err(source.error(span, field, "a gate needs exactly one of `soak`, `command` or `approvals`"));
+    }
+    if let (Some(approvers), None) = (&gate.approvers, &gate.approvals) {
+        return Err(source.error(approvers.span(), format!("{field}.approvers"), "`approvers` goes with `approvals`"));
+    }
+    if let (Some(timeout), None) = (&gate.timeout, &gate.command) {
+        return Err(source.error(timeout.span(), format!("{field}.timeout"), "`timeout` goes with `command`"));
+    }
+    if let Some(soak) = gate.soak {
+        let duration =
+            parse_duration(soak.get_ref()).map_err(|m| source.error(soak.span(), format!("{field}.soak"), m))?;
+        return Ok(Gate::Soak { duration, written: soak.get_ref().trim().to_string() });
+    }
+    if let Some(command) = gate.command {
+        let argv = command.get_ref().clone();
+        let Some(first) = argv.first().filter(|p| !p.trim().is_empty()) else {
+            return Err(source.error(
+                command.span(),
+                format!("{field}.command"),
+                "the command is empty; give the program and its arguments",
+            ));
+        };
+        let program = if first.contains('/') {
+            let script = repo
+                .resolve(&source.absolute, first)
+                .map_err(|m| source.error(command.span(), format!("{field}.command"), m))?;
+            CommandProgram::Script(script)
+        } else {
+            CommandProgram::OnPath(first.clone())
+        };
+        let timeout = match &gate.timeout {
+            Some(t) => {
+                parse_duration(t.get_ref()).map_err(|m| source.error(t.span(), format!("{field}.timeout"), m))?
+            }
+            None => DEFAULT_GATE_TIMEOUT,
+        };
+        return Ok(Gate::Command { argv, program, timeout });
+    }
+    let approvals = gate.approvals.expect("exactly one kind is set");
+    if *approvals.get_ref() == 0 {
+        return Err(source.error(
+            approvals.span(),
+            format!("{field}.approvals"),
+            "approvals must be at least 1 (remove the gate to need none)",
+        ));
+    }
+    let approvers = gate.approvers.map(Spanned::into_inner).unwrap_or_default();
+    if !approvers.is_empty() && (approvers.len() as u32) < *approvals.get_ref() {
+        return Err(source.error(
+            approvals.span(),
+            format!("{field}.approvals"),
+            format!("needs {} approvals but only {} approvers are allowed", approvals.get_ref(), approvers.len()),
+        ));
+    }
+    Ok(Gate::Approvals { count: *approvals.get_ref(), approvers })
+}

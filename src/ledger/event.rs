@@ -1,0 +1,273 @@
+//! Ledger events: their types, their canonical encoding, and the hash chain that links them.
+
+use serde::{Deserialize, Serialize};
+
+use crate::digest::{canonical_json, Digest, StreamHasher};
+
+/// One appended fact. Its hash is the sha256 of its canonical JSON (without the hash itself); `prev` is the hash of
+/// event `seq - 1`, or all zeros for the first event.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Event {
+    pub seq: u64,
+    pub prev: Digest,
+    pub time: String,
+    pub actor: String,
+    #[serde(flatten)]
+    pub body: EventBody,
+}
+
+/// A gate's verdict and the evidence it was judged on, as recorded in `promoted` and `refused` events.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct GateVerdict {
+    pub gate: String,
+    pub passed: bool,
+    pub detail: String,
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub evidence: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum EventBody {
+    Baked {
+        pipeline: String,
+        recipe: String,
+        digest: Digest,
+        recipe_key: Digest,
+        parent: Option<Digest>,
+        provider: String,
+        image_ref: String,
+        commit: Option<String>,
+        dirty: bool,
+    },
+    Promoted {
+        pipeline: String,
+        stage: String,
+        digest: Digest,
+        gates: Vec<GateVerdict>,
+    },
+    Refused {
+        pipeline: String,
+        stage: String,
+        digest: Digest,
+        gates: Vec<GateVerdict>,
+    },
+    Approved {
+        pipeline: String,
+        stage: String,
+        digest: Digest,
+        note: Option<String>,
+    },
+    Revoked {
+        digest: Digest,
+        reason: String,
+        /// Every image whose parent chain includes `digest`, at the time of revocation.
+        descendants: Vec<Digest>,
+    },
+    DeployStarted {
+        pipeline: String,
+        stage: String,
+        deploy_id: String,
+        digest: Digest,
+        group: String,
+        previous_group: Option<String>,
+        lease_until: String,
+        rollback: Option<RollbackRecord>,
+    },
+    DeployStep {
+        pipeline: String,
+        stage: String,
+        deploy_id: String,
+        step: String,
+        #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+        detail: serde_json::Value,
+    },
+    DeployFinished {
+        pipeline: String,
+        stage: String,
+        deploy_id: String,
+        digest: Digest,
+        group: String,
+    },
+    DeployFailed {
+        pipeline: String,
+        stage: String,
+        deploy_id: String,
+        digest: Digest,
+        group: String,
+        reason: String,
+        log_tail: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RollbackRecord {
+    pub reason: Option<String>,
+    pub forced: bool,
+}
+
+impl EventBody {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            EventBody::Baked { .. } => "baked",
+            EventBody::Promoted { .. } => "promoted",
+            EventBody::Refused { .. } => "refused",
+            EventBody::Approved { .. } => "approved",
+            EventBody::Revoked { .. } => "revoked",
+            EventBody::DeployStarted { .. } => "deploy-started",
+            EventBody::DeployStep { .. } => "deploy-step",
+            EventBody::DeployFinished { .. } => "deploy-finished",
+            EventBody::DeployFailed { .. } => "deploy-failed",
+        }
+    }
+
+    /// The stage an event concerns, if any.
+    pub fn stage(&self) -> Option<&str> {
+        match self {
+            EventBody::Promoted { stage, .. }
+            | EventBody::Refused { stage, .. }
+            | EventBody::Approved { stage, .. }
+            | EventBody::DeployStarted { stage, .. }
+            | EventBody::DeployStep { stage, .. }
+            | EventBody::DeployFinished { stage, .. }
+            | EventBody::DeployFailed { stage, .. } => Some(stage),
+            EventBody::Baked { .. } | EventBody::Revoked { .. } => None,
+        }
+    }
+
+    /// The image digest an event concerns, if any.
+    pub fn digest(&self) -> Option<&Digest> {
+        match self {
+            EventBody::Baked { digest, .. }
+            | EventBody::Promoted { digest, .. }
+            | EventBody::Refused { digest, .. }
+            | EventBody::Approved { digest, .. }
+            | EventBody::Revoked { digest, .. }
+            | EventBody::DeployStarted { digest, .. }
+            | EventBody::DeployFinished { digest, .. }
+            | EventBody::DeployFailed { digest, .. } => Some(digest),
+            EventBody::DeployStep { .. } => None,
+        }
+    }
+}
+
+/// An event as read back from the store, with the hash that the next event's `prev` must equal.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredEvent {
+    pub event: Event,
+    pub hash: Digest,
+}
+
+// The stored form is the canonical JSON with `"hash":"sha256:…"` spliced in as the last member, then a newline.
+// Hashing the exact stored bytes (rather than a re-encoding) means any edited byte is detected at its own seq.
+const HASH_OPEN: &[u8] = b",\"hash\":\"sha256:";
+const HASH_CLOSE: &[u8] = b"\"}\n";
+const SUFFIX_LEN: usize = HASH_OPEN.len() + 64 + HASH_CLOSE.len();
+
+/// Encodes an event to its stored bytes and returns them with its hash.
+pub fn encode(event: &Event) -> Result<(Vec<u8>, Digest), serde_json::Error> {
+    let body = canonical_json(event)?;
+    let hash = Digest::of(&body);
+    let mut stored = Vec::with_capacity(body.len() + SUFFIX_LEN);
+    stored.extend_from_slice(&body[..body.len() - 1]);
+    stored.extend_from_slice(HASH_OPEN);
+    stored.extend_from_slice(hash.hex().as_bytes());
+    stored.extend_from_slice(HASH_CLOSE);
+    Ok((stored, hash))
+}
+
+/// Why stored bytes are not a valid event.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("it does not end with its hash")]
+    NoHash,
+    #[error("its content does not match its recorded hash")]
+    HashMismatch,
+    #[error("it is not a valid event: {0}")]
+    Invalid(String),
+}
+
+/// Checks stored bytes against the hash they carry; returns that hash and the bytes that were hashed' length.
+pub fn check_hash(stored: &[u8]) -> Result<Digest, DecodeError> {
+    if stored.len() < SUFFIX_LEN + 2 || !stored.ends_with(HASH_CLOSE) {
+        return Err(DecodeError::NoHash);
+    }
+    let body_end = stored.len() - SUFFIX_LEN;
+    if &stored[body_end..body_end + HASH_OPEN.len()] != HASH_OPEN {
+        return Err(DecodeError::NoHash);
+    }
+    let hex_start = body_end + HASH_OPEN.len();
+    let recorded = &stored[hex_start..hex_start + 64];
+    if !recorded.iter().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b)) {
+        return Err(DecodeError::NoHash);
+    }
+    let mut hasher = StreamHasher::new();
+    hasher.update(&stored[..body_end]);
+    hasher.update(b"}");
+    let actual = hasher.finish();
+    if actual.hex().as_bytes() != recorded {
+        return Err(DecodeError::HashMismatch);
+    }
+    Ok(actual)
+}
+
+/// Decodes and checks a whole event.
+pub fn decode(stored: &[u8]) -> Result<StoredEvent, DecodeError> {
+    let hash = check_hash(stored)?;
+    let event: Event = serde_json::from_slice(stored).map_err(|e| DecodeError::Invalid(e.to_string()))?;
+    Ok(StoredEvent { event, hash })
+}
+
+/// Just the chain fields, for verifying without materialising payloads.
+#[derive(Deserialize)]
+pub struct ChainHeader {
+    pub seq: u64,
+    pub prev: Digest,
+}
+
+pub fn decode_header(stored: &[u8]) -> Result<(ChainHeader, Digest), DecodeError> {
+    let hash = check_hash(stored)?;
+    let header: ChainHeader = serde_json::from_slice(stored).map_err(|e| DecodeError::Invalid(e.to_string()))?;
+    Ok((header, hash))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(seq: u64) -> Event {
+        Event {
+            seq,
+            prev: Digest::ZERO,
+            time: "2026-11-28T00:00:00.000Z".into(),
+            actor: "ci".into(),
+            body: EventBody::Approved {
+                pipeline: "hello".into(),
+                stage: "prod".into(),
+                digest: Digest::of(b"image"),
+                note: Some("ok".into()),
+            },
+        }
+    }
+
+    #[test]
+    fn encode_then_decode_round_trips() {
+        let event = sample(7);
+        let (stored, hash) = encode(&event).unwrap();
+        assert!(stored.ends_with(b"\"}\n"));
+        let back = decode(&stored).unwrap();
+        assert_eq!(back.event, event);
+        assert_eq!(back.hash, hash);
+        assert_eq!(hash, Digest::of(&canonical_json(&event).unwrap()), "the hash covers the canonical JSON");
+    }
+
+    #[test]
+    fn every_edited_byte_is_detected() {
+        let (stored, _) = encode(&sample(3)).unwrap();
+        for i in 0..stored.len() {
+            let mut edited = stored.clone();
+            edited[i] ^= 0x01;
+            assert!(decode(&edited).is_err(), "flipping byte {i} went unnoticed");
+        }
+    }
+}

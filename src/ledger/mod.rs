@@ -1,0 +1,445 @@
+//! The ledger: an append-only, hash-chained log of events in a create-if-absent key–value store, read through a
+//! cached materialised view. It is the record of everything kiln did and the lock that serialises writers.
+
+pub mod event;
+pub mod file;
+pub mod store;
+pub mod view;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rayon::prelude::*;
+
+use crate::clock::Clock;
+use crate::digest::Digest;
+pub use event::{Event, EventBody, GateVerdict, StoredEvent};
+pub use store::{Created, Store, StoreError};
+pub use view::View;
+
+const EVENTS_PREFIX: &str = "events/";
+const MAX_ATTEMPTS: u32 = 200;
+const VERIFY_CHUNK: u64 = 16 * 1024;
+const CACHE_SAVE_EVERY: u64 = 32;
+
+pub fn event_key(seq: u64) -> String {
+    format!("{EVENTS_PREFIX}{seq:012}.json")
+}
+
+fn seq_of_key(key: &str) -> Option<u64> {
+    let digits = key.strip_prefix(EVENTS_PREFIX)?.strip_suffix(".json")?;
+    (digits.len() == 12 && digits.bytes().all(|b| b.is_ascii_digit())).then(|| digits.parse().ok())?
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("ledger {location} is damaged at seq {seq}: {reason}")]
+    Tampered { location: String, seq: u64, reason: String },
+    #[error("ledger {location}: gave up after {attempts} attempts, other writers kept appending first")]
+    Contended { location: String, attempts: u32 },
+    #[error("encoding an event")]
+    Encode(#[from] serde_json::Error),
+}
+
+/// What `verify` found on a sound ledger.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct VerifyReport {
+    pub events: u64,
+    pub head: Option<Digest>,
+}
+
+pub struct Ledger {
+    store: Box<dyn Store>,
+    cache_path: Option<PathBuf>,
+}
+
+/// What a writer decided after looking at the current view.
+pub enum Decision<T> {
+    /// Append this event, then return `T`.
+    Append(Box<EventBody>, T),
+    /// Write nothing, return `T`.
+    Skip(T),
+}
+
+impl Ledger {
+    pub fn new(store: Box<dyn Store>, cache_path: Option<PathBuf>) -> Ledger {
+        Ledger { store, cache_path }
+    }
+
+    /// A file ledger in `dir`, with its view cache beside the events.
+    pub fn open_dir(dir: &Path) -> Ledger {
+        Ledger::new(Box::new(file::FileStore::new(dir)), Some(dir.join("cache").join("view.json")))
+    }
+
+    pub fn location(&self) -> String {
+        self.store.location()
+    }
+
+    fn tampered(&self, seq: u64, reason: impl Into<String>) -> LedgerError {
+        LedgerError::Tampered { location: self.location(), seq, reason: reason.into() }
+    }
+
+    /// Event `seq`, checked against its own hash.
+    pub fn read(&self, seq: u64) -> Result<Option<StoredEvent>, LedgerError> {
+        let Some(bytes) = self.store.get(&event_key(seq))? else {
+            return Ok(None);
+        };
+        let stored = event::decode(&bytes).map_err(|e| self.tampered(seq, e.to_string()))?;
+        if stored.event.seq != seq {
+            return Err(self.tampered(seq, format!("the event stored there says seq {}", stored.event.seq)));
+        }
+        Ok(Some(stored))
+    }
+
+    /// The current view: the cache, caught up by probing `seq+1, seq+2, …`; rebuilt when the cache disagrees.
+    pub fn view(&self) -> Result<View, LedgerError> {
+        let (mut view, cached_seq) = self.cached_view()?;
+        self.catch_up(&mut view)?;
+        self.maybe_save_cache(&view, cached_seq);
+        Ok(view)
+    }
+
+    /// The cached view if it still matches the chain, and the seq it covered.
+    fn cached_view(&self) -> Result<(View, u64), LedgerError> {
+        match self.load_cache() {
+            Some(view) if self.cache_matches_chain(&view)? => {
+                let seq = view.seq;
+                Ok((view, seq))
+            }
+            Some(_) => {
+                tracing::warn!(ledger = %self.location(), "view cache disagrees with the ledger; rebuilding it");
+                Ok((View::default(), 0))
+            }
+            None => Ok((View::default(), 0)),
+        }
+    }
+
+    /// Rewriting the cache costs its whole size, so it is rewritten only once readers would otherwise have to
+    /// probe more than a few events past it.
+    fn maybe_save_cache(&self, view: &View, cached_seq: u64) {
+        if view.seq > cached_seq {
+            self.save_head_mark(view.seq, view.hash);
+        }
+        if view.seq >= cached_seq + CACHE_SAVE_EVERY || (cached_seq == 0 && view.seq > 0) {
+            self.save_cache(view);
+        }
+    }
+
+    fn cache_matches_chain(&self, view: &View) -> Result<bool, LedgerError> {
+        if view.seq == 0 {
+            return Ok(true);
+        }
+        Ok(match self.store.get(&event_key(view.seq))? {
+            Some(bytes) => event::check_hash(&bytes).ok() == Some(view.hash),
+            None => false,
+        })
+    }
+
+    fn catch_up(&self, view: &mut View) -> Result<(), LedgerError> {
+        while let Some(next) = self.read(view.seq + 1)? {
+            if next.event.prev != view.hash {
+                return Err(self.tampered(next.event.seq, "its prev does not match the hash of the event before it"));
+            }
+            view.apply(&next);
+        }
+        Ok(())
+    }
+
+    fn load_cache(&self) -> Option<View> {
+        let path = self.cache_path.as_ref()?;
+        let bytes = std::fs::read(path).ok()?;
+        match serde_json::from_slice::<View>(&bytes) {
+            Ok(view) if view.format == view::VIEW_FORMAT => Some(view),
+            _ => None,
+        }
+    }
+
+    fn head_mark_path(&self) -> Option<PathBuf> {
+        Some(self.cache_path.as_ref()?.with_file_name("head.json"))
+    }
+
+    /// The highest (seq, hash) this machine has seen: a small anchor, rewritten on every append, that lets
+    /// `verify` notice events removed from the end even when the big view cache lags behind.
+    fn load_head_mark(&self) -> Option<(u64, Digest)> {
+        let bytes = std::fs::read(self.head_mark_path()?).ok()?;
+        let mark: HeadMark = serde_json::from_slice(&bytes).ok()?;
+        Some((mark.seq, mark.hash))
+    }
+
+    fn save_head_mark(&self, seq: u64, hash: Digest) {
+        let Some(path) = self.head_mark_path() else {
+            return;
+        };
+        if self.load_head_mark().is_some_and(|(seen, _)| seen >= seq) {
+            return;
+        }
+        if let Ok(bytes) = serde_json::to_vec(&HeadMark { seq, hash }) {
+            write_atomically(&path, &bytes);
+        }
+    }
+
+    /// Best effort: the cache only accelerates reads, so failing to write it is not an error.
+    fn save_cache(&self, view: &View) {
+        let Some(path) = &self.cache_path else { return };
+        match serde_json::to_vec(view) {
+            Ok(bytes) => write_atomically(path, &bytes),
+            Err(err) => tracing::debug!(%err, "could not encode the view cache"),
+        }
+    }
+
+    /// Appends one event decided against the current head. If another writer appended first, the view is
+    /// re-read and `decide` runs again, so no event is ever recorded on a decision made against stale state.
+    pub fn append<T, E: From<LedgerError>>(
+        &self,
+        actor: &str,
+        clock: &Clock,
+        mut decide: impl FnMut(&View) -> Result<Decision<T>, E>,
+    ) -> Result<(T, Option<StoredEvent>), E> {
+        let mut backoff = Backoff::new();
+        let (mut view, cached_seq) = self.cached_view()?;
+        for _ in 0..MAX_ATTEMPTS {
+            // Decide against the true head: catch up with whatever other writers appended meanwhile.
+            self.catch_up(&mut view)?;
+            let (body, result) = match decide(&view)? {
+                Decision::Skip(result) => {
+                    self.maybe_save_cache(&view, cached_seq);
+                    return Ok((result, None));
+                }
+                Decision::Append(body, result) => (body, result),
+            };
+            let event = Event {
+                seq: view.seq + 1,
+                prev: view.hash,
+                time: clock.stamp(),
+                actor: actor.to_string(),
+                body: *body,
+            };
+            let (bytes, hash) = event::encode(&event).map_err(LedgerError::from)?;
+            crate::fault::point("ledger:before-create");
+            match self.store.create(&event_key(event.seq), &bytes).map_err(LedgerError::from)? {
+                Created::Yes => {
+                    crate::fault::point("ledger:after-create");
+                    let stored = StoredEvent { event, hash };
+                    view.apply(&stored);
+                    self.maybe_save_cache(&view, cached_seq);
+                    return Ok((result, Some(stored)));
+                }
+                Created::AlreadyExists => {
+                    tracing::debug!(seq = event.seq, "another writer appended first; re-reading");
+                    backoff.wait();
+                }
+            }
+        }
+        Err(LedgerError::Contended { location: self.location(), attempts: MAX_ATTEMPTS }.into())
+    }
+
+    /// Events newest first, from `from` (inclusive) down, that `keep` accepts, at most `limit`.
+    pub fn newest_first(
+        &self,
+        from: u64,
+        limit: usize,
+        mut keep: impl FnMut(&StoredEvent) -> bool,
+    ) -> Result<Vec<StoredEvent>, LedgerError> {
+        let mut out = Vec::new();
+        let mut seq = from;
+        while seq > 0 && out.len() < limit {
+            let stored = self.read(seq)?.ok_or_else(|| self.tampered(seq, "the event is missing"))?;
+            if keep(&stored) {
+                out.push(stored);
+            }
+            seq -= 1;
+        }
+        Ok(out)
+    }
+
+    /// Checks the whole chain: every event present, matching its hash, in its place, linked to the one before.
+    /// Names the first bad seq. Also checks that the chain still reaches what the view cache last saw, which
+    /// catches events removed from the end.
+    pub fn verify(&self) -> Result<VerifyReport, LedgerError> {
+        let keys = self.store.list(EVENTS_PREFIX)?;
+        let mut last = 0;
+        for key in &keys {
+            match seq_of_key(key) {
+                Some(seq) => last = last.max(seq),
+                None if key.ends_with(".json") => {
+                    return Err(self.tampered(0, format!("unexpected file {key} among the events")));
+                }
+                None => {}
+            }
+        }
+        let mut prev_hash = Digest::ZERO;
+        let mut start = 1;
+        while start <= last {
+            let end = (start + VERIFY_CHUNK).min(last + 1);
+            let checked: Vec<Result<ChainLink, (u64, String)>> = (start..end)
+                .into_par_iter()
+                .map(|seq| {
+                    let bytes = match self.store.get(&event_key(seq)) {
+                        Ok(Some(bytes)) => bytes,
+                        Ok(None) => return Err((seq, format!("the event is missing (events run to seq {last})"))),
+                        Err(e) => return Err((seq, format!("cannot be read: {e}"))),
+                    };
+                    let (header, hash) = event::decode_header(&bytes).map_err(|e| (seq, e.to_string()))?;
+                    Ok(ChainLink { recorded_seq: header.seq, prev: header.prev, hash })
+                })
+                .collect();
+            for (offset, result) in checked.into_iter().enumerate() {
+                let seq = start + offset as u64;
+                let ChainLink { recorded_seq, prev, hash } =
+                    result.map_err(|(seq, reason)| self.tampered(seq, reason))?;
+                if recorded_seq != seq {
+                    return Err(self.tampered(
+                        seq,
+                        format!("the event stored there says seq {recorded_seq} (moved or reordered)"),
+                    ));
+                }
+                if prev != prev_hash {
+                    return Err(self.tampered(seq, "its prev does not match the hash of the event before it (an event was inserted, removed or rewritten)"));
+                }
+                prev_hash = hash;
+            }
+            start = end;
+        }
+        let seen = [self.load_head_mark(), self.load_cache().map(|v| (v.seq, v.hash))];
+        for (seen_seq, seen_hash) in seen.into_iter().flatten() {
+            if seen_seq > last {
+                return Err(self.tampered(last + 1, format!("the ledger ends at seq {last} but seq {seen_seq} was seen before (events removed from the end)")));
+            }
+            if seen_seq > 0 && self.read(seen_seq)?.map(|e| e.hash) != Some(seen_hash) {
+                return Err(self.tampered(seen_seq, "the event differs from the one seen before (rewritten)"));
+            }
+        }
+        Ok(VerifyReport { events: last, head: (last > 0).then_some(prev_hash) })
+    }
+}
+
+/// One event's place in the chain, as `verify` reads it.
+struct ChainLink {
+    recorded_seq: u64,
+    prev: Digest,
+    hash: Digest,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct HeadMark {
+    seq: u64,
+    hash: Digest,
+}
+
+/// Best effort: caches only accelerate reads, so failing to write one is logged, not an error.
+fn write_atomically(path: &Path, bytes: &[u8]) {
+    let result = (|| -> std::io::Result<()> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir)?;
+        let mut temp = tempfile::NamedTempFile::new_in(dir)?;
+        std::io::Write::write_all(&mut temp, bytes)?;
+        temp.persist(path).map_err(|e| e.error)?;
+        Ok(())
+    })();
+    if let Err(err) = result {
+        tracing::debug!(%err, path = %path.display(), "could not write a cache file");
+    }
+}
+
+/// Exponential backoff with jitter, so colliding writers spread out instead of colliding again.
+struct Backoff {
+    attempt: u32,
+    state: u64,
+}
+
+impl Backoff {
+    fn new() -> Backoff {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos() as u64)
+            .unwrap_or(1);
+        Backoff { attempt: 0, state: nanos ^ ((std::process::id() as u64) << 32) | 1 }
+    }
+
+    fn wait(&mut self) {
+        // xorshift64: enough randomness for jitter without a dependency.
+        self.state ^= self.state << 13;
+        self.state ^= self.state >> 7;
+        self.state ^= self.state << 17;
+        let cap_ms = (1u64 << self.attempt.min(7)).min(100);
+        self.attempt += 1;
+        std::thread::sleep(Duration::from_micros(200 + self.state % (cap_ms * 1000)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn approve(n: u64) -> EventBody {
+        EventBody::Approved {
+            pipeline: "p".into(),
+            stage: "prod".into(),
+            digest: Digest::of(&n.to_le_bytes()),
+            note: None,
+        }
+    }
+
+    fn append_n(ledger: &Ledger, n: u64) {
+        for i in 0..n {
+            ledger
+                .append::<(), LedgerError>("t", &Clock::system(), |_| Ok(Decision::Append(Box::new(approve(i)), ())))
+                .unwrap();
+        }
+    }
+
+    #[test]
+    fn keys_sort_by_seq() {
+        assert_eq!(event_key(42), "events/000000000042.json");
+        assert_eq!(seq_of_key("events/000000000042.json"), Some(42));
+        assert_eq!(seq_of_key("events/42.json"), None);
+    }
+
+    #[test]
+    fn appends_chain_and_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open_dir(dir.path());
+        append_n(&ledger, 5);
+        let report = ledger.verify().unwrap();
+        assert_eq!(report.events, 5);
+        let view = ledger.view().unwrap();
+        assert_eq!(view.seq, 5);
+        assert_eq!(Some(view.hash), report.head);
+        assert_eq!(ledger.read(1).unwrap().unwrap().event.prev, Digest::ZERO);
+    }
+
+    #[test]
+    fn a_deleted_cache_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open_dir(dir.path());
+        append_n(&ledger, 3);
+        let before = ledger.view().unwrap();
+        std::fs::remove_file(dir.path().join("cache/view.json")).unwrap();
+        assert_eq!(ledger.view().unwrap(), before);
+    }
+
+    #[test]
+    fn a_cache_that_disagrees_is_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open_dir(dir.path());
+        append_n(&ledger, 3);
+        let truth = ledger.view().unwrap();
+        let mut wrong = truth.clone();
+        wrong.hash = Digest::of(b"not the head");
+        wrong.pipelines.clear();
+        std::fs::write(dir.path().join("cache/view.json"), serde_json::to_vec(&wrong).unwrap()).unwrap();
+        assert_eq!(ledger.view().unwrap(), truth);
+    }
+
+    #[test]
+    fn skip_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open_dir(dir.path());
+        let (value, stored) =
+            ledger.append::<u8, LedgerError>("t", &Clock::system(), |_| Ok(Decision::Skip(7))).unwrap();
+        assert_eq!((value, stored), (7, None));
+        assert_eq!(ledger.view().unwrap().seq, 0);
+    }
+}

@@ -1,0 +1,12 @@
+//! kiln: bake immutable images, name them by content, promote the exact same image through gated stages, and
+//! deploy by replacing whole groups of instances, with every step in a tamper-evident ledger.
+
+pub mod actor;
+pub mod clock;
+pub mod config;
+pub mod digest;
+pub mod error;
+pub mod fault;
+pub mod ledger;
+
+pub use error::Error;

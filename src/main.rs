@@ -1,0 +1,7 @@
+//! The `kiln` binary: parse the command line, run the command, map the outcome to an exit code.
+
+mod cli;
+
+fn main() -> std::process::ExitCode {
+    cli::main()
+}

@@ -1,0 +1,273 @@
+//! Bad configuration is refused with exit 2 and a message naming file, line, column and field, and nothing is
+//! written to the ledger. One row per mistake a user can make.
+
+mod common;
+
+use common::Repo;
+
+const P: &str = "pipelines/hello.toml";
+const R: &str = "images/hello.toml";
+const B: &str = "images/base.toml";
+
+/// (file to edit, text to replace, replacement, expected fragment of the error)
+const EDITS: &[(&str, &str, &str, &str)] = &[
+    // syntax and shape
+    (P, "image = \"hello\"", "image = \"hello", "pipelines/hello.toml:2:"),
+    (
+        P,
+        "capacity = 2",
+        "capcity = 2",
+        "pipelines/hello.toml:8:1: stage[0].capcity: unknown field `capcity`, expected one of",
+    ),
+    (
+        P,
+        "capacity = 2",
+        "capacity = \"two\"",
+        "pipelines/hello.toml:8:12: stage[0].capacity: invalid type: string \"two\", expected u32",
+    ),
+    (P, "image = \"hello\"\n", "", "missing field `image`"),
+    (
+        P,
+        "approvals = 1",
+        "approvals = 1\nbogus = 2",
+        "pipelines/hello.toml:28:1: stage[2].gate[0].bogus: unknown field `bogus`",
+    ),
+    (R, "description =", "summary =", "images/hello.toml:3:1: summary: unknown field `summary`"),
+    (
+        R,
+        "health = { http = \"/healthz\" }",
+        "health = { htp = \"/healthz\" }",
+        "images/hello.toml:16:12: instance.health.htp: unknown field `htp`",
+    ),
+    // pipeline semantics
+    (P, "name = \"test\"", "name = \"dev\"", "pipelines/hello.toml:16:8: stage[1].name: stage `dev` is defined twice"),
+    (P, "name = \"test\"", "name = \"Test\"", "stage[1].name: `Test` is not a stage name"),
+    (P, "image = \"hello\"", "image = \"nope\"", "pipelines/hello.toml:2:9: image: recipe `nope` does not exist"),
+    (P, "provider = \"local\"", "provider = \"gcp\"", "pipelines/hello.toml:3:12: provider: unknown provider `gcp`"),
+    (
+        P,
+        "ledger = \".kiln/ledger\"",
+        "ledger = \"ftp://host/x\"",
+        "pipelines/hello.toml:4:10: ledger: ledger scheme `ftp://` is not supported",
+    ),
+    (P, "capacity = 3", "capacity = 0", "pipelines/hello.toml:24:12: stage[2].capacity: capacity must be at least 1"),
+    (
+        P,
+        "deploy = { port = 18082 }",
+        "deploy = { port = 18081 }",
+        "pipelines/hello.toml:18:19: stage[1].deploy.port: port 18081 is used by another stage",
+    ),
+    (P, "deploy = { port = 18083 }", "deploy = { port = 80 }", "stage[2].deploy.port: port 80 is privileged"),
+    (P, "deploy = { port = 18083 }\n", "", "stage[2].deploy: a local stage needs `deploy = { port = N }`"),
+    (
+        P,
+        "soak = \"10m\"",
+        "soak = \"10 parsecs\"",
+        "pipelines/hello.toml:20:8: stage[1].gate[0].soak: `10 parsecs` is not a duration",
+    ),
+    (
+        P,
+        "soak = \"10m\"",
+        "soak = \"10m\"\napprovals = 2",
+        "stage[1].gate[0]: a gate needs exactly one of `soak`, `command` or `approvals`",
+    ),
+    (
+        P,
+        "soak = \"10m\"",
+        "soak = \"10m\"\ntimeout = \"1m\"",
+        "stage[1].gate[0].timeout: `timeout` goes with `command`",
+    ),
+    (
+        P,
+        "approvals = 1",
+        "approvals = 0",
+        "pipelines/hello.toml:27:13: stage[2].gate[0].approvals: approvals must be at least 1",
+    ),
+    (
+        P,
+        "approvals = 1",
+        "approvals = 2\napprovers = [\"ana\"]",
+        "stage[2].gate[0].approvals: needs 2 approvals but only 1 approvers are allowed",
+    ),
+    (
+        P,
+        "command = [\"scripts/smoke.sh\"]",
+        "command = [\"scripts/nope.sh\"]",
+        "pipelines/hello.toml:12:11: stage[0].gate[0].command: `scripts/nope.sh` does not exist",
+    ),
+    (P, "command = [\"scripts/smoke.sh\"]", "command = []", "stage[0].gate[0].command: the command is empty"),
+    (
+        P,
+        "command = [\"scripts/smoke.sh\"]",
+        "command = [\"../../../bin/sh\"]",
+        "stage[0].gate[0].command: `../../../bin/sh` escapes the repository",
+    ),
+    (
+        P,
+        "timeout = \"1m\"",
+        "timeout = \"soon\"",
+        "pipelines/hello.toml:13:11: stage[0].gate[0].timeout: `soon` is not a duration",
+    ),
+    // recipe semantics
+    (R, "parent = \"base\"", "parent = \"nope\"", "images/hello.toml:2:1: parent: parent recipe `nope` does not exist"),
+    (
+        R,
+        "parent = \"base\"",
+        "parent = \"hello\"",
+        "images/hello.toml:2:10: parent: recipe `hello` names itself as its parent",
+    ),
+    (
+        B,
+        "description",
+        "parent = \"hello\"\ndescription",
+        "images/base.toml:2:1: parent: parents form a cycle: hello -> base -> hello",
+    ),
+    (
+        R,
+        "copy = \"files/hello\"",
+        "copy = \"../../etc\"",
+        "images/hello.toml:6:8: provision[0].copy: `../../etc` escapes the repository through `..`",
+    ),
+    (R, "copy = \"files/hello\"", "copy = \"/etc\"", "images/hello.toml:6:8: provision[0].copy: `/etc` is absolute"),
+    (R, "copy = \"files/hello\"", "copy = \"files/missing\"", "provision[0].copy: `files/missing` does not exist"),
+    (
+        R,
+        "run = \"scripts/build-hello.sh\"",
+        "run = \"scripts/missing.sh\"",
+        "images/hello.toml:10:7: provision[1].run: `scripts/missing.sh` does not exist",
+    ),
+    (R, "run = \"scripts/build-hello.sh\"", "run = \"scripts\"", "provision[1].run: `scripts` is not a file"),
+    (
+        R,
+        "to = \"/opt/hello/src\"",
+        "to = \"/opt/hello/src\"\nrun = \"scripts/build-hello.sh\"",
+        "images/hello.toml:5:1: provision[0]: a provision step needs exactly one of `copy`, `run` or `shell`",
+    ),
+    (R, "to = \"/opt/hello/src\"\n", "", "provision[0].to: `copy` needs `to`"),
+    (
+        R,
+        "to = \"/opt/hello/src\"",
+        "to = \"opt/hello\"",
+        "images/hello.toml:7:6: provision[0].to: `opt/hello` must be an absolute path in the image",
+    ),
+    (R, "to = \"/opt/hello/src\"", "to = \"/opt/../etc\"", "provision[0].to: `/opt/../etc` must not contain `..`"),
+    (R, "timeout = \"5m\"", "timeout = \"5m\"\nto = \"/x\"", "provision[1].to: `to` goes with `copy` only"),
+    (
+        R,
+        "timeout = \"5m\"",
+        "timeout = \"5 fortnights\"",
+        "images/hello.toml:11:11: provision[1].timeout: `5 fortnights` is not a duration",
+    ),
+    (
+        R,
+        "command = [\"/opt/hello/bin/hello\"]",
+        "command = []",
+        "images/hello.toml:14:11: instance.command: the command is empty",
+    ),
+    (
+        R,
+        "health = { http = \"/healthz\" }",
+        "health = { http = \"/healthz\", tcp = true }",
+        "images/hello.toml:16:10: instance.health: set exactly one of",
+    ),
+    (
+        R,
+        "health = { http = \"/healthz\" }",
+        "health = { http = \"healthz\" }",
+        "instance.health.http: `healthz` must start with `/`",
+    ),
+    (
+        R,
+        "env = { GREETING = \"hello from kiln\" }",
+        "env = { PORT = \"80\" }",
+        "instance.env.PORT: PORT is assigned by kiln",
+    ),
+    (
+        R,
+        "ready-timeout = \"30s\"",
+        "ready-timeout = \"thirty\"",
+        "images/hello.toml:17:17: instance.ready-timeout: `thirty` is not a duration",
+    ),
+    (R, "[instance]", "[aws]\nbase-ami = \"img-1\"\n[instance]", "aws.base-ami: `img-1` is not an AMI id"),
+];
+
+fn assert_refused(repo: &Repo, args: &[&str], fragment: &str, what: &str) {
+    let run = repo.run(args).expect(2);
+    assert!(run.stderr.contains(fragment), "{what}: wanted {fragment:?} in:\n{}", run.stderr);
+    assert!(!repo.file(".kiln/ledger/events").exists(), "{what}: a refused command wrote to the ledger");
+}
+
+#[test]
+fn each_bad_edit_is_refused_with_its_location() {
+    assert!(EDITS.len() >= 25);
+    for (file, old, new, fragment) in EDITS {
+        let repo = Repo::example();
+        repo.edit(file, old, new);
+        assert_refused(&repo, &["bake"], fragment, &format!("{file}: {old:?} -> {new:?}"));
+    }
+}
+
+#[test]
+fn a_symlink_out_of_the_repository_is_refused() {
+    let repo = Repo::example();
+    std::os::unix::fs::symlink("/etc", repo.file("images/files/outside")).unwrap();
+    repo.edit(R, "copy = \"files/hello\"", "copy = \"files/outside\"");
+    assert_refused(
+        &repo,
+        &["bake"],
+        "provision[0].copy: `files/outside` escapes the repository through a symlink",
+        "symlink",
+    );
+}
+
+#[test]
+fn a_symlink_inside_a_path_is_followed_and_checked() {
+    let repo = Repo::example();
+    std::os::unix::fs::symlink("/", repo.file("images/root")).unwrap();
+    repo.edit(R, "copy = \"files/hello\"", "copy = \"root/etc\"");
+    assert_refused(&repo, &["bake"], "`root/etc` escapes the repository through a symlink", "nested symlink");
+}
+
+#[test]
+fn pipeline_choice_errors() {
+    let repo = Repo::example();
+    assert_refused(
+        &repo,
+        &["bake", "--pipeline", "nope"],
+        "no pipeline named `nope` (pipelines/nope.toml does not exist); available: hello",
+        "unknown pipeline",
+    );
+    assert_refused(&repo, &["bake", "--pipeline", "../x"], "`../x` is not a valid pipeline name", "bad name");
+    std::fs::copy(repo.file(P), repo.file("pipelines/other.toml")).unwrap();
+    assert_refused(
+        &repo,
+        &["bake"],
+        "pipelines/ holds 2 pipelines (hello, other): choose one with --pipeline",
+        "ambiguous",
+    );
+    let empty = Repo::empty();
+    std::fs::create_dir(empty.file("pipelines")).unwrap();
+    assert_refused(&empty, &["bake"], "no pipeline found", "none");
+}
+
+#[test]
+fn bad_global_input_is_refused() {
+    let repo = Repo::example();
+    assert_refused(
+        &repo,
+        &["log", "--ledger", "gopher://x"],
+        "--ledger: ledger scheme `gopher://` is not supported",
+        "ledger url",
+    );
+    let run = repo.kiln().args(["log"]).env("KILN_NOW", "yesterday").output().unwrap();
+    assert_eq!(run.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&run.stderr).contains("KILN_NOW=`yesterday` is not an RFC 3339 time"));
+    repo.run(&["no-such-command"]).expect(2);
+}
+
+#[test]
+fn the_examples_are_valid() {
+    let repo = Repo::example();
+    let run = repo.run(&["log", "--json"]).ok();
+    assert_eq!(run.json()["events"], serde_json::json!([]));
+}
