@@ -92,6 +92,11 @@ impl DigestQuery {
         &self.input
     }
 
+    /// The hex characters typed, without `sha256:`; at least [`MIN_PREFIX`] of them.
+    pub fn hex_prefix(&self) -> &str {
+        &self.hex_prefix
+    }
+
     pub fn matches(&self, digest: &Digest) -> bool {
         digest.hex().starts_with(&self.hex_prefix)
     }

@@ -62,7 +62,7 @@ fn spawn_writer(dir: &Path, writer: &str, count: usize, fault: Option<&str>) -> 
 fn notes(ledger: &Ledger) -> BTreeMap<String, usize> {
     let view = ledger.view().unwrap();
     let mut seen = BTreeMap::new();
-    for seq in 1..=view.seq {
+    for seq in 1..=view.seq() {
         if let EventBody::Approved { note: Some(note), .. } = ledger.read(seq).unwrap().unwrap().event.body {
             *seen.entry(note).or_insert(0) += 1;
         }
@@ -195,7 +195,7 @@ fn a_kill_at_each_append_step_leaves_a_sound_ledger() {
         append(&ledger, "after the crash".into());
         verify(dir.path()).ok();
         let expected = if fault == "ledger:after-create" { 4 } else { 3 };
-        assert_eq!(ledger.view().unwrap().seq, expected, "{fault}");
+        assert_eq!(ledger.view().unwrap().seq(), expected, "{fault}");
     }
 }
 

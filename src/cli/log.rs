@@ -28,7 +28,7 @@ pub fn run(ctx: &Ctx, args: LogArgs) -> Result<(), kiln::Error> {
     let ledger = ctx.ledger()?;
     let view = ledger.view()?;
     let stage = args.stage.as_deref();
-    let events = ledger.newest_first(view.seq, args.limit, |e| stage.is_none() || e.event.body.stage() == stage)?;
+    let events = ledger.newest_first(view.seq(), args.limit, |e| stage.is_none() || e.event.body.stage() == stage)?;
     let doc: Vec<LogEntry> = events.iter().map(|e| LogEntry { event: &e.event, hash: e.hash.to_string() }).collect();
     ctx.out.emit(&serde_json::json!({ "events": doc }), || render(&events))
 }

@@ -15,12 +15,16 @@ use crate::clock::Clock;
 use crate::digest::Digest;
 pub use event::{Event, EventBody, GateVerdict, StoredEvent};
 pub use store::{Created, Store, StoreError};
-pub use view::View;
+pub use view::{Heads, View};
 
 const EVENTS_PREFIX: &str = "events/";
 const MAX_ATTEMPTS: u32 = 200;
 const VERIFY_CHUNK: u64 = 16 * 1024;
 const CACHE_SAVE_EVERY: u64 = 32;
+const HEADS_FILE: &str = "heads.json";
+const INDEX_DIR: &str = "index";
+const SEEN_FILE: &str = "seen.json";
+const LOCK_FILE: &str = "lock";
 
 pub fn event_key(seq: u64) -> String {
     format!("{EVENTS_PREFIX}{seq:012}.json")
@@ -52,7 +56,7 @@ pub struct VerifyReport {
 
 pub struct Ledger {
     store: Box<dyn Store>,
-    cache_path: Option<PathBuf>,
+    cache_dir: Option<PathBuf>,
 }
 
 /// What a writer decided after looking at the current view.
@@ -64,13 +68,14 @@ pub enum Decision<T> {
 }
 
 impl Ledger {
-    pub fn new(store: Box<dyn Store>, cache_path: Option<PathBuf>) -> Ledger {
-        Ledger { store, cache_path }
+    /// A ledger in `store`, with its view cache in `cache_dir` (none: no cache, every read replays the chain).
+    pub fn new(store: Box<dyn Store>, cache_dir: Option<PathBuf>) -> Ledger {
+        Ledger { store, cache_dir }
     }
 
     /// A file ledger in `dir`, with its view cache beside the events.
     pub fn open_dir(dir: &Path) -> Ledger {
-        Ledger::new(Box::new(file::FileStore::new(dir)), Some(dir.join("cache").join("view.json")))
+        Ledger::new(Box::new(file::FileStore::new(dir)), Some(dir.join("cache")))
     }
 
     pub fn location(&self) -> String {
@@ -81,11 +86,13 @@ impl Ledger {
         LedgerError::Tampered { location: self.location(), seq, reason: reason.into() }
     }
 
+    fn cache_file(&self, name: &str) -> Option<PathBuf> {
+        Some(self.cache_dir.as_ref()?.join(name))
+    }
+
     /// Event `seq`, checked against its own hash.
     pub fn read(&self, seq: u64) -> Result<Option<StoredEvent>, LedgerError> {
-        let Some(bytes) = self.store.get(&event_key(seq))? else {
-            return Ok(None);
-        };
+        let Some(bytes) = self.store.get(&event_key(seq))? else { return Ok(None) };
         let stored = event::decode(&bytes).map_err(|e| self.tampered(seq, e.to_string()))?;
         if stored.event.seq != seq {
             return Err(self.tampered(seq, format!("the event stored there says seq {}", stored.event.seq)));
@@ -101,45 +108,40 @@ impl Ledger {
         Ok(view)
     }
 
-    /// The cached view if it still matches the chain, and the seq it covered.
+    /// The cached view if it still matches the chain, and the seq it covered; else an empty one to rebuild.
     fn cached_view(&self) -> Result<(View, u64), LedgerError> {
-        match self.load_cache() {
-            Some(view) if self.cache_matches_chain(&view)? => {
-                let seq = view.seq;
-                Ok((view, seq))
+        let index_dir = self.cache_file(INDEX_DIR);
+        match self.load_heads() {
+            Some(heads) if self.heads_match_chain(&heads)? => {
+                let seq = heads.seq;
+                Ok((View::from_heads(heads, index_dir, false), seq))
             }
-            Some(_) => {
-                tracing::warn!(ledger = %self.location(), "view cache disagrees with the ledger; rebuilding it");
-                Ok((View::default(), 0))
+            stale => {
+                if stale.is_some() {
+                    tracing::warn!(ledger = %self.location(), "view cache disagrees with the ledger; rebuilding it");
+                }
+                // Rebuilding replays every event into memory, so old shards on disk must not be read.
+                if let Some(dir) = &index_dir {
+                    let _ = std::fs::remove_dir_all(dir);
+                }
+                Ok((View::empty(index_dir, true), 0))
             }
-            None => Ok((View::default(), 0)),
         }
     }
 
-    /// Rewriting the cache costs its whole size, so it is rewritten only once readers would otherwise have to
-    /// probe more than a few events past it.
-    fn maybe_save_cache(&self, view: &View, cached_seq: u64) {
-        if view.seq > cached_seq {
-            self.save_head_mark(view.seq, view.hash);
-        }
-        if view.seq >= cached_seq + CACHE_SAVE_EVERY || (cached_seq == 0 && view.seq > 0) {
-            self.save_cache(view);
-        }
-    }
-
-    fn cache_matches_chain(&self, view: &View) -> Result<bool, LedgerError> {
-        if view.seq == 0 {
+    fn heads_match_chain(&self, heads: &Heads) -> Result<bool, LedgerError> {
+        if heads.seq == 0 {
             return Ok(true);
         }
-        Ok(match self.store.get(&event_key(view.seq))? {
-            Some(bytes) => event::check_hash(&bytes).ok() == Some(view.hash),
+        Ok(match self.store.get(&event_key(heads.seq))? {
+            Some(bytes) => event::check_hash(&bytes).ok() == Some(heads.hash),
             None => false,
         })
     }
 
     fn catch_up(&self, view: &mut View) -> Result<(), LedgerError> {
-        while let Some(next) = self.read(view.seq + 1)? {
-            if next.event.prev != view.hash {
+        while let Some(next) = self.read(view.seq() + 1)? {
+            if next.event.prev != view.hash() {
                 return Err(self.tampered(next.event.seq, "its prev does not match the hash of the event before it"));
             }
             view.apply(&next);
@@ -147,44 +149,56 @@ impl Ledger {
         Ok(())
     }
 
-    fn load_cache(&self) -> Option<View> {
-        let path = self.cache_path.as_ref()?;
-        let bytes = std::fs::read(path).ok()?;
-        match serde_json::from_slice::<View>(&bytes) {
-            Ok(view) if view.format == view::VIEW_FORMAT => Some(view),
+    fn load_heads(&self) -> Option<Heads> {
+        let bytes = std::fs::read(self.cache_file(HEADS_FILE)?).ok()?;
+        match serde_json::from_slice::<Heads>(&bytes) {
+            Ok(heads) if heads.format == view::VIEW_FORMAT => Some(heads),
             _ => None,
         }
     }
 
-    fn head_mark_path(&self) -> Option<PathBuf> {
-        Some(self.cache_path.as_ref()?.with_file_name("head.json"))
+    /// Rewriting the cache costs the changed shards and the heads, so it is rewritten only once readers would
+    /// otherwise have to replay more than a few events past it.
+    fn maybe_save_cache(&self, view: &View, cached_seq: u64) {
+        if view.seq() > cached_seq {
+            self.save_seen(view.seq(), view.hash());
+        }
+        if view.seq() >= cached_seq + CACHE_SAVE_EVERY || (cached_seq == 0 && view.seq() > 0) {
+            self.save_cache(view);
+        }
     }
 
     /// The highest (seq, hash) this machine has seen: a small anchor, rewritten on every append, that lets
-    /// `verify` notice events removed from the end even when the big view cache lags behind.
-    fn load_head_mark(&self) -> Option<(u64, Digest)> {
-        let bytes = std::fs::read(self.head_mark_path()?).ok()?;
-        let mark: HeadMark = serde_json::from_slice(&bytes).ok()?;
+    /// `verify` notice events removed from the end even when the view cache lags behind.
+    fn load_seen(&self) -> Option<(u64, Digest)> {
+        let bytes = std::fs::read(self.cache_file(SEEN_FILE)?).ok()?;
+        let mark: SeenMark = serde_json::from_slice(&bytes).ok()?;
         Some((mark.seq, mark.hash))
     }
 
-    fn save_head_mark(&self, seq: u64, hash: Digest) {
-        let Some(path) = self.head_mark_path() else {
-            return;
-        };
-        if self.load_head_mark().is_some_and(|(seen, _)| seen >= seq) {
+    fn save_seen(&self, seq: u64, hash: Digest) {
+        let Some(path) = self.cache_file(SEEN_FILE) else { return };
+        if self.load_seen().is_some_and(|(seen, _)| seen >= seq) {
             return;
         }
-        if let Ok(bytes) = serde_json::to_vec(&HeadMark { seq, hash }) {
+        if let Ok(bytes) = serde_json::to_vec(&SeenMark { seq, hash }) {
             write_atomically(&path, &bytes);
         }
     }
 
-    /// Best effort: the cache only accelerates reads, so failing to write it is not an error.
+    /// Saves the changed index shards, then the heads that cover them, under a lock so two savers do not
+    /// interleave. Best effort: the cache only accelerates reads.
     fn save_cache(&self, view: &View) {
-        let Some(path) = &self.cache_path else { return };
-        match serde_json::to_vec(view) {
-            Ok(bytes) => write_atomically(path, &bytes),
+        let (Some(heads_path), Some(lock_path)) = (self.cache_file(HEADS_FILE), self.cache_file(LOCK_FILE)) else {
+            return;
+        };
+        let Some(_lock) = CacheLock::try_take(&lock_path) else { return };
+        if self.load_heads().is_some_and(|on_disk| on_disk.seq > view.seq()) {
+            return;
+        }
+        view.save_index(write_atomically);
+        match serde_json::to_vec(&view.heads) {
+            Ok(bytes) => write_atomically(&heads_path, &bytes),
             Err(err) => tracing::debug!(%err, "could not encode the view cache"),
         }
     }
@@ -210,8 +224,8 @@ impl Ledger {
                 Decision::Append(body, result) => (body, result),
             };
             let event = Event {
-                seq: view.seq + 1,
-                prev: view.hash,
+                seq: view.seq() + 1,
+                prev: view.hash(),
                 time: clock.stamp(),
                 actor: actor.to_string(),
                 body: *body,
@@ -302,7 +316,7 @@ impl Ledger {
             }
             start = end;
         }
-        let seen = [self.load_head_mark(), self.load_cache().map(|v| (v.seq, v.hash))];
+        let seen = [self.load_seen(), self.load_heads().map(|h| (h.seq, h.hash))];
         for (seen_seq, seen_hash) in seen.into_iter().flatten() {
             if seen_seq > last {
                 return Err(self.tampered(last + 1, format!("the ledger ends at seq {last} but seq {seen_seq} was seen before (events removed from the end)")));
@@ -322,8 +336,24 @@ struct ChainLink {
     hash: Digest,
 }
 
+/// An exclusive, non-blocking `flock` on the cache directory, released on drop.
+struct CacheLock {
+    _held: std::fs::File,
+}
+
+impl CacheLock {
+    fn try_take(path: &Path) -> Option<CacheLock> {
+        use std::os::fd::AsRawFd;
+        std::fs::create_dir_all(path.parent()?).ok()?;
+        let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path).ok()?;
+        // SAFETY: flock on a file descriptor we own; no memory is shared with the kernel.
+        let taken = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+        taken.then_some(CacheLock { _held: file })
+    }
+}
+
 #[derive(serde::Serialize, serde::Deserialize)]
-struct HeadMark {
+struct SeenMark {
     seq: u64,
     hash: Digest,
 }
@@ -374,20 +404,48 @@ mod tests {
     use super::*;
 
     fn approve(n: u64) -> EventBody {
-        EventBody::Approved {
+        EventBody::Approved { pipeline: "p".into(), stage: "prod".into(), digest: image(n), note: None }
+    }
+
+    fn image(n: u64) -> Digest {
+        Digest::of(&n.to_le_bytes())
+    }
+
+    fn baked(n: u64, parent: Option<u64>) -> EventBody {
+        EventBody::Baked {
             pipeline: "p".into(),
-            stage: "prod".into(),
-            digest: Digest::of(&n.to_le_bytes()),
-            note: None,
+            recipe: "r".into(),
+            digest: image(n),
+            recipe_key: Digest::of(format!("key {n}").as_bytes()),
+            parent: parent.map(image),
+            provider: "local".into(),
+            image_ref: format!("r:{n}"),
+            commit: None,
+            dirty: false,
         }
     }
 
-    fn append_n(ledger: &Ledger, n: u64) {
-        for i in 0..n {
-            ledger
-                .append::<(), LedgerError>("t", &Clock::system(), |_| Ok(Decision::Append(Box::new(approve(i)), ())))
-                .unwrap();
+    fn append(ledger: &Ledger, body: EventBody) {
+        ledger
+            .append::<(), LedgerError>("t", &Clock::system(), |_| Ok(Decision::Append(Box::new(body.clone()), ())))
+            .unwrap();
+    }
+
+    /// Bakes images 0..n (each the child of the one before) and approves each.
+    fn fill(ledger: &Ledger, n: u64) {
+        fill_range(ledger, 0..n);
+    }
+
+    fn fill_range(ledger: &Ledger, range: std::ops::Range<u64>) {
+        for i in range {
+            append(ledger, baked(i, i.checked_sub(1)));
+            append(ledger, approve(i));
         }
+    }
+
+    fn snapshot(ledger: &Ledger) -> (Heads, Vec<(Digest, view::ImageRecord)>) {
+        let view = ledger.view().unwrap();
+        (view.heads.clone(), view.images())
     }
 
     #[test]
@@ -401,36 +459,66 @@ mod tests {
     fn appends_chain_and_verify() {
         let dir = tempfile::tempdir().unwrap();
         let ledger = Ledger::open_dir(dir.path());
-        append_n(&ledger, 5);
+        fill(&ledger, 3);
         let report = ledger.verify().unwrap();
-        assert_eq!(report.events, 5);
+        assert_eq!(report.events, 6);
         let view = ledger.view().unwrap();
-        assert_eq!(view.seq, 5);
-        assert_eq!(Some(view.hash), report.head);
+        assert_eq!(view.seq(), 6);
+        assert_eq!(Some(view.hash()), report.head);
         assert_eq!(ledger.read(1).unwrap().unwrap().event.prev, Digest::ZERO);
+    }
+
+    #[test]
+    fn the_index_answers_after_a_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        fill(&Ledger::open_dir(dir.path()), 40);
+        let view = Ledger::open_dir(dir.path()).view().unwrap();
+        assert_eq!(view.images().len(), 40);
+        assert_eq!(view.image_for_key(&Digest::of(b"key 7")), Some(image(7)));
+        assert_eq!(view.ancestors(&image(3)), vec![image(2), image(1), image(0)]);
+        assert_eq!(view.descendants(&image(37)).len(), 2);
+        assert_eq!(view.approvers("p", "prod", &image(5)).len(), 1);
+        assert_eq!(view.heads.newest.get("r"), Some(&image(39)));
     }
 
     #[test]
     fn a_deleted_cache_loses_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let ledger = Ledger::open_dir(dir.path());
-        append_n(&ledger, 3);
-        let before = ledger.view().unwrap();
-        std::fs::remove_file(dir.path().join("cache/view.json")).unwrap();
-        assert_eq!(ledger.view().unwrap(), before);
+        fill(&ledger, 40);
+        let before = snapshot(&ledger);
+        std::fs::remove_dir_all(dir.path().join("cache")).unwrap();
+        assert!(snapshot(&ledger) == before, "the view differs from the one before");
     }
 
     #[test]
-    fn a_cache_that_disagrees_is_rebuilt() {
+    fn a_cache_that_disagrees_is_rebuilt_without_phantoms() {
         let dir = tempfile::tempdir().unwrap();
         let ledger = Ledger::open_dir(dir.path());
-        append_n(&ledger, 3);
-        let truth = ledger.view().unwrap();
-        let mut wrong = truth.clone();
+        fill(&ledger, 3);
+        let truth = snapshot(&ledger);
+        let mut wrong = truth.0.clone();
         wrong.hash = Digest::of(b"not the head");
         wrong.pipelines.clear();
-        std::fs::write(dir.path().join("cache/view.json"), serde_json::to_vec(&wrong).unwrap()).unwrap();
-        assert_eq!(ledger.view().unwrap(), truth);
+        std::fs::write(dir.path().join("cache/heads.json"), serde_json::to_vec(&wrong).unwrap()).unwrap();
+        let phantom = image(999);
+        let shard = format!("cache/index/{:02x}.json", phantom.as_bytes()[0]);
+        std::fs::write(dir.path().join(shard), br#"{"images":{},"keys":{}}"#).unwrap();
+        assert!(snapshot(&ledger) == truth, "the view differs from the one before");
+    }
+
+    #[test]
+    fn replaying_onto_newer_shards_is_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open_dir(dir.path());
+        fill(&ledger, 1);
+        let old_heads = std::fs::read(dir.path().join("cache/heads.json")).unwrap();
+        fill_range(&ledger, 1..40);
+        let truth = snapshot(&ledger);
+        ledger.save_cache(&ledger.view().unwrap());
+        // Heads older than the shards: every later event is replayed onto records that already hold it.
+        std::fs::write(dir.path().join("cache/heads.json"), old_heads).unwrap();
+        assert!(snapshot(&ledger) == truth, "the view differs from the one before");
     }
 
     #[test]
@@ -440,6 +528,6 @@ mod tests {
         let (value, stored) =
             ledger.append::<u8, LedgerError>("t", &Clock::system(), |_| Ok(Decision::Skip(7))).unwrap();
         assert_eq!((value, stored), (7, None));
-        assert_eq!(ledger.view().unwrap().seq, 0);
+        assert_eq!(ledger.view().unwrap().seq(), 0);
     }
 }

@@ -1,65 +1,43 @@
-//! The materialised view of a ledger: images, stage heads, approvals, revocations and open deployments, folded
-//! from events in order. Every query reads this rather than scanning events.
+//! The materialised view of a ledger, folded from events in order. Two parts, so queries stay fast at millions of
+//! events: small, bounded *heads* (stage heads, open deployments, revocations) cached whole, and a per-image
+//! *index* (bake records, recipe keys, promotions, approvals) sharded by digest prefix and loaded a shard at a time.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
 use super::event::{EventBody, StoredEvent};
-use crate::digest::Digest;
+use crate::digest::{Digest, DigestError, DigestQuery};
 
 /// Bump when the view's shape or folding rules change, so old caches are rebuilt rather than misread.
-pub const VIEW_FORMAT: u32 = 1;
+pub const VIEW_FORMAT: u32 = 2;
+/// Earlier live deployments kept per stage for rollback and soak; older ones stay in the ledger.
+const HISTORY_KEEP: usize = 32;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct View {
+pub struct Heads {
     pub format: u32,
     /// The last event folded in (0 for an empty ledger) and its hash.
     pub seq: u64,
     pub hash: Digest,
-    pub images: BTreeMap<Digest, ImageRecord>,
-    /// recipe key → image digest: the bake cache.
-    pub recipe_keys: BTreeMap<Digest, Digest>,
     /// pipeline → stage → state.
     pub pipelines: BTreeMap<String, BTreeMap<String, StageView>>,
     pub revoked: BTreeMap<Digest, Revocation>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct ImageRecord {
-    /// The `baked` event.
-    pub seq: u64,
-    pub recipe: String,
-    pub parent: Option<Digest>,
-    pub time: String,
-    /// Every later event about this image (promotions, approvals, deployments), for lineage.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub events: Vec<u64>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Revocation {
-    pub seq: u64,
-    /// The digest named in the `revoke` command; itself for a direct revocation.
-    pub root: Digest,
-    pub reason: String,
+    /// recipe → its newest image.
+    pub newest: BTreeMap<String, Digest>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct StageView {
     pub promoted: Option<Mark>,
-    /// Every promotion into this stage, oldest first.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub promotions: Vec<Mark>,
     /// The last deployment that finished healthy.
     pub live: Option<Live>,
-    /// Earlier live deployments, oldest first: the default rollback targets.
+    /// Earlier live deployments, oldest first, at most [`HISTORY_KEEP`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<Live>,
     pub open: Option<OpenDeploy>,
-    /// digest → actor → approval.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub approvals: BTreeMap<Digest, BTreeMap<String, Mark>>,
 }
 
 /// Who did something to which digest, when, at which seq.
@@ -94,72 +72,238 @@ pub struct OpenDeploy {
     pub steps: Vec<String>,
 }
 
-impl Default for View {
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Revocation {
+    pub seq: u64,
+    /// The digest named in the `revoke` command; itself for a direct revocation.
+    pub root: Digest,
+    pub reason: String,
+}
+
+/// Everything about one image. Every update is idempotent, because an index shard may already hold events that a
+/// reader replays on top of an older heads cache.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ImageRecord {
+    /// The `baked` event.
+    pub seq: u64,
+    pub recipe: String,
+    pub recipe_key: Digest,
+    pub parent: Option<Digest>,
+    pub time: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub children: Vec<Digest>,
+    /// Every later event about this image, ascending.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<u64>,
+    /// "pipeline/stage" → what happened to this image there.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub stages: BTreeMap<String, ImageStage>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ImageStage {
+    /// The first promotion into the stage.
+    pub promoted: Option<Mark>,
+    /// The first deployment there that finished healthy.
+    pub deployed: Option<Mark>,
+    /// actor → approval (one per actor).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub approvals: BTreeMap<String, Mark>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+struct Shard {
+    images: BTreeMap<Digest, ImageRecord>,
+    /// recipe key → image digest, for keys whose first byte names this shard: the bake cache.
+    keys: BTreeMap<Digest, Digest>,
+}
+
+/// The per-image index: shards loaded on first use, changed shards remembered until saved.
+#[derive(Debug, Default)]
+struct Index {
+    dir: Option<PathBuf>,
+    shards: BTreeMap<u8, Shard>,
+    dirty: BTreeSet<u8>,
+    /// Set when rebuilding from seq 1: every shard is in memory, none is read from disk.
+    complete: bool,
+}
+
+pub struct View {
+    pub heads: Heads,
+    index: RefCell<Index>,
+}
+
+impl Default for Heads {
     fn default() -> Self {
-        View {
+        Heads {
             format: VIEW_FORMAT,
             seq: 0,
             hash: Digest::ZERO,
-            images: BTreeMap::new(),
-            recipe_keys: BTreeMap::new(),
             pipelines: BTreeMap::new(),
             revoked: BTreeMap::new(),
+            newest: BTreeMap::new(),
         }
     }
 }
 
-impl View {
-    pub fn stage(&self, pipeline: &str, stage: &str) -> Option<&StageView> {
-        self.pipelines.get(pipeline)?.get(stage)
+pub fn stage_key(pipeline: &str, stage: &str) -> String {
+    format!("{pipeline}/{stage}")
+}
+
+fn shard_of(digest: &Digest) -> u8 {
+    digest.as_bytes()[0]
+}
+
+fn insert_sorted(list: &mut Vec<u64>, seq: u64) {
+    if let Err(at) = list.binary_search(&seq) {
+        list.insert(at, seq);
+    }
+}
+
+/// Keeps the earliest mark: replaying an event must not move "first promoted" later.
+fn keep_first(slot: &mut Option<Mark>, mark: Mark) {
+    if slot.as_ref().is_none_or(|m| mark.seq < m.seq) {
+        *slot = Some(mark);
+    }
+}
+
+impl Index {
+    fn shard_path(&self, shard: u8) -> Option<PathBuf> {
+        Some(self.dir.as_ref()?.join(format!("{shard:02x}.json")))
     }
 
-    pub fn image(&self, digest: &Digest) -> Option<&ImageRecord> {
-        self.images.get(digest)
+    fn load(&mut self, shard: u8) -> &mut Shard {
+        if !self.shards.contains_key(&shard) {
+            let loaded = if self.complete {
+                Shard::default()
+            } else {
+                self.shard_path(shard)
+                    .and_then(|p| std::fs::read(p).ok())
+                    .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+                    .unwrap_or_default()
+            };
+            self.shards.insert(shard, loaded);
+        }
+        self.shards.get_mut(&shard).expect("inserted above")
+    }
+
+    fn image_mut(&mut self, digest: &Digest) -> Option<&mut ImageRecord> {
+        let shard = shard_of(digest);
+        self.dirty.insert(shard);
+        self.load(shard).images.get_mut(digest)
+    }
+}
+
+impl View {
+    /// An empty view whose index shards live in `index_dir` (none: in memory only).
+    pub fn empty(index_dir: Option<PathBuf>, complete: bool) -> View {
+        View::from_heads(Heads::default(), index_dir, complete)
+    }
+
+    pub fn from_heads(heads: Heads, index_dir: Option<PathBuf>, complete: bool) -> View {
+        View { heads, index: RefCell::new(Index { dir: index_dir, complete, ..Index::default() }) }
+    }
+
+    pub fn seq(&self) -> u64 {
+        self.heads.seq
+    }
+
+    pub fn hash(&self) -> Digest {
+        self.heads.hash
+    }
+
+    pub fn stage(&self, pipeline: &str, stage: &str) -> Option<&StageView> {
+        self.heads.pipelines.get(pipeline)?.get(stage)
+    }
+
+    pub fn image(&self, digest: &Digest) -> Option<ImageRecord> {
+        self.index.borrow_mut().load(shard_of(digest)).images.get(digest).cloned()
+    }
+
+    /// The image already baked from this recipe key: the bake cache.
+    pub fn image_for_key(&self, recipe_key: &Digest) -> Option<Digest> {
+        self.index.borrow_mut().load(shard_of(recipe_key)).keys.get(recipe_key).copied()
+    }
+
+    /// Every image, ordered by the seq it was baked at.
+    pub fn images(&self) -> Vec<(Digest, ImageRecord)> {
+        let mut index = self.index.borrow_mut();
+        let mut all = Vec::new();
+        for shard in 0..=255u8 {
+            all.extend(index.load(shard).images.iter().map(|(d, r)| (*d, r.clone())));
+        }
+        all.sort_by_key(|(_, r)| r.seq);
+        all
+    }
+
+    /// Resolves a full or abbreviated digest among known images. A 12+ hex prefix always names one shard.
+    pub fn resolve(&self, query: &DigestQuery) -> Result<Digest, DigestError> {
+        let first_byte = u8::from_str_radix(&query.hex_prefix()[..2], 16)
+            .map_err(|_| DigestError::Malformed { input: query.input().to_string(), reason: "invalid hex" })?;
+        let mut index = self.index.borrow_mut();
+        query.resolve(index.load(first_byte).images.keys())
     }
 
     /// The image's ancestors, nearest first (stops at a parent unknown to this ledger).
     pub fn ancestors(&self, digest: &Digest) -> Vec<Digest> {
         let mut out = Vec::new();
-        let mut current = self.images.get(digest).and_then(|r| r.parent);
+        let mut current = self.image(digest).and_then(|r| r.parent);
         while let Some(parent) = current {
             if out.contains(&parent) {
                 break;
             }
             out.push(parent);
-            current = self.images.get(&parent).and_then(|r| r.parent);
+            current = self.image(&parent).and_then(|r| r.parent);
         }
         out
     }
 
-    /// Every known image whose parent chain includes `root`.
+    /// Every image whose parent chain includes `root`, breadth first.
     pub fn descendants(&self, root: &Digest) -> Vec<Digest> {
-        self.images.keys().filter(|d| self.ancestors(d).contains(root)).copied().collect()
+        let mut out: Vec<Digest> = Vec::new();
+        let mut queue = vec![*root];
+        while let Some(next) = queue.pop() {
+            for child in self.image(&next).map(|r| r.children).unwrap_or_default() {
+                if child != *root && !out.contains(&child) {
+                    out.push(child);
+                    queue.push(child);
+                }
+            }
+        }
+        out
     }
 
-    /// Whether `digest` or any ancestor is revoked, with the revocation that applies.
-    pub fn revocation(&self, digest: &Digest) -> Option<&Revocation> {
-        std::iter::once(*digest).chain(self.ancestors(digest)).find_map(|d| self.revoked.get(&d))
+    /// The revocation that applies to `digest`: its own, or an ancestor's.
+    pub fn revocation(&self, digest: &Digest) -> Option<Revocation> {
+        if self.heads.revoked.is_empty() {
+            return None;
+        }
+        std::iter::once(*digest).chain(self.ancestors(digest)).find_map(|d| self.heads.revoked.get(&d).cloned())
+    }
+
+    /// What happened to an image in a stage.
+    pub fn image_stage(&self, pipeline: &str, stage: &str, digest: &Digest) -> ImageStage {
+        self.image(digest).and_then(|r| r.stages.get(&stage_key(pipeline, stage)).cloned()).unwrap_or_default()
     }
 
     /// Approvals of `digest` for a stage, by distinct actor.
     pub fn approvers(&self, pipeline: &str, stage: &str, digest: &Digest) -> BTreeSet<String> {
-        self.stage(pipeline, stage)
-            .and_then(|s| s.approvals.get(digest))
-            .map(|by| by.keys().cloned().collect())
-            .unwrap_or_default()
+        self.image_stage(pipeline, stage, digest).approvals.into_keys().collect()
     }
 
     fn stage_mut(&mut self, pipeline: &str, stage: &str) -> &mut StageView {
-        self.pipelines.entry(pipeline.to_string()).or_default().entry(stage.to_string()).or_default()
+        self.heads.pipelines.entry(pipeline.to_string()).or_default().entry(stage.to_string()).or_default()
     }
 
-    fn note_image_event(&mut self, digest: &Digest, seq: u64) {
-        if let Some(record) = self.images.get_mut(digest) {
-            record.events.push(seq);
+    /// Applies `change` to an image's record, if the image is known, and notes the event on it.
+    fn touch_image(&mut self, digest: &Digest, seq: u64, change: impl FnOnce(&mut ImageRecord)) {
+        if let Some(record) = self.index.get_mut().image_mut(digest) {
+            insert_sorted(&mut record.events, seq);
+            change(record);
         }
     }
 
-    /// Folds one event in. The caller has checked that it follows `self.seq` and chains to `self.hash`.
+    /// Folds one event in. The caller has checked that it follows `self.seq()` and chains to `self.hash()`.
     pub fn apply(&mut self, stored: &StoredEvent) {
         let event = &stored.event;
         let seq = event.seq;
@@ -167,34 +311,49 @@ impl View {
             |digest: &Digest| Mark { digest: *digest, seq, time: event.time.clone(), actor: event.actor.clone() };
         match &event.body {
             EventBody::Baked { recipe, digest, recipe_key, parent, .. } => {
-                self.images.entry(*digest).or_insert_with(|| ImageRecord {
+                let index = self.index.get_mut();
+                index.dirty.insert(shard_of(digest));
+                index.load(shard_of(digest)).images.entry(*digest).or_insert_with(|| ImageRecord {
                     seq,
                     recipe: recipe.clone(),
+                    recipe_key: *recipe_key,
                     parent: *parent,
                     time: event.time.clone(),
+                    children: Vec::new(),
                     events: Vec::new(),
+                    stages: BTreeMap::new(),
                 });
-                self.recipe_keys.insert(*recipe_key, *digest);
+                index.dirty.insert(shard_of(recipe_key));
+                index.load(shard_of(recipe_key)).keys.insert(*recipe_key, *digest);
+                if let Some(parent) = parent {
+                    if let Some(p) = index.image_mut(parent) {
+                        if !p.children.contains(digest) {
+                            p.children.push(*digest);
+                        }
+                    }
+                }
+                self.heads.newest.insert(recipe.clone(), *digest);
             }
             EventBody::Promoted { pipeline, stage, digest, .. } => {
-                let m = mark(digest);
-                let view = self.stage_mut(pipeline, stage);
-                view.promoted = Some(m.clone());
-                view.promotions.push(m);
-                self.note_image_event(digest, seq);
+                self.stage_mut(pipeline, stage).promoted = Some(mark(digest));
+                let key = stage_key(pipeline, stage);
+                self.touch_image(digest, seq, |r| {
+                    keep_first(&mut r.stages.entry(key).or_default().promoted, mark(digest))
+                });
             }
             EventBody::Refused { .. } => {}
             EventBody::Approved { pipeline, stage, digest, .. } => {
-                let m = mark(digest);
+                let key = stage_key(pipeline, stage);
                 let actor = event.actor.clone();
-                self.stage_mut(pipeline, stage).approvals.entry(*digest).or_default().entry(actor).or_insert(m);
-                self.note_image_event(digest, seq);
+                self.touch_image(digest, seq, |r| {
+                    r.stages.entry(key).or_default().approvals.entry(actor).or_insert_with(|| mark(digest));
+                });
             }
             EventBody::Revoked { digest, reason, descendants } => {
                 for d in std::iter::once(digest).chain(descendants) {
-                    self.revoked.entry(*d).or_insert(Revocation { seq, root: *digest, reason: reason.clone() });
+                    self.heads.revoked.entry(*d).or_insert(Revocation { seq, root: *digest, reason: reason.clone() });
                 }
-                self.note_image_event(digest, seq);
+                self.touch_image(digest, seq, |_| {});
             }
             EventBody::DeployStarted {
                 pipeline,
@@ -206,19 +365,18 @@ impl View {
                 lease_until,
                 rollback,
             } => {
-                let holder = event.actor.clone();
                 self.stage_mut(pipeline, stage).open = Some(OpenDeploy {
                     deploy_id: deploy_id.clone(),
                     digest: *digest,
                     group: group.clone(),
                     previous_group: previous_group.clone(),
                     lease_until: lease_until.clone(),
-                    holder,
+                    holder: event.actor.clone(),
                     seq,
                     rollback: rollback.is_some(),
                     steps: Vec::new(),
                 });
-                self.note_image_event(digest, seq);
+                self.touch_image(digest, seq, |_| {});
             }
             EventBody::DeployStep { pipeline, stage, deploy_id, step, .. } => {
                 if let Some(open) = self.stage_mut(pipeline, stage).open.as_mut().filter(|o| &o.deploy_id == deploy_id)
@@ -230,6 +388,9 @@ impl View {
                 let view = self.stage_mut(pipeline, stage);
                 if let Some(previous) = view.live.take() {
                     view.history.push(previous);
+                    if view.history.len() > HISTORY_KEEP {
+                        view.history.remove(0);
+                    }
                 }
                 view.live = Some(Live {
                     digest: *digest,
@@ -241,17 +402,33 @@ impl View {
                 if view.open.as_ref().is_some_and(|o| &o.deploy_id == deploy_id) {
                     view.open = None;
                 }
-                self.note_image_event(digest, seq);
+                let key = stage_key(pipeline, stage);
+                self.touch_image(digest, seq, |r| {
+                    keep_first(&mut r.stages.entry(key).or_default().deployed, mark(digest))
+                });
             }
             EventBody::DeployFailed { pipeline, stage, deploy_id, digest, .. } => {
                 let view = self.stage_mut(pipeline, stage);
                 if view.open.as_ref().is_some_and(|o| &o.deploy_id == deploy_id) {
                     view.open = None;
                 }
-                self.note_image_event(digest, seq);
+                self.touch_image(digest, seq, |_| {});
             }
         }
-        self.seq = seq;
-        self.hash = stored.hash;
+        self.heads.seq = seq;
+        self.heads.hash = stored.hash;
+    }
+
+    /// Writes the changed index shards (before the heads that cover them are saved).
+    pub(crate) fn save_index(&self, write: impl Fn(&std::path::Path, &[u8])) {
+        let mut index = self.index.borrow_mut();
+        let dirty = std::mem::take(&mut index.dirty);
+        for shard in dirty {
+            if let (Some(path), Some(data)) = (index.shard_path(shard), index.shards.get(&shard)) {
+                if let Ok(bytes) = serde_json::to_vec(data) {
+                    write(&path, &bytes);
+                }
+            }
+        }
     }
 }
