@@ -8,5 +8,6 @@ pub mod digest;
 pub mod error;
 pub mod fault;
 pub mod ledger;
+pub mod provider;
 
 pub use error::Error;
