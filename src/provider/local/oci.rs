@@ -136,7 +136,7 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> OciError + '_ {
     move |source| OciError::Io { path: path.to_path_buf(), source }
 }
 
-/// Maps the OS and CPU names Rust uses to the ones OCI configs use (GOOS/GOARCH).
+/// `(os, architecture)` of this build, in the names OCI configs use (GOOS/GOARCH): x86_64 is `amd64`, aarch64 `arm64`.
 pub fn oci_platform() -> (&'static str, &'static str) {
     let arch = match std::env::consts::ARCH {
         "x86_64" => "amd64",
@@ -913,9 +913,12 @@ impl Unpacker<'_> {
     }
 
     fn clear(&mut self, path: &Path) -> Result<(), OciError> {
-        if fs::symlink_metadata(path).is_ok() {
+        if let Ok(meta) = fs::symlink_metadata(path) {
             remove_any(path)?;
-            self.forget_dirs();
+            // Only removing a directory can invalidate what is known about directories.
+            if meta.is_dir() {
+                self.forget_dirs();
+            }
         }
         Ok(())
     }
@@ -987,7 +990,14 @@ impl Unpacker<'_> {
                     .custom_flags(libc::O_NOFOLLOW)
                     .open(&path)
                     .map_err(io_err(&path))?;
-                io::copy(entry, &mut file).map_err(io_err(layer_path))?;
+                let mut reader = layer::Blame::new(entry);
+                io::copy(&mut reader, &mut file).map_err(|err| {
+                    if reader.failed {
+                        OciError::Io { path: layer_path.to_path_buf(), source: err }
+                    } else {
+                        OciError::Io { path: path.clone(), source: err }
+                    }
+                })?;
                 file.set_permissions(fs::Permissions::from_mode(mode)).map_err(io_err(&path))?;
             }
             tar::EntryType::Symlink => {
@@ -1259,6 +1269,17 @@ mod tests {
         store.put_blob_file(temp, &file_digest).unwrap();
         assert_eq!(fs::read(store.blob_path(&file_digest)).unwrap(), b"from a file");
         assert_eq!(fs::read_dir(store.temp_dir()).unwrap().count(), 0, "no temp file is left behind");
+    }
+
+    #[test]
+    fn blob_files_from_another_filesystem_are_copied_in() {
+        let (_dir, store) = store();
+        // /dev/shm is a tmpfs on Linux, so a rename from it into the store crosses filesystems.
+        let mut temp = tempfile::NamedTempFile::new_in("/dev/shm").unwrap();
+        temp.write_all(b"elsewhere").unwrap();
+        let digest = Digest::of(b"elsewhere");
+        store.put_blob_file(temp, &digest).unwrap();
+        assert_eq!(fs::read(store.blob_path(&digest)).unwrap(), b"elsewhere");
     }
 
     #[test]
