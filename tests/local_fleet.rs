@@ -111,7 +111,7 @@ fn instance_that_never_gets_healthy_times_out_at_the_deadline() {
         }
         other => panic!("expected Timeout, got {other:?}"),
     }
-    assert!(took >= Duration::from_secs(1) && took < Duration::from_millis(1300), "took {took:?}");
+    assert!(took >= Duration::from_secs(1) && took < Duration::from_secs(2), "took {took:?}");
     fleet::stop(&h, Duration::from_secs(2)).unwrap();
     assert!(!fleet::is_alive(&h));
 }
@@ -192,7 +192,8 @@ fn hello_keeps_connections_alive_and_skips_request_bodies() {
     assert_eq!(conn.get("/").unwrap(), (200, "hi from keepalive-1\n".to_string()));
     let post = b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 11\r\n\r\nhello=world";
     assert_eq!(conn.send(post).unwrap().0, 404);
-    let chunked = b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n3;x=y\r\nabc\r\n0\r\nT: 1\r\n\r\n";
+    let chunked = b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n\
+                    5\r\nhello\r\n3;x=y\r\nabc\r\n0\r\nT: 1\r\n\r\n";
     assert_eq!(conn.send(chunked).unwrap().0, 404);
     assert_eq!(conn.get("/healthz?probe=1").unwrap(), (200, "ok".to_string()));
     assert_eq!(conn.get("/nope").unwrap().0, 404);

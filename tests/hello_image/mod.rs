@@ -19,18 +19,21 @@ pub const HELLO: &str = "/opt/hello/bin/hello";
 pub fn hello_root() -> &'static Path {
     static ROOT: OnceLock<PathBuf> = OnceLock::new();
     ROOT.get_or_init(|| {
-        // Kept for the life of the test process: instances run from it.
-        let root = tempfile::Builder::new().prefix("kiln-hello-root").tempdir().unwrap().keep();
+        // One root per test binary under cargo's scratch dir, rebuilt on every run so it never goes stale; the
+        // binary is renamed into place so instances still running from an earlier run keep their file.
+        let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("hello-root").join(env!("CARGO_CRATE_NAME"));
         let bin = root.join(HELLO.trim_start_matches('/'));
         std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
+        let tmp = bin.with_extension(format!("tmp{}", std::process::id()));
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("images/files/hello/main.rs");
         let out = Command::new("rustc")
             .args(["--edition", "2021", "-C", "debuginfo=0", "-o"])
-            .arg(&bin)
+            .arg(&tmp)
             .arg(&src)
             .output()
             .unwrap();
         assert!(out.status.success(), "rustc failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        std::fs::rename(&tmp, &bin).unwrap();
         root
     })
 }
