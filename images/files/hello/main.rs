@@ -147,7 +147,8 @@ fn respond(w: &mut TcpStream, status: u16, body: &str, keep_alive: bool, head: b
     };
     let connection = if keep_alive { "keep-alive" } else { "close" };
     let mut out = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: {connection}\r\n\r\n",
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\n\
+         Content-Length: {}\r\nConnection: {connection}\r\n\r\n",
         body.len()
     );
     if !head {

@@ -47,7 +47,8 @@ pub enum FleetError {
     StillRunning { name: String, pid: i32, waited: Duration },
     #[error("instance {name} died before it became healthy; its log ends with:\n{log_tail}")]
     Died { name: String, log_tail: String },
-    #[error("not healthy before the deadline: {}; the log of {} ends with:\n{log_tail}", unhealthy.join(", "), unhealthy.first().map_or("?", String::as_str))]
+    #[error("not healthy before the deadline: {}; the log of {} ends with:\n{log_tail}",
+        unhealthy.join(", "), unhealthy.first().map_or("?", String::as_str))]
     Timeout { unhealthy: Vec<String>, log_tail: String },
     #[error("cannot find a free loopback port: {source}")]
     FreePort { source: io::Error },
