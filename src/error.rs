@@ -5,8 +5,11 @@ use std::path::PathBuf;
 
 use crate::clock::BadTime;
 use crate::config::ConfigError;
+use crate::digest::Digest;
 use crate::digest::DigestError;
-use crate::ledger::LedgerError;
+use crate::engine::recipe_key::KeyError;
+use crate::ledger::{GateVerdict, LedgerError};
+use crate::provider::ProviderError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -18,6 +21,32 @@ pub enum Error {
     Digest(#[from] DigestError),
     #[error(transparent)]
     Clock(#[from] BadTime),
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error("cannot inspect the git repository")]
+    Git(#[from] git2::Error),
+    #[error(
+        "the work tree has uncommitted changes ({}); commit them, or pass --allow-dirty (recorded in the ledger)",
+        summarize(paths)
+    )]
+    DirtyTree { paths: Vec<String> },
+    #[error("recipe `{recipe}` does not reproduce: recorded {expected}, rebuilt {rebuilt}; first difference: {}", first_difference.as_deref().unwrap_or("unknown"))]
+    NotReproducible { recipe: String, expected: Digest, rebuilt: Digest, first_difference: Option<String> },
+    #[error("promotion of {} to {stage} refused:{}", digest.map(|d| d.short()).unwrap_or_else(|| "nothing".into()), failing(gates))]
+    Refused { stage: String, digest: Option<Digest>, gates: Vec<GateVerdict> },
+    #[error("stage {stage} is busy: deployment {deploy_id} by {holder} holds its lease until {until}")]
+    Busy { stage: String, holder: String, until: String, deploy_id: String },
+    #[error("deployment to {stage} failed; the previous group kept serving: {reason}{}", log_tail.as_deref().map(|t| format!("\n--- instance log ---\n{}", t.trim_end())).unwrap_or_default())]
+    DeployFailed { stage: String, group: String, reason: String, log_tail: Option<String> },
+    #[error("the provider has drifted from the ledger:{}", drift.iter().map(|d| format!("\n  - {}: {}", d.subject, d.problem)).collect::<String>())]
+    Drift { drift: Vec<crate::engine::drift::Drift> },
+    /// `promote --plan` found a failing gate; the verdicts were already printed.
+    #[error("promotion of {digest} to {stage} would be refused (the verdicts are above)")]
+    PlanRefused { stage: String, digest: String },
+    #[error("{what} is not implemented yet")]
+    NotYet { what: String },
     #[error("`kiln {command}` is not implemented yet")]
     NotImplemented { command: &'static str },
     #[error("{message}")]
@@ -30,7 +59,35 @@ pub enum Error {
     },
 }
 
+fn failing(gates: &[GateVerdict]) -> String {
+    gates.iter().filter(|g| !g.passed).map(|g| format!("\n  - {}: {}", g.gate, g.detail)).collect()
+}
+
+fn summarize(paths: &[String]) -> String {
+    let shown: Vec<&str> = paths.iter().take(5).map(String::as_str).collect();
+    let more = paths.len().saturating_sub(shown.len());
+    if more > 0 {
+        format!("{} and {more} more", shown.join(", "))
+    } else {
+        shown.join(", ")
+    }
+}
+
 impl Error {
+    /// Structured details for `--json` error documents.
+    pub fn json_details(&self) -> Option<serde_json::Value> {
+        match self {
+            Error::Refused { stage, digest, gates } => {
+                Some(serde_json::json!({ "stage": stage, "digest": digest, "gates": gates }))
+            }
+            Error::NotReproducible { recipe, expected, rebuilt, first_difference } => Some(serde_json::json!({
+                "recipe": recipe, "expected": expected, "rebuilt": rebuilt, "first_difference": first_difference,
+            })),
+            Error::Drift { drift } => Some(serde_json::json!({ "drift": drift })),
+            _ => None,
+        }
+    }
+
     pub fn usage(message: impl Into<String>) -> Error {
         Error::Usage { message: message.into() }
     }

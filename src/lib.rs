@@ -5,9 +5,12 @@ pub mod actor;
 pub mod clock;
 pub mod config;
 pub mod digest;
+pub mod engine;
 pub mod error;
 pub mod fault;
+pub mod git;
 pub mod ledger;
+pub mod process;
 pub mod provider;
 
 pub use error::Error;

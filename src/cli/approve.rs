@@ -2,11 +2,13 @@
 
 use clap::Args;
 
+use kiln::engine::approval;
+
 use super::Ctx;
 
 #[derive(Args, Debug)]
 pub struct ApproveArgs {
-    /// Stage to approve for
+    /// Stage the approval is for
     #[arg(long)]
     pub stage: String,
     /// Digest approved (full, or a unique prefix of 12+ hex characters)
@@ -17,8 +19,24 @@ pub struct ApproveArgs {
     pub note: Option<String>,
 }
 
-pub fn run(ctx: &Ctx, _args: ApproveArgs) -> Result<(), kiln::Error> {
-    // Config errors come first, so a broken pipeline is reported as such even before this command lands.
-    ctx.check_config()?;
-    Err(kiln::Error::NotImplemented { command: "approve" })
+pub fn run(ctx: &Ctx, args: ApproveArgs) -> Result<(), kiln::Error> {
+    let report = ctx.with_engine(|engine| approval::approve(engine, &args.stage, &args.digest, args.note.clone()))?;
+    ctx.out.emit(&report, || {
+        if report.recorded {
+            format!(
+                "{} approved {} for {} (seq {})",
+                report.actor,
+                report.digest,
+                report.stage,
+                report.seq.unwrap_or_default()
+            )
+        } else {
+            format!(
+                "{} had already approved {} for {}; nothing recorded",
+                report.actor,
+                report.digest.short(),
+                report.stage
+            )
+        }
+    })
 }

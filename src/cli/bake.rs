@@ -2,11 +2,13 @@
 
 use clap::Args;
 
+use kiln::engine::bake::{self, BakeOptions, BakeReport};
+
 use super::Ctx;
 
 #[derive(Args, Debug)]
 pub struct BakeArgs {
-    /// Rebuild from scratch into a temporary store and fail if the digest differs
+    /// Rebuild from scratch into a temporary store and fail (exit 6) if the digest differs
     #[arg(long)]
     pub check: bool,
     /// Build even if an image with this recipe key exists
@@ -17,8 +19,34 @@ pub struct BakeArgs {
     pub allow_dirty: bool,
 }
 
-pub fn run(ctx: &Ctx, _args: BakeArgs) -> Result<(), kiln::Error> {
-    // Config errors come first, so a broken pipeline is reported as such even before this command lands.
-    ctx.check_config()?;
-    Err(kiln::Error::NotImplemented { command: "bake" })
+pub fn run(ctx: &Ctx, args: BakeArgs) -> Result<(), kiln::Error> {
+    let options = BakeOptions { no_cache: args.no_cache, allow_dirty: args.allow_dirty, check: args.check };
+    let report = ctx.with_engine(|engine| bake::bake(engine, &options))?;
+    let image = report.image();
+    let doc = serde_json::json!({
+        "digest": image.digest,
+        "recipe_key": image.recipe_key,
+        "image_ref": image.image_ref,
+        "recipe": image.recipe,
+        "cached": image.cached,
+        "parent": image.parent,
+        "commit": report.commit,
+        "dirty": report.dirty,
+        "reproducible": report.reproducible,
+        "files_hashed": report.files_hashed,
+        "chain": report.chain,
+    });
+    ctx.out.emit(&doc, || render(&report))
+}
+
+pub fn render(report: &BakeReport) -> String {
+    let mut out = String::new();
+    for image in &report.chain {
+        let how = if image.cached { "cached" } else { "baked " };
+        out.push_str(&format!("{how} {:<12} {} ({})\n", image.recipe, image.digest, image.image_ref));
+    }
+    if report.reproducible == Some(true) {
+        out.push_str("reproducible: a rebuild from scratch gave the same digests\n");
+    }
+    out
 }

@@ -1,6 +1,9 @@
-//! `kiln down`: local provider: stop a stage's instances and its endpoint proxy.
+//! `kiln down`: local provider: stop a stage's instances and its endpoint proxy. The ledger is unchanged; the next
+//! `kiln deploy` starts the stage again.
 
 use clap::Args;
+
+use kiln::provider::StageRef;
 
 use super::Ctx;
 
@@ -11,8 +14,11 @@ pub struct DownArgs {
     pub stage: String,
 }
 
-pub fn run(ctx: &Ctx, _args: DownArgs) -> Result<(), kiln::Error> {
-    // Config errors come first, so a broken pipeline is reported as such even before this command lands.
-    ctx.check_config()?;
-    Err(kiln::Error::NotImplemented { command: "down" })
+pub fn run(ctx: &Ctx, args: DownArgs) -> Result<(), kiln::Error> {
+    ctx.with_engine(|engine| {
+        let stage = kiln::engine::promote::stage(engine, &args.stage)?;
+        engine.fleet.stop_stage(StageRef { pipeline: &engine.pipeline.name, stage })?;
+        Ok(())
+    })?;
+    ctx.out.emit(&serde_json::json!({ "stage": args.stage, "stopped": true }), || format!("stopped {}", args.stage))
 }

@@ -14,6 +14,7 @@ use std::error::Error as _;
 
 use kiln::config::ConfigError;
 use kiln::ledger::LedgerError;
+use kiln::provider::ProviderError;
 use kiln::Error;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,7 +40,20 @@ pub fn classify(err: &Error) -> Exit {
         Error::Config(_) | Error::Digest(_) | Error::Clock(_) | Error::Usage { .. } => Exit::Invalid,
         Error::Ledger(LedgerError::Tampered { .. }) => Exit::VerifyFailed,
         Error::Ledger(LedgerError::Contended { .. }) => Exit::Busy,
-        Error::Ledger(_) | Error::NotImplemented { .. } | Error::Io { .. } => Exit::Failure,
+        Error::DirtyTree { .. } => Exit::Invalid,
+        Error::Refused { .. } | Error::PlanRefused { .. } => Exit::Refused,
+        Error::Busy { .. } => Exit::Busy,
+        Error::DeployFailed { .. } => Exit::DeployFailed,
+        Error::NotReproducible { .. } | Error::Drift { .. } | Error::Provider(ProviderError::Drift { .. }) => {
+            Exit::VerifyFailed
+        }
+        Error::Ledger(_)
+        | Error::NotImplemented { .. }
+        | Error::NotYet { .. }
+        | Error::Io { .. }
+        | Error::Provider(_)
+        | Error::Key(_)
+        | Error::Git(_) => Exit::Failure,
     }
 }
 
@@ -84,13 +98,15 @@ pub fn report(err: &Error, json: bool) -> Exit {
     if let Some(hint) = &hint {
         eprintln!("  hint: {hint}");
     }
-    if json {
+    // A plan's document, verdicts included, is already on stdout.
+    if json && !matches!(err, Error::PlanRefused { .. }) {
         let doc = serde_json::json!({
             "ok": false,
             "exit_code": exit as u8,
             "error": lines[0],
             "causes": &lines[1..],
             "hint": hint,
+            "details": err.json_details(),
         });
         println!("{doc:#}");
     }

@@ -11,6 +11,7 @@ mod lineage;
 mod log;
 pub mod output;
 mod promote;
+mod proxy_serve;
 mod revoke;
 mod rollback;
 mod run;
@@ -23,8 +24,10 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use kiln::clock::Clock;
-use kiln::config::{pipeline, LedgerLocation, Pipeline, Repo};
+use kiln::config::{pipeline, LedgerLocation, Pipeline, ProviderKind, Repo};
+use kiln::engine::Context;
 use kiln::ledger::Ledger;
+use kiln::provider::local::LocalProvider;
 use kiln::Error;
 
 use output::Output;
@@ -96,6 +99,9 @@ enum Command {
     Down(down::DownArgs),
     /// List baked images
     Images(images::ImagesArgs),
+    /// Internal: the stage endpoint proxy that `kiln deploy` starts, detached
+    #[command(hide = true)]
+    ProxyServe(proxy_serve::ProxyServeArgs),
 }
 
 /// What every subcommand gets: options, repository, output mode, clock and actor, with config loaded on demand.
@@ -103,10 +109,7 @@ pub struct Ctx {
     pub global: GlobalArgs,
     pub repo: Repo,
     pub out: Output,
-    // Read by the commands that append events; the first of them lands with `bake`.
-    #[allow(dead_code)]
     pub clock: Clock,
-    #[allow(dead_code)]
     pub actor: String,
     pipeline: OnceCell<Pipeline>,
 }
@@ -160,11 +163,38 @@ impl Ctx {
         Ok(())
     }
 
+    /// kiln's local state directory, `.kiln/` at the repository root.
+    pub fn state_dir(&self) -> PathBuf {
+        self.repo.root().join(".kiln")
+    }
+
+    /// Runs `f` with the engine context for the pipeline: its ledger and its provider.
+    pub fn with_engine<T>(&self, f: impl FnOnce(&Context) -> Result<T, Error>) -> Result<T, Error> {
+        let pipeline = self.pipeline()?;
+        let ledger = self.ledger()?;
+        let local = match pipeline.provider {
+            ProviderKind::Local => LocalProvider::new(self.state_dir()),
+            ProviderKind::Aws => return Err(Error::NotYet { what: "the aws provider".into() }),
+        };
+        let context = Context {
+            repo: &self.repo,
+            pipeline,
+            ledger: &ledger,
+            clock: &self.clock,
+            actor: &self.actor,
+            images: &local,
+            fleet: &local,
+            state_dir: self.state_dir(),
+            echo: !self.global.quiet && !self.global.json,
+        };
+        f(&context)
+    }
+
     pub fn ledger(&self) -> Result<Ledger, Error> {
         match self.ledger_location()? {
             LedgerLocation::Dir(dir) => Ok(Ledger::open_dir(&dir)),
             LedgerLocation::S3 { .. } => {
-                Err(Error::NotImplemented { command: "with an s3:// ledger (it comes with the aws provider)" })
+                Err(Error::NotYet { what: "an s3:// ledger (it comes with the aws provider)".into() })
             }
         }
     }
@@ -207,6 +237,7 @@ pub fn main() -> std::process::ExitCode {
         Command::Gc(args) => gc::run(&ctx, args),
         Command::Down(args) => down::run(&ctx, args),
         Command::Images(args) => images::run(&ctx, args),
+        Command::ProxyServe(args) => proxy_serve::run(&ctx, args),
     });
     match result {
         Ok(()) => exit::Exit::Ok.into(),

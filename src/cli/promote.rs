@@ -2,6 +2,10 @@
 
 use clap::Args;
 
+use kiln::engine::deploy::{self, Want};
+use kiln::engine::promote::{self, Outcome, PromoteOptions, PromoteReport};
+use kiln::ledger::GateVerdict;
+
 use super::Ctx;
 
 #[derive(Args, Debug)]
@@ -12,7 +16,7 @@ pub struct PromoteArgs {
     /// Digest to promote (default: what is live in the previous stage; the newest bake for the first stage)
     #[arg(long)]
     pub digest: Option<String>,
-    /// Print the gate verdicts and change nothing
+    /// Print the gate verdicts and change nothing (exit 3 if the promotion would be refused)
     #[arg(long)]
     pub plan: bool,
     /// Record the promotion without deploying
@@ -20,8 +24,57 @@ pub struct PromoteArgs {
     pub no_deploy: bool,
 }
 
-pub fn run(ctx: &Ctx, _args: PromoteArgs) -> Result<(), kiln::Error> {
-    // Config errors come first, so a broken pipeline is reported as such even before this command lands.
-    ctx.check_config()?;
-    Err(kiln::Error::NotImplemented { command: "promote" })
+pub fn run(ctx: &Ctx, args: PromoteArgs) -> Result<(), kiln::Error> {
+    let options = PromoteOptions { stage: args.stage.clone(), digest: args.digest, plan: args.plan };
+    let deploy = !args.no_deploy && !args.plan;
+    let (report, deployed) = ctx.with_engine(|engine| {
+        let report = promote::promote(engine, &options)?;
+        let deployed = if deploy { Some(deploy::deploy(engine, &args.stage, Want::Promoted)?) } else { None };
+        Ok((report, deployed))
+    })?;
+    let doc = serde_json::json!({
+        "stage": report.stage,
+        "digest": report.digest,
+        "image_ref": report.image_ref,
+        "outcome": report.outcome,
+        "seq": report.seq,
+        "would_pass": report.would_pass,
+        "gates": report.gates,
+        "deployment": deployed,
+    });
+    ctx.out.emit(&doc, || {
+        let mut out = render(&report);
+        if let Some(deployed) = &deployed {
+            out.push_str(&super::deploy::render(deployed));
+        }
+        out
+    })?;
+    if report.outcome == Outcome::Planned && !report.would_pass {
+        return Err(kiln::Error::PlanRefused { stage: report.stage, digest: report.digest.short() });
+    }
+    Ok(())
+}
+
+pub fn render_gates(gates: &[GateVerdict]) -> String {
+    gates.iter().map(|g| format!("  {} {}: {}\n", if g.passed { "ok  " } else { "FAIL" }, g.gate, g.detail)).collect()
+}
+
+fn render(report: &PromoteReport) -> String {
+    let head = match report.outcome {
+        Outcome::Promoted => format!(
+            "promoted {} ({}) to {} (seq {})",
+            report.digest,
+            report.image_ref,
+            report.stage,
+            report.seq.unwrap_or_default()
+        ),
+        Outcome::AlreadyPromoted => {
+            format!("{} is already promoted to {}; nothing recorded", report.digest.short(), report.stage)
+        }
+        Outcome::Planned if report.would_pass => {
+            format!("plan: {} would be promoted to {}", report.digest.short(), report.stage)
+        }
+        Outcome::Planned => format!("plan: promoting {} to {} would be refused", report.digest.short(), report.stage),
+    };
+    format!("{head}\n{}", render_gates(&report.gates))
 }

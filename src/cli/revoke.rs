@@ -2,19 +2,30 @@
 
 use clap::Args;
 
+use kiln::engine::approval;
+
 use super::Ctx;
 
 #[derive(Args, Debug)]
 pub struct RevokeArgs {
-    /// Digest to revoke
+    /// Digest to revoke (full, or a unique prefix of 12+ hex characters)
     pub digest: String,
     /// Why, recorded in the ledger
     #[arg(long)]
     pub reason: String,
 }
 
-pub fn run(ctx: &Ctx, _args: RevokeArgs) -> Result<(), kiln::Error> {
-    // Config errors come first, so a broken pipeline is reported as such even before this command lands.
-    ctx.check_config()?;
-    Err(kiln::Error::NotImplemented { command: "revoke" })
+pub fn run(ctx: &Ctx, args: RevokeArgs) -> Result<(), kiln::Error> {
+    let report = ctx.with_engine(|engine| approval::revoke(engine, &args.digest, &args.reason))?;
+    ctx.out.emit(&report, || {
+        let mut out = if report.recorded {
+            format!("revoked {} (seq {})", report.digest, report.seq.unwrap_or_default())
+        } else {
+            format!("{} was already revoked; nothing recorded", report.digest.short())
+        };
+        for d in &report.descendants {
+            out.push_str(&format!("\n  and its descendant {d}"));
+        }
+        out
+    })
 }

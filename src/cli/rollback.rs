@@ -1,6 +1,9 @@
-//! `kiln rollback`: redeploy an earlier digest, skipping gates.
+//! `kiln rollback`: redeploy an earlier digest, skipping gates; a kept group is re-enabled rather than rebuilt.
 
 use clap::Args;
+
+use kiln::engine::deploy::{self, Want};
+use kiln::engine::promote::resolve_digest;
 
 use super::Ctx;
 
@@ -20,8 +23,10 @@ pub struct RollbackArgs {
     pub force: bool,
 }
 
-pub fn run(ctx: &Ctx, _args: RollbackArgs) -> Result<(), kiln::Error> {
-    // Config errors come first, so a broken pipeline is reported as such even before this command lands.
-    ctx.check_config()?;
-    Err(kiln::Error::NotImplemented { command: "rollback" })
+pub fn run(ctx: &Ctx, args: RollbackArgs) -> Result<(), kiln::Error> {
+    let report = ctx.with_engine(|engine| {
+        let to = args.to.as_deref().map(|typed| resolve_digest(&engine.ledger.view()?, typed)).transpose()?;
+        deploy::deploy(engine, &args.stage, Want::Rollback { to, reason: args.reason.clone(), force: args.force })
+    })?;
+    ctx.out.emit(&report, || super::deploy::render(&report))
 }

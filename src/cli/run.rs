@@ -1,6 +1,15 @@
-//! `kiln run`: the main job: bake, then promote and deploy stage by stage until a gate stops it.
+//! `kiln run`: the main job. Bake, then promote and deploy stage by stage until a gate stops it, then print a
+//! summary of every stage.
 
 use clap::Args;
+use serde::Serialize;
+
+use kiln::engine::bake::{self, BakeOptions};
+use kiln::engine::deploy::{self, Want};
+use kiln::engine::lineage;
+use kiln::engine::promote::{self, PromoteOptions};
+use kiln::ledger::GateVerdict;
+use kiln::Error;
 
 use super::Ctx;
 
@@ -11,8 +20,74 @@ pub struct RunArgs {
     pub allow_dirty: bool,
 }
 
-pub fn run(ctx: &Ctx, _args: RunArgs) -> Result<(), kiln::Error> {
-    // Config errors come first, so a broken pipeline is reported as such even before this command lands.
-    ctx.check_config()?;
-    Err(kiln::Error::NotImplemented { command: "run" })
+#[derive(Serialize)]
+struct Stopped {
+    stage: String,
+    gates: Vec<GateVerdict>,
+}
+
+pub fn run(ctx: &Ctx, args: RunArgs) -> Result<(), Error> {
+    let (baked, stopped, stages) = ctx.with_engine(|engine| {
+        let baked = bake::bake(engine, &BakeOptions { allow_dirty: args.allow_dirty, ..BakeOptions::default() })?;
+        let mut stopped = None;
+        for stage in &engine.pipeline.stages {
+            let options = PromoteOptions { stage: stage.name.clone(), digest: None, plan: false };
+            match promote::promote(engine, &options) {
+                Ok(report) => {
+                    tracing::info!(stage = %stage.name, "promoted {} ({:?})", report.digest.short(), report.outcome)
+                }
+                Err(Error::Refused { stage, gates, .. }) => {
+                    stopped = Some(Stopped { stage, gates });
+                    break;
+                }
+                Err(other) => return Err(other),
+            }
+            deploy::deploy(engine, &stage.name, Want::Promoted)?;
+        }
+        Ok((baked, stopped, lineage::status(engine)?))
+    })?;
+    let doc = serde_json::json!({
+        "digest": baked.image().digest,
+        "image_ref": baked.image().image_ref,
+        "recipe_key": baked.image().recipe_key,
+        "cached": baked.image().cached,
+        "stopped_at": stopped,
+        "stages": stages,
+    });
+    ctx.out.emit(&doc, || {
+        let image = baked.image();
+        let how = if image.cached { "reused" } else { "baked" };
+        let mut out = format!("{how} {} ({})\n\n", image.digest, image.image_ref);
+        out.push_str(&format!("{:<8} {:<14} {:<24} {}\n", "STAGE", "LIVE", "ENDPOINT", "STATE"));
+        for s in &stages {
+            let live = s.live.as_ref().map(|l| l.digest.short()).unwrap_or_else(|| "-".into());
+            let state = match (&stopped, &s.live) {
+                (Some(stop), _) if stop.stage == s.stage => "stopped by a gate".to_string(),
+                (_, Some(l)) if l.digest == image.digest => "up to date".to_string(),
+                (_, Some(_)) => "older image".to_string(),
+                (_, None) => "-".to_string(),
+            };
+            out.push_str(&format!(
+                "{:<8} {:<14} {:<24} {state}\n",
+                s.stage,
+                live,
+                s.endpoint.as_deref().unwrap_or("-")
+            ));
+        }
+        if let Some(stop) = &stopped {
+            out.push_str(&format!(
+                "\n{} is waiting on:\n{}",
+                stop.stage,
+                super::promote::render_gates(&stop.gates.iter().filter(|g| !g.passed).cloned().collect::<Vec<_>>())
+            ));
+            if stop.gates.iter().any(|g| !g.passed && g.gate.starts_with("approvals")) {
+                out.push_str(&format!(
+                    "approve with: kiln approve --stage {} --digest {}\n",
+                    stop.stage,
+                    image.digest.short()
+                ));
+            }
+        }
+        out
+    })
 }

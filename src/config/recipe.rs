@@ -71,6 +71,8 @@ pub struct Recipe {
     pub file: RepoPath,
     #[serde(skip)]
     pub description: Option<String>,
+    /// The key covers the parent's image digest instead of its name.
+    #[serde(skip)]
     pub parent: Option<String>,
     pub provision: Vec<Provision>,
     pub instance: Option<Instance>,
@@ -88,7 +90,7 @@ pub enum Provision {
     Shell { command: String, timeout_secs: u64 },
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct Instance {
     pub command: Vec<String>,
@@ -97,7 +99,7 @@ pub struct Instance {
     pub ready_timeout_secs: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Health {
     Http(String),

@@ -72,6 +72,8 @@ pub enum EventBody {
         group: String,
         previous_group: Option<String>,
         lease_until: String,
+        /// Who holds the lease: `host:pid:start-time`, so a crashed holder's lease can be taken over at once.
+        lease_holder: String,
         rollback: Option<RollbackRecord>,
     },
     DeployStep {

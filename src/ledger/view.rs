@@ -12,7 +12,7 @@ use super::event::{EventBody, StoredEvent};
 use crate::digest::{Digest, DigestError, DigestQuery};
 
 /// Bump when the view's shape or folding rules change, so old caches are rebuilt rather than misread.
-pub const VIEW_FORMAT: u32 = 2;
+pub const VIEW_FORMAT: u32 = 3;
 /// Earlier live deployments kept per stage for rollback and soak; older ones stay in the ledger.
 const HISTORY_KEEP: usize = 32;
 
@@ -38,6 +38,12 @@ pub struct StageView {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<Live>,
     pub open: Option<OpenDeploy>,
+    /// Deployments started here so far.
+    #[serde(default)]
+    pub deploys: u64,
+    /// The highest group version (`…-vNNN`) ever created here.
+    #[serde(default)]
+    pub versions: u64,
 }
 
 /// Who did something to which digest, when, at which seq.
@@ -65,7 +71,9 @@ pub struct OpenDeploy {
     pub group: String,
     pub previous_group: Option<String>,
     pub lease_until: String,
+    /// `host:pid:start-time` of the kiln process holding the lease.
     pub holder: String,
+    pub actor: String,
     pub seq: u64,
     pub rollback: bool,
     /// Steps recorded so far, in order.
@@ -89,7 +97,12 @@ pub struct ImageRecord {
     pub recipe: String,
     pub recipe_key: Digest,
     pub parent: Option<Digest>,
+    pub image_ref: String,
+    pub provider: String,
+    pub commit: Option<String>,
+    pub dirty: bool,
     pub time: String,
+    pub actor: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub children: Vec<Digest>,
     /// Every later event about this image, ascending.
@@ -144,6 +157,14 @@ impl Default for Heads {
             newest: BTreeMap::new(),
         }
     }
+}
+
+/// The deploy step that records a lease taken over from a crashed or expired holder.
+pub const TAKEOVER_STEP: &str = "lease-taken-over";
+
+/// The version of a group named `<pipeline>-<stage>-vNNN`.
+pub fn group_version(group: &str) -> Option<u64> {
+    group.rsplit_once("-v")?.1.parse().ok()
 }
 
 pub fn stage_key(pipeline: &str, stage: &str) -> String {
@@ -310,7 +331,7 @@ impl View {
         let mark =
             |digest: &Digest| Mark { digest: *digest, seq, time: event.time.clone(), actor: event.actor.clone() };
         match &event.body {
-            EventBody::Baked { recipe, digest, recipe_key, parent, .. } => {
+            EventBody::Baked { recipe, digest, recipe_key, parent, image_ref, provider, commit, dirty, .. } => {
                 let index = self.index.get_mut();
                 index.dirty.insert(shard_of(digest));
                 index.load(shard_of(digest)).images.entry(*digest).or_insert_with(|| ImageRecord {
@@ -318,7 +339,12 @@ impl View {
                     recipe: recipe.clone(),
                     recipe_key: *recipe_key,
                     parent: *parent,
+                    image_ref: image_ref.clone(),
+                    provider: provider.clone(),
+                    commit: commit.clone(),
+                    dirty: *dirty,
                     time: event.time.clone(),
+                    actor: event.actor.clone(),
                     children: Vec::new(),
                     events: Vec::new(),
                     stages: BTreeMap::new(),
@@ -363,25 +389,41 @@ impl View {
                 group,
                 previous_group,
                 lease_until,
+                lease_holder,
                 rollback,
             } => {
-                self.stage_mut(pipeline, stage).open = Some(OpenDeploy {
+                let view = self.stage_mut(pipeline, stage);
+                view.deploys += 1;
+                if let Some(version) = group_version(group) {
+                    view.versions = view.versions.max(version);
+                }
+                view.open = Some(OpenDeploy {
                     deploy_id: deploy_id.clone(),
                     digest: *digest,
                     group: group.clone(),
                     previous_group: previous_group.clone(),
                     lease_until: lease_until.clone(),
-                    holder: event.actor.clone(),
+                    holder: lease_holder.clone(),
+                    actor: event.actor.clone(),
                     seq,
                     rollback: rollback.is_some(),
                     steps: Vec::new(),
                 });
                 self.touch_image(digest, seq, |_| {});
             }
-            EventBody::DeployStep { pipeline, stage, deploy_id, step, .. } => {
+            EventBody::DeployStep { pipeline, stage, deploy_id, step, detail } => {
                 if let Some(open) = self.stage_mut(pipeline, stage).open.as_mut().filter(|o| &o.deploy_id == deploy_id)
                 {
                     open.steps.push(step.clone());
+                    // A takeover moves the lease to the process that reconciles the interrupted deployment.
+                    if step == TAKEOVER_STEP {
+                        if let (Some(until), Some(holder)) =
+                            (detail["lease_until"].as_str(), detail["lease_holder"].as_str())
+                        {
+                            open.lease_until = until.to_string();
+                            open.holder = holder.to_string();
+                        }
+                    }
                 }
             }
             EventBody::DeployFinished { pipeline, stage, deploy_id, digest, group } => {

@@ -2,3 +2,140 @@
 //! traits here, so the local provider and the AWS provider run the same bake, promote and deploy algorithms.
 
 pub mod local;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Instance, Recipe};
+use crate::digest::Digest;
+
+/// A built image: its digest (the identity kiln promotes) and how the provider finds it (a local OCI ref, an AMI).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRef {
+    pub digest: Digest,
+    pub image_ref: String,
+}
+
+/// One image to build: a recipe on top of its parent's image.
+pub struct BakeJob<'a> {
+    pub recipe: &'a Recipe,
+    pub recipe_key: Digest,
+    pub parent: Option<ImageRef>,
+    /// Labels recorded in the image (revision, source, recipe key, parent).
+    pub labels: BTreeMap<String, String>,
+    /// Where a provision step's output goes as it runs (stderr for a person, nowhere with --quiet).
+    pub echo_output: bool,
+}
+
+/// The outcome of rebuilding a chain from nothing to check that it reproduces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reproduction {
+    Identical,
+    Differs { recipe: String, expected: Digest, rebuilt: Digest, first_difference: Option<String> },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    #[error("provision step {step} of recipe `{recipe}` failed: {command}: {reason}{}", tail_suffix(output_tail))]
+    Provision { recipe: String, step: usize, command: String, reason: String, output_tail: String },
+    #[error("{what}: {path}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("image {image} is not in the {provider} store ({reason})")]
+    MissingImage { provider: &'static str, image: String, reason: String },
+    #[error("image {image} no longer matches its digest: {reason}")]
+    Drift { image: String, reason: String },
+    #[error("{provider} provider: {message}")]
+    Other { provider: &'static str, message: String },
+}
+
+fn tail_suffix(tail: &str) -> String {
+    if tail.trim().is_empty() {
+        String::new()
+    } else {
+        format!("\n--- last output ---\n{}", tail.trim_end())
+    }
+}
+
+/// Builds images and answers for them.
+pub trait ImageProvider {
+    /// "local" or "aws": recorded in `baked` events and hashed into recipe keys.
+    fn name(&self) -> &'static str;
+    /// Provider build settings that change the output, hashed into the recipe key.
+    fn build_settings(&self, recipe: &Recipe) -> serde_json::Value;
+    /// Whether the provider still holds the image (a ledger record alone does not make a cache hit).
+    fn has_image(&self, image: &ImageRef) -> bool;
+    /// Builds one image. On failure nothing is left behind that looks like an image.
+    fn bake(&self, job: &BakeJob) -> Result<ImageRef, ProviderError>;
+    /// Rebuilds the chain (root first) from nothing, away from the real store, and compares each image with the
+    /// digest expected of it.
+    fn check_reproducible(&self, chain: &[(BakeJob, Digest)]) -> Result<Reproduction, ProviderError>;
+    /// Re-checks that the stored image still matches its digest (local: re-hash blobs; aws: recorded ids).
+    fn verify_image(&self, image: &ImageRef) -> Result<(), ProviderError>;
+    /// The labels recorded in the image.
+    fn image_labels(&self, image: &ImageRef) -> Result<BTreeMap<String, String>, ProviderError>;
+    /// The instance section an image's instances start with: the recipe's own, else the nearest ancestor's.
+    fn instance_of(&self, image: &ImageRef) -> Result<Option<Instance>, ProviderError>;
+}
+
+/// The stage a fleet operation is about.
+#[derive(Debug, Clone, Copy)]
+pub struct StageRef<'a> {
+    pub pipeline: &'a str,
+    pub stage: &'a crate::config::Stage,
+}
+
+/// A group of instances as the provider sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupInfo {
+    pub name: String,
+    pub digest: Digest,
+    /// Instances the group should run (0 for a parked group kept for rollback).
+    pub capacity: u32,
+    /// Instances running now.
+    pub running: u32,
+}
+
+/// Why a new group did not become healthy.
+#[derive(Debug, Clone)]
+pub struct Unhealthy {
+    pub reason: String,
+    pub log_tail: Option<String>,
+}
+
+/// Runs groups of instances and moves a stage's traffic between them. Every operation is idempotent: re-running
+/// it after a crash finds what the previous attempt made.
+pub trait Fleet {
+    /// Every group of the stage that exists, parked or running.
+    fn groups(&self, stage: StageRef) -> Result<Vec<GroupInfo>, ProviderError>;
+    /// The group the stage's traffic goes to now, as the provider (not the ledger) says.
+    fn serving(&self, stage: StageRef) -> Result<Option<String>, ProviderError>;
+    /// Creates the group (or finds it) running `image` with `capacity` instances; a parked group is scaled back up.
+    fn launch(&self, stage: StageRef, group: &str, image: &ImageRef, capacity: u32)
+        -> Result<GroupInfo, ProviderError>;
+    /// Waits until every instance of the group is healthy; Err when one dies or the deadline passes.
+    fn wait_healthy(
+        &self,
+        stage: StageRef,
+        group: &str,
+        deadline: std::time::Instant,
+    ) -> Result<Result<(), Unhealthy>, ProviderError>;
+    /// Sends all of the stage's traffic to `group`, atomically from a client's point of view.
+    fn route(&self, stage: StageRef, group: &str) -> Result<std::time::Duration, ProviderError>;
+    /// Waits until `group` serves no request in flight.
+    fn drain(&self, stage: StageRef, group: &str) -> Result<(), ProviderError>;
+    /// Scales the group to zero but keeps it, for a fast rollback.
+    fn park(&self, stage: StageRef, group: &str) -> Result<(), ProviderError>;
+    /// Deletes the group and everything it runs.
+    fn destroy(&self, stage: StageRef, group: &str) -> Result<(), ProviderError>;
+    /// Where clients reach the stage.
+    fn endpoint(&self, stage: StageRef) -> Option<String>;
+    /// Stops everything the stage runs, endpoint included (local `kiln down`).
+    fn stop_stage(&self, stage: StageRef) -> Result<(), ProviderError>;
+}

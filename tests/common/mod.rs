@@ -120,3 +120,114 @@ impl Run {
             .unwrap_or_else(|e| panic!("`kiln {}` printed no JSON ({e}):\n{}\n{}", self.args, self.stdout, self.stderr))
     }
 }
+
+/// A small repository whose recipes build in milliseconds: `base` (a copied directory) and `app` (on top of base:
+/// a copied file, a script, a shell step). Pipeline `app` has one stage, `dev`, on `port`.
+pub fn tiny_repo(port: u16) -> Repo {
+    let repo = Repo::empty();
+    repo.write("images/base.toml", "[[provision]]\ncopy = \"files/base\"\nto = \"/etc/base\"\n");
+    repo.write("images/files/base/os-release", "NAME=tiny\n");
+    repo.write("images/files/base/motd", "welcome\n");
+    repo.write(
+        "images/app.toml",
+        r#"parent = "base"
+description = "tiny app"
+
+[[provision]]
+copy = "files/app/config.txt"
+to = "/opt/app/config.txt"
+
+[[provision]]
+run = "scripts/setup.sh"
+
+[[provision]]
+shell = "mkdir -p $KILN_ROOT/var/lib/app && echo ready > $KILN_ROOT/var/lib/app/state"
+
+[instance]
+command = ["sleep", "1000"]
+health = { tcp = true }
+ready-timeout = "5s"
+"#,
+    );
+    repo.write("images/files/app/config.txt", "mode=fast\n");
+    repo.write("images/scripts/setup.sh", "#!/bin/sh\nset -e\necho setting up in $KILN_ROOT\nmkdir -p $KILN_ROOT/opt/app/bin\necho '#!/bin/sh' > $KILN_ROOT/opt/app/bin/app\nchmod 755 $KILN_ROOT/opt/app/bin/app\n");
+    repo.write(
+        "pipelines/app.toml",
+        &format!("image = \"app\"\n\n[[stage]]\nname = \"dev\"\ndeploy = {{ port = {port} }}\n[[stage.gate]]\napprovals = 1\n"),
+    );
+    repo
+}
+
+/// Runs git in `dir` with a fixed identity and dates, so commits are reproducible.
+pub fn git(dir: &Path, args: &[&str]) {
+    let status = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_AUTHOR_NAME", "t")
+        .env("GIT_AUTHOR_EMAIL", "t@example.com")
+        .env("GIT_COMMITTER_NAME", "t")
+        .env("GIT_COMMITTER_EMAIL", "t@example.com")
+        .env("GIT_AUTHOR_DATE", "2026-01-01T00:00:00Z")
+        .env("GIT_COMMITTER_DATE", "2026-01-01T00:00:00Z")
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&status.stderr));
+}
+
+/// Files under `dir`, recursively (0 when it does not exist).
+pub fn count_files(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries.flatten().map(|e| if e.file_type().unwrap().is_dir() { count_files(&e.path()) } else { 1 }).sum()
+}
+
+/// A loopback port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Repo {
+    /// The example repository with its stage ports moved to free ones, so tests can run side by side.
+    pub fn example_on_free_ports() -> (Repo, Vec<u16>) {
+        let repo = Repo::example();
+        let mut ports = Vec::new();
+        for fixed in ["18081", "18082", "18083"] {
+            let port = free_port();
+            repo.edit("pipelines/hello.toml", &format!("port = {fixed}"), &format!("port = {port}"));
+            ports.push(port);
+        }
+        (repo, ports)
+    }
+}
+
+/// Stops the named stages' processes when dropped, so a failing test leaves nothing running.
+pub struct Down<'a> {
+    pub repo: &'a Repo,
+    pub stages: Vec<&'static str>,
+    pub pipeline: Option<&'static str>,
+}
+
+impl Drop for Down<'_> {
+    fn drop(&mut self) {
+        for stage in &self.stages {
+            let mut cmd = self.repo.kiln();
+            cmd.args(["down", "--stage", stage]);
+            if let Some(p) = self.pipeline {
+                cmd.args(["--pipeline", p]);
+            }
+            let _ = cmd.output();
+        }
+    }
+}
+
+/// One HTTP/1.1 GET on loopback: (status, body), or None when the request failed at the transport level.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split(' ').nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Some((status, body))
+}

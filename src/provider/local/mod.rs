@@ -4,4 +4,376 @@
 pub mod fleet;
 pub mod layer;
 pub mod oci;
+pub mod provision;
 pub mod proxy;
+pub mod stage;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use crate::config::{Instance, Provision, Recipe};
+use crate::digest::Digest;
+use crate::provider::{BakeJob, ImageProvider, ImageRef, ProviderError, Reproduction};
+
+use oci::{Descriptor, ImageSpec, OciStore};
+
+/// The label that carries an image's `[instance]` section, so a deploy starts instances the way the image was
+/// baked to start, whatever the recipe says today.
+pub const INSTANCE_LABEL: &str = "dev.kiln.instance";
+const LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar";
+
+pub struct LocalProvider {
+    state: PathBuf,
+    /// Keeps a throwaway state directory alive (for `bake --check`).
+    _scratch: Option<tempfile::TempDir>,
+}
+
+fn io_error(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ProviderError {
+    let path = path.to_path_buf();
+    move |source| ProviderError::Io { what, path, source }
+}
+
+fn oci_error(err: oci::OciError) -> ProviderError {
+    ProviderError::Other { provider: "local", message: err.to_string() }
+}
+
+impl LocalProvider {
+    /// The provider whose state (OCI store, unpacked images, stage runtime) lives in `state_dir` (`.kiln/`).
+    pub fn new(state_dir: PathBuf) -> LocalProvider {
+        LocalProvider { state: state_dir, _scratch: None }
+    }
+
+    fn scratch() -> Result<LocalProvider, ProviderError> {
+        let dir = tempfile::Builder::new().prefix("kiln-check-").tempdir().map_err(|source| ProviderError::Io {
+            what: "creating a scratch store",
+            path: std::env::temp_dir(),
+            source,
+        })?;
+        Ok(LocalProvider { state: dir.path().to_path_buf(), _scratch: Some(dir) })
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        &self.state
+    }
+
+    pub fn store(&self) -> Result<OciStore, ProviderError> {
+        OciStore::open(&self.state.join("oci")).map_err(oci_error)
+    }
+
+    fn work_dir(&self) -> Result<tempfile::TempDir, ProviderError> {
+        let tmp = self.state.join("tmp");
+        fs::create_dir_all(&tmp).map_err(io_error("creating the work directory", &tmp))?;
+        tempfile::Builder::new().prefix("bake-").tempdir_in(&tmp).map_err(io_error("creating the work directory", &tmp))
+    }
+
+    /// The image unpacked, read-only, in `.kiln/unpacked/<hex>/`: instances start from it and children build on it.
+    pub fn unpacked(&self, image: &ImageRef) -> Result<PathBuf, ProviderError> {
+        let dir = self.state.join("unpacked").join(image.digest.hex());
+        if dir.is_dir() {
+            return Ok(dir);
+        }
+        let work = self.work_dir()?;
+        let staging = work.path().join("root");
+        self.store()?.unpack(&image.digest, &staging).map_err(oci_error)?;
+        make_read_only(&staging).map_err(io_error("making the unpacked image read-only", &staging))?;
+        let parent = dir.parent().unwrap_or(&self.state);
+        fs::create_dir_all(parent).map_err(io_error("creating", parent))?;
+        match fs::rename(&staging, &dir) {
+            Ok(()) => Ok(dir),
+            // Another kiln unpacked the same image first: theirs is identical.
+            Err(_) if dir.is_dir() => {
+                let _ = remove_tree(&staging);
+                Ok(dir)
+            }
+            Err(source) => Err(ProviderError::Io { what: "moving the unpacked image into place", path: dir, source }),
+        }
+    }
+
+    fn apply_step(&self, job: &BakeJob, index: usize, step: &Provision, root: &Path) -> Result<(), ProviderError> {
+        let failed = |command: String, reason: String, output_tail: String| ProviderError::Provision {
+            recipe: job.recipe.name.clone(),
+            step: index + 1,
+            command,
+            reason,
+            output_tail,
+        };
+        match step {
+            Provision::Copy { source, to } => {
+                let dest = root.join(to.trim_start_matches('/'));
+                copy_into(&source.absolute, &dest)
+                    .map_err(|e| failed(format!("copy {} to {to}", source.relative), e.to_string(), String::new()))
+            }
+            Provision::Run { script, timeout_secs } => {
+                let executable =
+                    fs::metadata(&script.absolute).map(|m| m.permissions().mode() & 0o111 != 0).unwrap_or(false);
+                let script_path = script.absolute.to_string_lossy().into_owned();
+                let (program, args): (&Path, Vec<&str>) = if executable {
+                    (&script.absolute, vec![])
+                } else {
+                    (Path::new("/bin/sh"), vec![script_path.as_str()])
+                };
+                let timeout = std::time::Duration::from_secs(*timeout_secs);
+                let outcome = provision::run_step(program, &args, root, timeout, job.echo_output)
+                    .map_err(|e| failed(format!("run {}", script.relative), e.to_string(), String::new()))?;
+                if outcome.success() {
+                    Ok(())
+                } else {
+                    Err(failed(format!("run {}", script.relative), outcome.failure_reason(timeout), outcome.tail))
+                }
+            }
+            Provision::Shell { command, timeout_secs } => {
+                let timeout = std::time::Duration::from_secs(*timeout_secs);
+                let outcome =
+                    provision::run_step(Path::new("/bin/sh"), &["-c", command], root, timeout, job.echo_output)
+                        .map_err(|e| failed(format!("shell {command}"), e.to_string(), String::new()))?;
+                if outcome.success() {
+                    Ok(())
+                } else {
+                    Err(failed(format!("shell {command}"), outcome.failure_reason(timeout), outcome.tail))
+                }
+            }
+        }
+    }
+
+    /// The layers, diff ids and config of a stored image.
+    fn image_parts(
+        &self,
+        store: &OciStore,
+        digest: &Digest,
+    ) -> Result<(Vec<Descriptor>, oci::ImageConfig), ProviderError> {
+        let manifest = store.manifest(digest).map_err(oci_error)?;
+        let config = store.image_config(&manifest).map_err(oci_error)?;
+        Ok((manifest.layers, config))
+    }
+
+    /// Why two images with different digests differ: the first file in the first differing layer.
+    fn difference(&self, expected: &Digest, other: &LocalProvider, rebuilt: &Digest) -> Option<String> {
+        let ours = self.store().ok()?;
+        let theirs = other.store().ok()?;
+        let (a_layers, _) = self.image_parts(&ours, expected).ok()?;
+        let (b_layers, _) = other.image_parts(&theirs, rebuilt).ok()?;
+        for (a, b) in a_layers.iter().zip(&b_layers) {
+            if a.digest != b.digest {
+                let first =
+                    layer::first_difference(&ours.blob_path(&a.digest), &theirs.blob_path(&b.digest)).ok()??;
+                return Some(first);
+            }
+        }
+        if a_layers.len() != b_layers.len() {
+            return Some(format!("the images have {} and {} layers", a_layers.len(), b_layers.len()));
+        }
+        Some("the image config (entrypoint, environment or labels); every layer is identical".into())
+    }
+}
+
+impl ImageProvider for LocalProvider {
+    fn name(&self) -> &'static str {
+        "local"
+    }
+
+    fn build_settings(&self, _recipe: &Recipe) -> serde_json::Value {
+        let (os, architecture) = oci::oci_platform();
+        serde_json::json!({
+            "layer": "tar, uncompressed, sorted, mtime 0, uid/gid 0, modes 0644/0755",
+            "os": os,
+            "architecture": architecture,
+        })
+    }
+
+    fn has_image(&self, image: &ImageRef) -> bool {
+        self.store().map(|s| s.has_blob(&image.digest)).unwrap_or(false)
+    }
+
+    fn bake(&self, job: &BakeJob) -> Result<ImageRef, ProviderError> {
+        let store = self.store()?;
+        let work = self.work_dir()?;
+        let root = work.path().join("root");
+        let (base, mut layers, mut diff_ids, parent_config) = match &job.parent {
+            Some(parent) => {
+                let base = self.unpacked(parent)?;
+                copy_into(&base, &root).map_err(io_error("copying the parent image", &root))?;
+                let (layers, config) = self.image_parts(&store, &parent.digest)?;
+                (Some(base), layers, config.diff_ids.clone(), Some(config))
+            }
+            None => {
+                fs::create_dir_all(&root).map_err(io_error("creating the image root", &root))?;
+                (None, Vec::new(), Vec::new(), None)
+            }
+        };
+        for (index, step) in job.recipe.provision.iter().enumerate() {
+            tracing::info!(recipe = %job.recipe.name, "step {}/{}: {}", index + 1, job.recipe.provision.len(), describe(step));
+            self.apply_step(job, index, step, &root)?;
+        }
+        // Blobs written before the image is tagged must survive a concurrent `kiln gc`.
+        let _pin = store.pin_blobs().map_err(oci_error)?;
+        let (temp, stats) = layer::write_diff_layer_file(base.as_deref(), &root, &store.temp_dir())
+            .map_err(|e| ProviderError::Other { provider: "local", message: format!("writing the layer: {e}") })?;
+        store.put_blob_file(temp, &stats.digest).map_err(oci_error)?;
+        layers.push(Descriptor {
+            media_type: LAYER_MEDIA_TYPE.into(),
+            digest: stats.digest,
+            size: stats.size,
+            annotations: BTreeMap::new(),
+        });
+        diff_ids.push(stats.digest);
+
+        let mut labels = job.labels.clone();
+        let (entrypoint, env) = match &job.recipe.instance {
+            Some(instance) => {
+                let encoded = serde_json::to_string(instance)
+                    .map_err(|e| ProviderError::Other { provider: "local", message: e.to_string() })?;
+                labels.insert(INSTANCE_LABEL.into(), encoded);
+                (instance.command.clone(), instance.env.iter().map(|(k, v)| format!("{k}={v}")).collect())
+            }
+            None => match &parent_config {
+                Some(config) => {
+                    if let Some(inherited) = config.labels.get(INSTANCE_LABEL) {
+                        labels.insert(INSTANCE_LABEL.into(), inherited.clone());
+                    }
+                    (config.entrypoint.clone(), config.env.clone())
+                }
+                None => (Vec::new(), Vec::new()),
+            },
+        };
+        let digest = store.write_image(&ImageSpec { entrypoint, env, labels, layers, diff_ids }).map_err(oci_error)?;
+        let image_ref = format!("{}:{}", job.recipe.name, digest.short());
+        store.tag(&image_ref, &digest).map_err(oci_error)?;
+        Ok(ImageRef { digest, image_ref })
+    }
+
+    fn check_reproducible(&self, chain: &[(BakeJob, Digest)]) -> Result<Reproduction, ProviderError> {
+        let scratch = LocalProvider::scratch()?;
+        let mut parent: Option<ImageRef> = None;
+        for (job, expected) in chain {
+            let rebuild = BakeJob {
+                recipe: job.recipe,
+                recipe_key: job.recipe_key,
+                parent: parent.clone(),
+                labels: job.labels.clone(),
+                echo_output: job.echo_output,
+            };
+            let rebuilt = scratch.bake(&rebuild)?;
+            if rebuilt.digest != *expected {
+                return Ok(Reproduction::Differs {
+                    recipe: job.recipe.name.clone(),
+                    expected: *expected,
+                    rebuilt: rebuilt.digest,
+                    first_difference: self.difference(expected, &scratch, &rebuilt.digest),
+                });
+            }
+            parent = Some(rebuilt);
+        }
+        Ok(Reproduction::Identical)
+    }
+
+    fn verify_image(&self, image: &ImageRef) -> Result<(), ProviderError> {
+        let store = self.store()?;
+        if !store.has_blob(&image.digest) {
+            return Err(ProviderError::MissingImage {
+                provider: "local",
+                image: image.image_ref.clone(),
+                reason: format!("no manifest blob {}", image.digest),
+            });
+        }
+        store
+            .verify_image(&image.digest)
+            .map_err(|e| ProviderError::Drift { image: image.image_ref.clone(), reason: e.to_string() })
+    }
+
+    fn image_labels(&self, image: &ImageRef) -> Result<BTreeMap<String, String>, ProviderError> {
+        let store = self.store()?;
+        let (_, config) = self.image_parts(&store, &image.digest)?;
+        let mut labels = config.labels;
+        // The provider sets this one itself from the recipe's [instance].
+        labels.remove(INSTANCE_LABEL);
+        Ok(labels)
+    }
+
+    fn instance_of(&self, image: &ImageRef) -> Result<Option<Instance>, ProviderError> {
+        let store = self.store()?;
+        let (_, config) = self.image_parts(&store, &image.digest)?;
+        match config.labels.get(INSTANCE_LABEL) {
+            None => Ok(None),
+            Some(text) => serde_json::from_str(text).map(Some).map_err(|e| ProviderError::Other {
+                provider: "local",
+                message: format!("image {} has a bad {INSTANCE_LABEL} label: {e}", image.image_ref),
+            }),
+        }
+    }
+}
+
+fn describe(step: &Provision) -> String {
+    match step {
+        Provision::Copy { source, to } => format!("copy {} to {to}", source.relative),
+        Provision::Run { script, .. } => format!("run {}", script.relative),
+        Provision::Shell { command, .. } => format!("shell {command}"),
+    }
+}
+
+/// Copies a file, symlink or directory tree to `dest`, merging into existing directories. Copies are writable by
+/// their owner even when the source is read-only, so provision steps can change them.
+pub fn copy_into(source: &Path, dest: &Path) -> std::io::Result<()> {
+    let meta = fs::symlink_metadata(source)?;
+    let kind = meta.file_type();
+    if kind.is_symlink() {
+        if let Some(parent) = dest.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        if fs::symlink_metadata(dest).is_ok() {
+            fs::remove_file(dest)?;
+        }
+        std::os::unix::fs::symlink(fs::read_link(source)?, dest)
+    } else if kind.is_dir() {
+        fs::create_dir_all(dest)?;
+        fs::set_permissions(dest, fs::Permissions::from_mode((meta.permissions().mode() & 0o7777) | 0o700))?;
+        for entry in fs::read_dir(source)? {
+            let entry = entry?;
+            copy_into(&entry.path(), &dest.join(entry.file_name()))?;
+        }
+        Ok(())
+    } else {
+        if let Some(parent) = dest.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        if fs::symlink_metadata(dest).is_ok_and(|m| !m.is_dir()) {
+            fs::remove_file(dest)?;
+        }
+        fs::copy(source, dest)?;
+        fs::set_permissions(dest, fs::Permissions::from_mode((meta.permissions().mode() & 0o7777) | 0o600))
+    }
+}
+
+/// Drops every write bit under `dir`: instances must not change their image.
+pub fn make_read_only(dir: &Path) -> std::io::Result<()> {
+    let meta = fs::symlink_metadata(dir)?;
+    if meta.file_type().is_symlink() {
+        return Ok(());
+    }
+    if meta.is_dir() {
+        for entry in fs::read_dir(dir)? {
+            make_read_only(&entry?.path())?;
+        }
+    }
+    fs::set_permissions(dir, fs::Permissions::from_mode(meta.permissions().mode() & !0o222))
+}
+
+/// Removes a tree that [`make_read_only`] protected.
+pub fn remove_tree(dir: &Path) -> std::io::Result<()> {
+    fn writable(dir: &Path) -> std::io::Result<()> {
+        let meta = fs::symlink_metadata(dir)?;
+        if meta.is_dir() {
+            fs::set_permissions(dir, fs::Permissions::from_mode(meta.permissions().mode() | 0o700))?;
+            for entry in fs::read_dir(dir)? {
+                writable(&entry?.path())?;
+            }
+        }
+        Ok(())
+    }
+    if fs::symlink_metadata(dir).is_err() {
+        return Ok(());
+    }
+    writable(dir)?;
+    fs::remove_dir_all(dir)
+}

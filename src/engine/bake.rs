@@ -1,0 +1,195 @@
+//! Bake: build the pipeline's recipe chain root first, reusing every image whose recipe key the ledger already
+//! has (the bake cache), and record each new image in a `baked` event.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use super::recipe_key::{FileHasher, KeyInputs, KEY_FORMAT};
+use super::Context;
+use crate::config::recipe;
+use crate::digest::Digest;
+use crate::ledger::{Decision, EventBody};
+use crate::provider::{BakeJob, ImageRef, Reproduction};
+use crate::Error;
+
+pub const LABEL_REVISION: &str = "org.opencontainers.image.revision";
+pub const LABEL_SOURCE: &str = "org.opencontainers.image.source";
+pub const LABEL_TITLE: &str = "org.opencontainers.image.title";
+pub const LABEL_RECIPE_KEY: &str = "dev.kiln.recipe-key";
+pub const LABEL_PARENT: &str = "dev.kiln.parent";
+
+#[derive(Debug, Clone, Default)]
+pub struct BakeOptions {
+    pub no_cache: bool,
+    pub allow_dirty: bool,
+    pub check: bool,
+}
+
+/// One image of the chain, as this bake found or made it.
+#[derive(Debug, Clone, Serialize)]
+pub struct BakedImage {
+    pub recipe: String,
+    pub digest: Digest,
+    pub recipe_key: Digest,
+    pub image_ref: String,
+    pub parent: Option<Digest>,
+    /// True when the image came from the bake cache and nothing was built.
+    pub cached: bool,
+    /// The `baked` event, when this bake recorded one.
+    pub seq: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BakeReport {
+    /// Root first; the last is the pipeline's image.
+    pub chain: Vec<BakedImage>,
+    pub commit: Option<String>,
+    pub dirty: bool,
+    /// Files whose content had to be read to compute keys (the rest came from the stat cache).
+    pub files_hashed: usize,
+    /// With --check: the chain was rebuilt from nothing and matched.
+    pub reproducible: Option<bool>,
+}
+
+impl BakeReport {
+    pub fn image(&self) -> &BakedImage {
+        self.chain.last().expect("a recipe chain has at least one recipe")
+    }
+}
+
+pub fn bake(ctx: &Context, options: &BakeOptions) -> Result<BakeReport, Error> {
+    let chain = recipe::load_chain(ctx.repo, &ctx.pipeline.image)?;
+    let source = crate::git::inspect(ctx.repo.root())?;
+    if source.dirty() && !options.allow_dirty {
+        return Err(Error::DirtyTree { paths: source.dirty_paths.clone() });
+    }
+    let mut hasher = FileHasher::open(Some(ctx.state_dir.join("cache").join("stat.json")));
+    let mut parent: Option<ImageRef> = None;
+    let mut baked = Vec::with_capacity(chain.len());
+    let mut jobs = Vec::with_capacity(chain.len());
+    for recipe in &chain {
+        let files = hasher.recipe_files(recipe)?;
+        let key = KeyInputs {
+            kiln_key_format: KEY_FORMAT,
+            recipe_name: &recipe.name,
+            recipe,
+            parent_digest: parent.as_ref().map(|p| p.digest),
+            provider: ctx.images.name(),
+            provider_settings: ctx.images.build_settings(recipe),
+            files,
+        }
+        .digest();
+        let mut labels = BTreeMap::from([
+            (LABEL_TITLE.to_string(), recipe.name.clone()),
+            (LABEL_RECIPE_KEY.to_string(), key.to_string()),
+        ]);
+        if let Some(commit) = &source.commit {
+            labels.insert(LABEL_REVISION.into(), commit.clone());
+        }
+        if let Some(origin) = &source.origin {
+            labels.insert(LABEL_SOURCE.into(), origin.clone());
+        }
+        if let Some(p) = &parent {
+            labels.insert(LABEL_PARENT.into(), p.digest.to_string());
+        }
+        let view = ctx.ledger.view()?;
+        let cached = view.image_for_key(&key).and_then(|digest| view.image(&digest).map(|r| (digest, r))).filter(
+            |(digest, record)| ctx.images.has_image(&ImageRef { digest: *digest, image_ref: record.image_ref.clone() }),
+        );
+        let this = match cached {
+            Some((digest, record)) if !options.no_cache => {
+                tracing::info!(recipe = %recipe.name, "cache hit: {} ({})", digest.short(), record.image_ref);
+                BakedImage {
+                    recipe: recipe.name.clone(),
+                    digest,
+                    recipe_key: key,
+                    image_ref: record.image_ref,
+                    parent: parent.as_ref().map(|p| p.digest),
+                    cached: true,
+                    seq: None,
+                }
+            }
+            _ => {
+                tracing::info!(recipe = %recipe.name, "baking (recipe key {})", key.short());
+                let job = BakeJob {
+                    recipe,
+                    recipe_key: key,
+                    parent: parent.clone(),
+                    labels: labels.clone(),
+                    echo_output: ctx.echo,
+                };
+                let image = ctx.images.bake(&job)?;
+                let seq = record(ctx, recipe.name.clone(), key, &image, parent.as_ref().map(|p| p.digest), &source)?;
+                tracing::info!(recipe = %recipe.name, "baked {} ({})", image.digest, image.image_ref);
+                BakedImage {
+                    recipe: recipe.name.clone(),
+                    digest: image.digest,
+                    recipe_key: key,
+                    image_ref: image.image_ref,
+                    parent: parent.as_ref().map(|p| p.digest),
+                    cached: false,
+                    seq,
+                }
+            }
+        };
+        parent = Some(ImageRef { digest: this.digest, image_ref: this.image_ref.clone() });
+        jobs.push((recipe, key));
+        baked.push(this);
+    }
+    hasher.save();
+
+    let mut reproducible = None;
+    if options.check {
+        // Rebuild with the labels each image was recorded with, so only the build itself can differ.
+        let mut check_jobs = Vec::with_capacity(jobs.len());
+        for ((recipe, key), image) in jobs.iter().zip(&baked) {
+            let image_ref = ImageRef { digest: image.digest, image_ref: image.image_ref.clone() };
+            let labels = ctx.images.image_labels(&image_ref)?;
+            let job = BakeJob { recipe, recipe_key: *key, parent: None, labels, echo_output: ctx.echo };
+            check_jobs.push((job, image.digest));
+        }
+        match ctx.images.check_reproducible(&check_jobs)? {
+            Reproduction::Identical => reproducible = Some(true),
+            Reproduction::Differs { recipe, expected, rebuilt, first_difference } => {
+                return Err(Error::NotReproducible { recipe, expected, rebuilt, first_difference })
+            }
+        }
+    }
+    Ok(BakeReport {
+        chain: baked,
+        commit: source.commit.clone(),
+        dirty: source.dirty(),
+        files_hashed: hasher.files_hashed(),
+        reproducible,
+    })
+}
+
+/// Records a `baked` event unless another writer recorded this image for this key meanwhile.
+fn record(
+    ctx: &Context,
+    recipe: String,
+    key: Digest,
+    image: &ImageRef,
+    parent: Option<Digest>,
+    source: &crate::git::SourceState,
+) -> Result<Option<u64>, Error> {
+    let body = EventBody::Baked {
+        pipeline: ctx.pipeline.name.clone(),
+        recipe,
+        digest: image.digest,
+        recipe_key: key,
+        parent,
+        provider: ctx.images.name().to_string(),
+        image_ref: image.image_ref.clone(),
+        commit: source.commit.clone(),
+        dirty: source.dirty(),
+    };
+    let (_, stored) = ctx.ledger.append::<(), Error>(ctx.actor, ctx.clock, |view| {
+        if view.image(&image.digest).is_some() && view.image_for_key(&key) == Some(image.digest) {
+            return Ok(Decision::Skip(()));
+        }
+        Ok(Decision::Append(Box::new(body.clone()), ()))
+    })?;
+    Ok(stored.map(|s| s.event.seq))
+}

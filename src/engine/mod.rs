@@ -1,0 +1,33 @@
+//! The provider-agnostic algorithms: bake, gates, promote, deploy, rollback, lineage. They read and append the
+//! ledger and reach images and instances only through the provider traits.
+
+pub mod approval;
+pub mod bake;
+pub mod deploy;
+pub mod drift;
+pub mod gate;
+pub mod lineage;
+pub mod promote;
+pub mod recipe_key;
+
+use std::path::PathBuf;
+
+use crate::clock::Clock;
+use crate::config::{Pipeline, Repo};
+use crate::ledger::Ledger;
+use crate::provider::{Fleet, ImageProvider};
+
+/// Everything an engine operation works with.
+pub struct Context<'a> {
+    pub repo: &'a Repo,
+    pub pipeline: &'a Pipeline,
+    pub ledger: &'a Ledger,
+    pub clock: &'a Clock,
+    pub actor: &'a str,
+    pub images: &'a dyn ImageProvider,
+    pub fleet: &'a dyn Fleet,
+    /// kiln's local state (`.kiln/`): caches, local provider stores.
+    pub state_dir: PathBuf,
+    /// Echo provisioning output to stderr as it runs.
+    pub echo: bool,
+}

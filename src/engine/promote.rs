@@ -1,0 +1,194 @@
+//! Promotion: choose the digest, judge every gate of the stage against the ledger head being appended to, and
+//! record `promoted` (or `refused`) with every verdict and its evidence. Promotion never rebuilds.
+
+use serde::Serialize;
+
+use super::gate::{self, CommandContext};
+use super::Context;
+use crate::config::{Gate, Stage};
+use crate::digest::{Digest, DigestQuery};
+use crate::ledger::{Decision, EventBody, GateVerdict, View};
+use crate::provider::ImageRef;
+use crate::Error;
+
+#[derive(Debug, Clone)]
+pub struct PromoteOptions {
+    pub stage: String,
+    pub digest: Option<String>,
+    /// Judge and report, record nothing.
+    pub plan: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    Promoted,
+    AlreadyPromoted,
+    Planned,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PromoteReport {
+    pub stage: String,
+    pub digest: Digest,
+    pub image_ref: String,
+    pub gates: Vec<GateVerdict>,
+    pub outcome: Outcome,
+    /// The `promoted` event.
+    pub seq: Option<u64>,
+    /// With --plan: whether every gate passed.
+    pub would_pass: bool,
+}
+
+pub fn stage<'a>(ctx: &'a Context, name: &str) -> Result<&'a Stage, Error> {
+    ctx.pipeline.stage(name).ok_or_else(|| {
+        Error::usage(format!(
+            "pipeline `{}` has no stage `{name}`; its stages are {}",
+            ctx.pipeline.name,
+            ctx.pipeline.stage_names().join(", ")
+        ))
+    })
+}
+
+/// A digest the user typed, resolved among the ledger's images (short prefixes as in git).
+pub fn resolve_digest(view: &View, typed: &str) -> Result<Digest, Error> {
+    let query = DigestQuery::parse(typed)?;
+    Ok(view.resolve(&query)?)
+}
+
+/// The default candidate: what is live in the previous stage (else promoted there); for the first stage, the
+/// newest bake of the pipeline's recipe.
+fn default_digest(ctx: &Context, view: &View, stage: &Stage) -> Result<Digest, Error> {
+    let index = ctx.pipeline.stage_index(&stage.name).unwrap_or(0);
+    match index.checked_sub(1).map(|i| &ctx.pipeline.stages[i]) {
+        None => view.heads.newest.get(&ctx.pipeline.image).copied().ok_or_else(|| {
+            Error::usage(format!(
+                "nothing to promote to {}: recipe `{}` was never baked; run `kiln bake`",
+                stage.name, ctx.pipeline.image
+            ))
+        }),
+        Some(previous) => {
+            let there = view.stage(&ctx.pipeline.name, &previous.name);
+            there.and_then(|s| s.live.as_ref().map(|l| l.digest).or(s.promoted.as_ref().map(|p| p.digest))).ok_or_else(
+                || Error::Refused {
+                    stage: stage.name.clone(),
+                    digest: None,
+                    gates: vec![GateVerdict {
+                        gate: "upstream".into(),
+                        passed: false,
+                        detail: format!(
+                            "nothing is live in {} to promote; promote to {} first",
+                            previous.name, previous.name
+                        ),
+                        evidence: serde_json::Value::Null,
+                    }],
+                },
+            )
+        }
+    }
+}
+
+pub fn promote(ctx: &Context, options: &PromoteOptions) -> Result<PromoteReport, Error> {
+    let stage = stage(ctx, &options.stage)?;
+    let view = ctx.ledger.view()?;
+    let digest = match &options.digest {
+        Some(typed) => resolve_digest(&view, typed)?,
+        None => default_digest(ctx, &view, stage)?,
+    };
+    let record = view.image(&digest).ok_or_else(|| Error::usage(format!("{digest} is not an image in this ledger")))?;
+    let image = ImageRef { digest, image_ref: record.image_ref.clone() };
+    drop(view);
+
+    // Gates that do not depend on the ledger are judged once, outside the append loop.
+    let content = match ctx.images.verify_image(&image) {
+        Ok(()) => GateVerdict {
+            gate: "content".into(),
+            passed: true,
+            detail: format!("{} still matches {}", image.image_ref, digest.short()),
+            evidence: serde_json::Value::Null,
+        },
+        Err(err) => GateVerdict {
+            gate: "content".into(),
+            passed: false,
+            detail: err.to_string(),
+            evidence: serde_json::Value::Null,
+        },
+    };
+    let commands = gate::command_verdicts(&CommandContext {
+        repo: ctx.repo,
+        pipeline: ctx.pipeline,
+        stage,
+        digest,
+        image_ref: &image.image_ref,
+    });
+
+    let (report, stored) = ctx.ledger.append::<PromoteReport, Error>(ctx.actor, ctx.clock, |view| {
+        let gates = ordered_verdicts(
+            stage,
+            gate::ledger_verdicts(ctx.pipeline, stage, &digest, view, ctx.clock),
+            &commands,
+            &content,
+        );
+        let passed = gates.iter().all(|g| g.passed);
+        let report = |outcome| PromoteReport {
+            stage: stage.name.clone(),
+            digest,
+            image_ref: image.image_ref.clone(),
+            gates: gates.clone(),
+            outcome,
+            seq: None,
+            would_pass: passed,
+        };
+        if options.plan {
+            return Ok(Decision::Skip(report(Outcome::Planned)));
+        }
+        if !passed {
+            let body = EventBody::Refused {
+                pipeline: ctx.pipeline.name.clone(),
+                stage: stage.name.clone(),
+                digest,
+                gates: gates.clone(),
+            };
+            return Ok(Decision::Append(Box::new(body), report(Outcome::Planned)));
+        }
+        let current = view.stage(&ctx.pipeline.name, &stage.name).and_then(|s| s.promoted.as_ref()).map(|p| p.digest);
+        if current == Some(digest) {
+            return Ok(Decision::Skip(report(Outcome::AlreadyPromoted)));
+        }
+        let body = EventBody::Promoted {
+            pipeline: ctx.pipeline.name.clone(),
+            stage: stage.name.clone(),
+            digest,
+            gates: gates.clone(),
+        };
+        Ok(Decision::Append(Box::new(body), report(Outcome::Promoted)))
+    })?;
+    if !options.plan && !report.would_pass {
+        return Err(Error::Refused { stage: stage.name.clone(), digest: Some(digest), gates: report.gates });
+    }
+    let seq = stored.filter(|_| report.outcome == Outcome::Promoted).map(|s| s.event.seq);
+    Ok(PromoteReport { seq, ..report })
+}
+
+/// Implicit gates first, then the configured gates in the order written, then the content check.
+fn ordered_verdicts(
+    stage: &Stage,
+    ledger: Vec<GateVerdict>,
+    commands: &[GateVerdict],
+    content: &GateVerdict,
+) -> Vec<GateVerdict> {
+    // ledger_verdicts yields the implicit gates (not-revoked, upstream) first, then the configured ledger gates.
+    let configured = stage.gates.iter().filter(|g| !matches!(g, Gate::Command { .. })).count();
+    let implicit = ledger.len().saturating_sub(configured);
+    let mut ledger = ledger.into_iter();
+    let mut commands = commands.iter().cloned();
+    let mut out: Vec<GateVerdict> = ledger.by_ref().take(implicit).collect();
+    for gate in &stage.gates {
+        match gate {
+            Gate::Command { .. } => out.extend(commands.next()),
+            _ => out.extend(ledger.next()),
+        }
+    }
+    out.push(content.clone());
+    out
+}

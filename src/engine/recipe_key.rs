@@ -1,0 +1,277 @@
+//! The recipe key: a digest over everything that can change a baked image, and the stat cache that makes
+//! computing it cheap when nothing changed.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Provision, Recipe};
+use crate::digest::{canonical_json, Digest, StreamHasher};
+
+/// Bump when the key's inputs or encoding change: old keys then miss the cache instead of matching wrongly.
+pub const KEY_FORMAT: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("cannot read {path} for the recipe key")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is a {kind}, which a recipe cannot copy")]
+    Unsupported { path: PathBuf, kind: &'static str },
+}
+
+/// One input file as it enters the key: content hash and the mode bits that survive into the image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FileInput {
+    File { sha256: Digest, executable: bool },
+    Dir,
+    Symlink { target: String },
+}
+
+/// The key and the inputs it was computed from (what `docs/recipe-key.md` lists), kept for explanations.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct KeyInputs<'a> {
+    pub kiln_key_format: u32,
+    pub recipe_name: &'a str,
+    pub recipe: &'a Recipe,
+    pub parent_digest: Option<Digest>,
+    pub provider: &'a str,
+    pub provider_settings: serde_json::Value,
+    /// repository-relative path → input, for every file the provision steps reference.
+    pub files: BTreeMap<String, FileInput>,
+}
+
+impl KeyInputs<'_> {
+    pub fn digest(&self) -> Digest {
+        let bytes = canonical_json(self).unwrap_or_default();
+        Digest::of(&bytes)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+struct StatEntry {
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+    ino: u64,
+    dev: u64,
+    sha256: Digest,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct StatCacheFile {
+    /// When the cache was written; entries modified within a second of it are re-hashed, as git does for its
+    /// index, because a same-second edit can keep size and mtime.
+    written_ns: i128,
+    entries: BTreeMap<String, StatEntry>,
+}
+
+/// Hashes files, reusing earlier hashes when (size, mtime, ctime, inode, device) are unchanged.
+pub struct FileHasher {
+    path: Option<PathBuf>,
+    cache: StatCacheFile,
+    fresh: BTreeMap<String, StatEntry>,
+    hashed: usize,
+}
+
+fn nanos(secs: i64, nsecs: i64) -> i128 {
+    secs as i128 * 1_000_000_000 + nsecs as i128
+}
+
+fn now_ns() -> i128 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i128).unwrap_or_default()
+}
+
+fn hash_file(path: &Path) -> Result<Digest, std::io::Error> {
+    let mut file = fs::File::open(path)?;
+    let mut hasher = StreamHasher::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher.finish())
+}
+
+impl FileHasher {
+    /// A hasher whose stat cache lives at `path` (None: no cache).
+    pub fn open(path: Option<PathBuf>) -> FileHasher {
+        let cache = path
+            .as_ref()
+            .and_then(|p| fs::read(p).ok())
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default();
+        FileHasher { path, cache, fresh: BTreeMap::new(), hashed: 0 }
+    }
+
+    /// How many files had to be read (the rest came from the stat cache).
+    pub fn files_hashed(&self) -> usize {
+        self.hashed
+    }
+
+    /// Every file under the provision steps' sources, keyed by repository-relative path.
+    pub fn recipe_files(&mut self, recipe: &Recipe) -> Result<BTreeMap<String, FileInput>, KeyError> {
+        let mut found: Vec<(String, PathBuf)> = Vec::new();
+        for step in &recipe.provision {
+            match step {
+                Provision::Copy { source, .. } => walk(&source.relative, &source.absolute, &mut found)?,
+                Provision::Run { script, .. } => found.push((script.relative.clone(), script.absolute.clone())),
+                Provision::Shell { .. } => {}
+            }
+        }
+        self.hash_paths(found)
+    }
+
+    /// Hashes the given files (repository-relative path, absolute path), through the stat cache.
+    fn hash_paths(&mut self, found: Vec<(String, PathBuf)>) -> Result<BTreeMap<String, FileInput>, KeyError> {
+        let stats: Vec<(String, PathBuf, fs::Metadata)> = found
+            .into_iter()
+            .map(|(rel, abs)| {
+                let meta = fs::symlink_metadata(&abs).map_err(|source| KeyError::Read { path: abs.clone(), source })?;
+                Ok((rel, abs, meta))
+            })
+            .collect::<Result<_, KeyError>>()?;
+        let written = self.cache.written_ns;
+        let results: Vec<(String, FileInput, Option<StatEntry>, bool)> = stats
+            .par_iter()
+            .map(|(rel, abs, meta)| {
+                let kind = meta.file_type();
+                if kind.is_symlink() {
+                    let target = fs::read_link(abs).map_err(|source| KeyError::Read { path: abs.clone(), source })?;
+                    return Ok((
+                        rel.clone(),
+                        FileInput::Symlink { target: target.to_string_lossy().into_owned() },
+                        None,
+                        false,
+                    ));
+                }
+                if kind.is_dir() {
+                    return Ok((rel.clone(), FileInput::Dir, None, false));
+                }
+                let executable = meta.permissions().mode() & 0o111 != 0;
+                let mtime_ns = nanos(meta.mtime(), meta.mtime_nsec());
+                let probe = StatEntry {
+                    size: meta.size(),
+                    mtime_ns,
+                    ctime_ns: nanos(meta.ctime(), meta.ctime_nsec()),
+                    ino: meta.ino(),
+                    dev: meta.dev(),
+                    sha256: Digest::ZERO,
+                };
+                let cached = self.cache.entries.get(rel).filter(|e| {
+                    let same = StatEntry { sha256: Digest::ZERO, ..(*e).clone() } == probe;
+                    same && mtime_ns.max(probe.ctime_ns) + 1_000_000_000 < written
+                });
+                let (sha256, hashed) = match cached {
+                    Some(entry) => (entry.sha256, false),
+                    None => (hash_file(abs).map_err(|source| KeyError::Read { path: abs.clone(), source })?, true),
+                };
+                Ok((rel.clone(), FileInput::File { sha256, executable }, Some(StatEntry { sha256, ..probe }), hashed))
+            })
+            .collect::<Result<_, KeyError>>()?;
+        let mut files = BTreeMap::new();
+        for (rel, input, entry, hashed) in results {
+            if hashed {
+                self.hashed += 1;
+            }
+            if let Some(entry) = entry {
+                self.fresh.insert(rel.clone(), entry);
+            }
+            files.insert(rel, input);
+        }
+        Ok(files)
+    }
+
+    /// Saves the stat cache when anything had to be hashed; best effort.
+    pub fn save(&mut self) {
+        let Some(path) = &self.path else { return };
+        let unchanged = self.fresh.iter().all(|(k, v)| self.cache.entries.get(k) == Some(v));
+        if unchanged && self.hashed == 0 {
+            return;
+        }
+        let mut entries = std::mem::take(&mut self.cache.entries);
+        entries.extend(std::mem::take(&mut self.fresh));
+        let file = StatCacheFile { written_ns: now_ns(), entries };
+        let result = (|| -> std::io::Result<()> {
+            let dir = path.parent().unwrap_or(Path::new("."));
+            fs::create_dir_all(dir)?;
+            let bytes = serde_json::to_vec(&file)?;
+            let mut temp = tempfile::NamedTempFile::new_in(dir)?;
+            std::io::Write::write_all(&mut temp, &bytes)?;
+            temp.persist(path).map_err(|e| e.error)?;
+            Ok(())
+        })();
+        if let Err(err) = result {
+            tracing::debug!(%err, "could not save the stat cache");
+        }
+        self.cache = file;
+    }
+}
+
+/// Collects `abs` and, for a directory, everything below it, sorted; symlinks are not followed.
+fn walk(rel: &str, abs: &Path, out: &mut Vec<(String, PathBuf)>) -> Result<(), KeyError> {
+    let meta = fs::symlink_metadata(abs).map_err(|source| KeyError::Read { path: abs.to_path_buf(), source })?;
+    let kind = meta.file_type();
+    out.push((rel.to_string(), abs.to_path_buf()));
+    if kind.is_dir() {
+        let mut entries: Vec<_> = fs::read_dir(abs)
+            .map_err(|source| KeyError::Read { path: abs.to_path_buf(), source })?
+            .collect::<Result<_, _>>()
+            .map_err(|source| KeyError::Read { path: abs.to_path_buf(), source })?;
+        entries.sort_by_key(|e| e.file_name());
+        for entry in entries {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            walk(&format!("{rel}/{name}"), &entry.path(), out)?;
+        }
+    } else if !kind.is_file() && !kind.is_symlink() {
+        return Err(KeyError::Unsupported { path: abs.to_path_buf(), kind: "special file (socket, fifo or device)" });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stat_cache_skips_unchanged_files_and_notices_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a");
+        fs::write(&file, "one").unwrap();
+        let old = SystemTime::now() - std::time::Duration::from_secs(10);
+        fs::File::options().write(true).open(&file).unwrap().set_modified(old).unwrap();
+        let cache = dir.path().join("stat.json");
+        let recipe_file = |hasher: &mut FileHasher| {
+            let mut found = Vec::new();
+            walk("a", &file, &mut found).unwrap();
+            hasher.hash_paths(found).unwrap()
+        };
+        let mut first = FileHasher::open(Some(cache.clone()));
+        let a = recipe_file(&mut first);
+        assert_eq!(first.files_hashed(), 1);
+        // Entries changed within a second of the cache write are not trusted (racy mtime); let that second pass.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        first.save();
+        let mut second = FileHasher::open(Some(cache.clone()));
+        assert_eq!(recipe_file(&mut second), a);
+        assert_eq!(second.files_hashed(), 0, "unchanged file came from the cache");
+        fs::write(&file, "two").unwrap();
+        fs::File::options().write(true).open(&file).unwrap().set_modified(old).unwrap();
+        let mut third = FileHasher::open(Some(cache));
+        assert_ne!(recipe_file(&mut third), a, "same size and mtime, but ctime moved: re-hashed");
+    }
+}

@@ -1,0 +1,329 @@
+//! A local stage at run time: its groups of instance processes, and the detached reverse proxy on the stage's
+//! port that follows the group traffic is routed to. State lives in `.kiln/run/<pipeline>/<stage>/`.
+
+use std::fs;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::fleet::{self, FleetError, InstanceHandle, InstanceSpec};
+use super::proxy::{self, Routes};
+use super::LocalProvider;
+use crate::config::StageDeploy;
+use crate::digest::Digest;
+use crate::provider::{Fleet, GroupInfo, ImageProvider, ImageRef, ProviderError, StageRef, Unhealthy};
+
+const STOP_GRACE: Duration = Duration::from_secs(5);
+const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+const LOG_TAIL: usize = 2048;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct GroupState {
+    name: String,
+    digest: Digest,
+    image_ref: String,
+    capacity: u32,
+    instances: Vec<InstanceHandle>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ProxyProcess {
+    pid: i32,
+    start_time: u64,
+    port: u16,
+}
+
+fn other(message: impl Into<String>) -> ProviderError {
+    ProviderError::Other { provider: "local", message: message.into() }
+}
+
+fn fleet_error(err: FleetError) -> ProviderError {
+    other(err.to_string())
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), ProviderError> {
+    let io = |source| ProviderError::Io { what: "writing", path: path.to_path_buf(), source };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).map_err(io)?;
+    let bytes = serde_json::to_vec_pretty(value).map_err(|e| other(e.to_string()))?;
+    let mut temp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
+    std::io::Write::write_all(&mut temp, &bytes).map_err(io)?;
+    temp.persist(path).map_err(|e| io(e.error))?;
+    Ok(())
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Option<T> {
+    serde_json::from_slice(&fs::read(path).ok()?).ok()
+}
+
+impl LocalProvider {
+    fn stage_dir(&self, stage: StageRef) -> PathBuf {
+        self.state.join("run").join(stage.pipeline).join(&stage.stage.name)
+    }
+
+    fn group_file(&self, stage: StageRef, group: &str) -> PathBuf {
+        self.stage_dir(stage).join("groups").join(format!("{group}.json"))
+    }
+
+    fn load_group(&self, stage: StageRef, group: &str) -> Option<GroupState> {
+        read_json(&self.group_file(stage, group))
+    }
+
+    fn port(stage: StageRef) -> Result<u16, ProviderError> {
+        match stage.stage.deploy {
+            StageDeploy::Local { port } => Ok(port),
+            StageDeploy::Aws { .. } => Err(other(format!("stage {} has AWS deploy settings", stage.stage.name))),
+        }
+    }
+
+    fn proxy_alive(&self, stage: StageRef) -> Option<ProxyProcess> {
+        let proxy: ProxyProcess = read_json(&self.stage_dir(stage).join("proxy.json"))?;
+        crate::process::alive(proxy.pid, proxy.start_time).then_some(proxy)
+    }
+
+    /// Starts the stage's proxy, detached, unless it already runs.
+    fn ensure_proxy(&self, stage: StageRef) -> Result<(), ProviderError> {
+        if self.proxy_alive(stage).is_some() {
+            return Ok(());
+        }
+        let dir = self.stage_dir(stage);
+        let port = Self::port(stage)?;
+        let io = |what, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| ProviderError::Io { what, path, source }
+        };
+        fs::create_dir_all(&dir).map_err(io("creating", &dir))?;
+        let log_path = dir.join("proxy.log");
+        let log = fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(io("opening", &log_path))?;
+        let err_log = log.try_clone().map_err(io("opening", &log_path))?;
+        let exe = std::env::current_exe().map_err(io("finding the kiln executable", Path::new("kiln")))?;
+        let status_file = dir.join("status.json");
+        let _ = fs::remove_file(&status_file);
+        let mut command = Command::new(exe);
+        command
+            .arg("proxy-serve")
+            .arg("--port")
+            .arg(port.to_string())
+            .arg("--routes")
+            .arg(dir.join("routes.json"))
+            .arg("--status")
+            .arg(&status_file)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err_log);
+        // SAFETY: setsid is async-signal-safe; it detaches the proxy from kiln's session so it outlives kiln.
+        unsafe {
+            command.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        let child = command.spawn().map_err(io("starting the stage proxy", &dir))?;
+        let pid = child.id() as i32;
+        let start_time = crate::process::start_time(pid).ok_or_else(|| other("the stage proxy exited at once"))?;
+        write_json(&dir.join("proxy.json"), &ProxyProcess { pid, start_time, port })?;
+        // The proxy writes its status once it listens.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while proxy::read_status(&status_file).is_none() {
+            if !crate::process::alive(pid, start_time) || Instant::now() > deadline {
+                return Err(other(format!(
+                    "the proxy for {} did not start on 127.0.0.1:{port}: {}",
+                    stage.stage.name,
+                    fleet::log_tail(&log_path, LOG_TAIL)
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+
+    fn stop_instances(&self, group: &GroupState) -> Result<(), ProviderError> {
+        for instance in &group.instances {
+            fleet::stop(instance, STOP_GRACE).map_err(fleet_error)?;
+        }
+        Ok(())
+    }
+}
+
+impl Fleet for LocalProvider {
+    fn groups(&self, stage: StageRef) -> Result<Vec<GroupInfo>, ProviderError> {
+        let dir = self.stage_dir(stage).join("groups");
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if let Some(group) = read_json::<GroupState>(&entry.path()) {
+                let running = group.instances.iter().filter(|i| fleet::is_alive(i)).count() as u32;
+                out.push(GroupInfo { name: group.name, digest: group.digest, capacity: group.capacity, running });
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    fn serving(&self, stage: StageRef) -> Result<Option<String>, ProviderError> {
+        let Some(routes) = read_json::<Routes>(&self.stage_dir(stage).join("routes.json")) else { return Ok(None) };
+        let mut ports = routes.backends.clone();
+        ports.sort_unstable();
+        if ports.is_empty() {
+            return Ok(None);
+        }
+        for info in self.groups(stage)? {
+            if let Some(group) = self.load_group(stage, &info.name) {
+                let mut theirs: Vec<u16> = group.instances.iter().map(|i| i.port).collect();
+                theirs.sort_unstable();
+                if theirs == ports {
+                    return Ok(Some(group.name));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    fn launch(
+        &self,
+        stage: StageRef,
+        group: &str,
+        image: &ImageRef,
+        capacity: u32,
+    ) -> Result<GroupInfo, ProviderError> {
+        let instance = self
+            .instance_of(image)?
+            .ok_or_else(|| other(format!("image {} has no [instance] section: nothing to start", image.image_ref)))?;
+        let root = self.unpacked(image)?;
+        let dir = self.stage_dir(stage);
+        let file = self.group_file(stage, group);
+        let mut state = self.load_group(stage, group).unwrap_or(GroupState {
+            name: group.to_string(),
+            digest: image.digest,
+            image_ref: image.image_ref.clone(),
+            capacity,
+            instances: Vec::new(),
+        });
+        if state.digest != image.digest {
+            return Err(other(format!("group {group} already exists and runs {}", state.digest.short())));
+        }
+        state.capacity = capacity;
+        state.instances.retain(fleet::is_alive);
+        write_json(&file, &state)?;
+        let mut index = 1;
+        while (state.instances.len() as u32) < capacity {
+            let name = format!("{group}-{index}");
+            index += 1;
+            if state.instances.iter().any(|i| i.name == name) {
+                continue;
+            }
+            let port = fleet::free_port().map_err(fleet_error)?;
+            let spec = InstanceSpec {
+                name: name.clone(),
+                root: root.clone(),
+                command: instance.command.clone(),
+                env: instance.env.clone(),
+                port,
+                workdir: dir.join("instances").join(&name),
+                log_path: dir.join("logs").join(format!("{name}.log")),
+            };
+            let handle = fleet::start(&spec).map_err(fleet_error)?;
+            state.instances.push(handle);
+            // Recorded after each start, so a crash leaves no process that kiln does not know about.
+            write_json(&file, &state)?;
+        }
+        let running = state.instances.iter().filter(|i| fleet::is_alive(i)).count() as u32;
+        Ok(GroupInfo { name: group.to_string(), digest: image.digest, capacity, running })
+    }
+
+    fn wait_healthy(
+        &self,
+        stage: StageRef,
+        group: &str,
+        deadline: Instant,
+    ) -> Result<Result<(), Unhealthy>, ProviderError> {
+        let state = self.load_group(stage, group).ok_or_else(|| other(format!("group {group} does not exist")))?;
+        let image = ImageRef { digest: state.digest, image_ref: state.image_ref.clone() };
+        let health = self.instance_of(&image)?.map(|i| i.health).unwrap_or(crate::config::Health::Tcp);
+        Ok(match fleet::wait_healthy(&state.instances, &health, deadline) {
+            Ok(()) => Ok(()),
+            Err(FleetError::Died { name, log_tail }) => Err(Unhealthy {
+                reason: format!("instance {name} died before it became healthy"),
+                log_tail: Some(log_tail),
+            }),
+            Err(FleetError::Timeout { unhealthy, log_tail }) => Err(Unhealthy {
+                reason: format!("not healthy before the deadline: {}", unhealthy.join(", ")),
+                log_tail: Some(log_tail),
+            }),
+            Err(other_error) => Err(Unhealthy { reason: other_error.to_string(), log_tail: None }),
+        })
+    }
+
+    fn route(&self, stage: StageRef, group: &str) -> Result<Duration, ProviderError> {
+        let state = self.load_group(stage, group).ok_or_else(|| other(format!("group {group} does not exist")))?;
+        self.ensure_proxy(stage)?;
+        let dir = self.stage_dir(stage);
+        let routes_file = dir.join("routes.json");
+        let generation = read_json::<Routes>(&routes_file).map(|r| r.generation).unwrap_or(0) + 1;
+        let routes = Routes { generation, backends: state.instances.iter().map(|i| i.port).collect() };
+        let started = Instant::now();
+        proxy::write_routes(&routes_file, &routes).map_err(|e| other(e.to_string()))?;
+        proxy::wait_applied(&dir.join("status.json"), generation, APPLY_TIMEOUT).map_err(|e| other(e.to_string()))?;
+        Ok(started.elapsed())
+    }
+
+    fn drain(&self, stage: StageRef, group: &str) -> Result<(), ProviderError> {
+        let Some(state) = self.load_group(stage, group) else { return Ok(()) };
+        if self.proxy_alive(stage).is_none() {
+            return Ok(());
+        }
+        let ports: Vec<u16> = state.instances.iter().map(|i| i.port).collect();
+        proxy::wait_drained(&self.stage_dir(stage).join("status.json"), &ports, DRAIN_TIMEOUT)
+            .map_err(|e| other(e.to_string()))
+    }
+
+    fn park(&self, stage: StageRef, group: &str) -> Result<(), ProviderError> {
+        let Some(mut state) = self.load_group(stage, group) else { return Ok(()) };
+        self.stop_instances(&state)?;
+        state.capacity = 0;
+        state.instances.clear();
+        write_json(&self.group_file(stage, group), &state)
+    }
+
+    fn destroy(&self, stage: StageRef, group: &str) -> Result<(), ProviderError> {
+        let Some(state) = self.load_group(stage, group) else { return Ok(()) };
+        self.stop_instances(&state)?;
+        let dir = self.stage_dir(stage);
+        for instance in &state.instances {
+            let _ = fs::remove_dir_all(dir.join("instances").join(&instance.name));
+        }
+        let file = self.group_file(stage, group);
+        fs::remove_file(&file)
+            .or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) })
+            .map_err(|source| ProviderError::Io { what: "removing", path: file, source })
+    }
+
+    fn endpoint(&self, stage: StageRef) -> Option<String> {
+        Self::port(stage).ok().map(|port| format!("http://127.0.0.1:{port}"))
+    }
+
+    fn stop_stage(&self, stage: StageRef) -> Result<(), ProviderError> {
+        for info in self.groups(stage)? {
+            self.park(stage, &info.name)?;
+        }
+        if let Some(proxy) = self.proxy_alive(stage) {
+            let handle = InstanceHandle {
+                name: format!("proxy for {}", stage.stage.name),
+                pid: proxy.pid,
+                start_time: proxy.start_time,
+                port: proxy.port,
+                log_path: self.stage_dir(stage).join("proxy.log"),
+            };
+            // The proxy finishes requests in flight for up to 10 s before it exits.
+            fleet::stop(&handle, Duration::from_secs(12)).map_err(fleet_error)?;
+        }
+        let dir = self.stage_dir(stage);
+        for file in ["routes.json", "status.json", "proxy.json"] {
+            let _ = fs::remove_file(dir.join(file));
+        }
+        Ok(())
+    }
+}

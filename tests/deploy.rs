@@ -1,0 +1,266 @@
+//! Deployment by whole-group replacement on the local provider: crash safety at every step, the stage lease,
+//! zero-downtime cutover and rollback, and failure handling.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{http_get, Down, Repo, Run};
+
+/// The example repository with only a dev stage (capacity `capacity`) on a free port.
+fn dev_only(capacity: u32) -> (Repo, u16) {
+    let (repo, ports) = Repo::example_on_free_ports();
+    let text = std::fs::read_to_string(repo.file("pipelines/hello.toml")).unwrap();
+    let dev_end = text.find("\n[[stage]]\nname = \"test\"").unwrap();
+    repo.write("pipelines/hello.toml", &text[..dev_end].replace("capacity = 2", &format!("capacity = {capacity}")));
+    (repo, ports[0])
+}
+
+/// Bakes the hello image with this greeting; returns its digest.
+fn bake_greeting(repo: &Repo, greeting: &str) -> String {
+    let text = std::fs::read_to_string(repo.file("images/hello.toml")).unwrap();
+    let start = text.find("GREETING = \"").unwrap() + "GREETING = \"".len();
+    let end = start + text[start..].find('"').unwrap();
+    repo.write("images/hello.toml", &format!("{}{greeting}{}", &text[..start], &text[end..]));
+    repo.run(&["bake", "--json"]).ok().json()["digest"].as_str().unwrap().to_string()
+}
+
+fn greeting(port: u16) -> String {
+    match http_get(port, "/") {
+        Some((200, body)) => body.split(" from ").next().unwrap_or("").to_string(),
+        other => panic!("the endpoint on {port} answered {other:?}"),
+    }
+}
+
+fn promote_only(repo: &Repo, digest: &str) {
+    repo.run(&["promote", "--stage", "dev", "--digest", digest, "--no-deploy"]).ok();
+}
+
+fn group_files(repo: &Repo) -> Vec<serde_json::Value> {
+    let dir = repo.file(".kiln/run/hello/dev/groups");
+    let mut out: Vec<serde_json::Value> = std::fs::read_dir(dir)
+        .map(|d| d.flatten().map(|e| serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap()).collect())
+        .unwrap_or_default();
+    out.sort_by_key(|g| g["name"].as_str().unwrap().to_string());
+    out
+}
+
+fn pid_alive(pid: u64) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z ")
+}
+
+/// No orphans: one group runs (the live one, at capacity), at most `keep` more exist and run nothing, and no
+/// deployment is left open.
+fn assert_converged(repo: &Repo, capacity: usize, keep: usize) {
+    let status = repo.run(&["status", "--json"]).ok().json();
+    assert!(status["stages"][0]["deploying"].is_null(), "a deployment is still open: {status}");
+    let live_group = status["stages"][0]["live"]["group"].as_str().unwrap().to_string();
+    let groups = group_files(repo);
+    assert!(groups.len() <= 1 + keep, "orphaned groups: {groups:?}");
+    for g in &groups {
+        let alive = g["instances"].as_array().unwrap().iter().filter(|i| pid_alive(i["pid"].as_u64().unwrap())).count();
+        if g["name"] == live_group.as_str() {
+            assert_eq!(alive, capacity, "the live group runs at capacity");
+        } else {
+            assert_eq!(alive, 0, "retired group {} still runs processes", g["name"]);
+        }
+    }
+    repo.run(&["verify"]).ok();
+}
+
+#[test]
+fn a_kill_at_every_deploy_step_converges_on_the_next_deploy() {
+    let (repo, port) = dev_only(2);
+    let _down = Down { repo: &repo, stages: vec!["dev"], pipeline: None };
+    let v1 = bake_greeting(&repo, "one");
+    let v2 = bake_greeting(&repo, "two");
+    promote_only(&repo, &v1);
+    repo.run(&["deploy", "--stage", "dev"]).ok();
+    assert_eq!(greeting(port), "one");
+
+    let steps = ["started", "group-created", "healthy", "traffic-switched", "drained", "retired"];
+    let mut current = ("one", v1.clone());
+    let mut other = ("two", v2.clone());
+    for step in steps {
+        promote_only(&repo, &other.1);
+        let killed = repo
+            .kiln()
+            .env("KILN_FAULT", format!("deploy:after-{step}"))
+            .args(["deploy", "--stage", "dev"])
+            .output()
+            .unwrap();
+        assert_eq!(killed.status.code(), None, "after-{step}: kiln should have died by SIGKILL");
+        // The stage still serves: the old digest before traffic moved, the new one after.
+        let served = greeting(port);
+        let switched = steps.iter().position(|s| *s == step) >= steps.iter().position(|s| *s == "traffic-switched");
+        assert_eq!(served, if switched { other.0 } else { current.0 }, "after-{step}");
+
+        let resumed = repo.run(&["deploy", "--stage", "dev", "--json"]).ok().json();
+        assert!(resumed["reconciled"].is_string(), "after-{step}: the interrupted deployment was reconciled");
+        assert_eq!(greeting(port), other.0, "after-{step}: the promoted digest serves");
+        assert_converged(&repo, 2, 1);
+        std::mem::swap(&mut current, &mut other);
+    }
+}
+
+#[test]
+fn the_lease_refuses_a_second_deploy_until_it_expires() {
+    let (repo, port) = dev_only(1);
+    let _down = Down { repo: &repo, stages: vec!["dev"], pipeline: None };
+    let good = bake_greeting(&repo, "good");
+    promote_only(&repo, &good);
+    repo.run(&["deploy", "--stage", "dev"]).ok();
+    // An image whose instances never answer their health check: its deployment holds the lease while it waits.
+    repo.edit("images/hello.toml", "health = { http = \"/healthz\" }", "health = { http = \"/never\" }");
+    repo.edit("images/hello.toml", "ready-timeout = \"30s\"", "ready-timeout = \"20s\"");
+    let stuck = bake_greeting(&repo, "stuck");
+    promote_only(&repo, &stuck);
+    let holder = repo.kiln().args(["deploy", "--stage", "dev"]).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let started = Instant::now();
+    loop {
+        let status = repo.run(&["status", "--json"]).ok().json();
+        if !status["stages"][0]["deploying"].is_null() {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "the first deploy never took the lease");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let busy = repo.run(&["deploy", "--stage", "dev"]).expect(5);
+    assert!(busy.stderr.contains("stage dev is busy"), "{}", busy.stderr);
+    let busy = repo.run(&["rollback", "--stage", "dev", "--to", &good]).expect(5);
+    assert!(busy.stderr.contains("holds its lease until"), "{}", busy.stderr);
+
+    // An hour later the lease has expired: the rollback takes it over, undoes the stuck deployment, and runs.
+    let later = humantime::format_rfc3339(std::time::SystemTime::now() + Duration::from_secs(3600)).to_string();
+    let out = repo
+        .kiln()
+        .env("KILN_NOW", &later)
+        .args(["rollback", "--stage", "dev", "--to", &good, "--reason", "stuck", "--json"])
+        .output()
+        .unwrap();
+    let taken = Run::of(out, &["rollback"]).ok().json();
+    assert!(taken["reconciled"].as_str().unwrap().contains("undid interrupted deployment"), "{taken}");
+    assert_eq!(greeting(port), "good");
+    let first = holder.wait_with_output().unwrap();
+    assert_eq!(first.status.code(), Some(4), "the first deploy gives up when its group never gets healthy");
+    assert_eq!(greeting(port), "good");
+}
+
+/// B5: load through the endpoint during a deploy and a rollback of 10 instances.
+#[test]
+fn no_request_fails_through_a_deploy_and_a_rollback_of_ten_instances() {
+    let (repo, port) = dev_only(10);
+    let _down = Down { repo: &repo, stages: vec!["dev"], pipeline: None };
+    let v1 = bake_greeting(&repo, "one");
+    let v2 = bake_greeting(&repo, "two");
+    promote_only(&repo, &v1);
+    repo.run(&["deploy", "--stage", "dev"]).ok();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (sent, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, sent, failed) = (Arc::clone(&stop), Arc::clone(&sent), Arc::clone(&failed));
+            std::thread::spawn(move || {
+                let deadline = Instant::now() + Duration::from_secs(120);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    sent.fetch_add(1, Ordering::Relaxed);
+                    if !matches!(http_get(port, "/"), Some((200, _))) {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    promote_only(&repo, &v2);
+    let deployed = repo.run(&["deploy", "--stage", "dev", "--json"]).ok().json();
+    assert_eq!(greeting(port), "two");
+    let rolled = repo.run(&["rollback", "--stage", "dev", "--reason", "load test", "--json"]).ok().json();
+    assert_eq!(greeting(port), "one");
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+    let (sent, failed) = (sent.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    println!(
+        "B5: {sent} requests, {failed} failed; cutover {} ms (deploy) and {} ms (rollback) after the last instance was healthy",
+        deployed["cutover_ms"], rolled["cutover_ms"]
+    );
+    assert!(sent > 100, "the load was real: {sent} requests");
+    assert_eq!(failed, 0, "{failed} of {sent} requests failed");
+    assert!(deployed["cutover_ms"].as_u64().unwrap() <= 200, "cutover took {} ms", deployed["cutover_ms"]);
+}
+
+#[test]
+fn rollback_reenables_a_kept_group_rebuilds_a_destroyed_one_and_refuses_revoked_digests() {
+    let (repo, port) = dev_only(1);
+    let _down = Down { repo: &repo, stages: vec!["dev"], pipeline: None };
+    let mut groups = Vec::new();
+    let mut digests = Vec::new();
+    for g in ["one", "two", "three"] {
+        let d = bake_greeting(&repo, g);
+        promote_only(&repo, &d);
+        groups
+            .push(repo.run(&["deploy", "--stage", "dev", "--json"]).ok().json()["group"].as_str().unwrap().to_string());
+        digests.push(d);
+    }
+    assert_eq!(groups, ["hello-dev-v001", "hello-dev-v002", "hello-dev-v003"]);
+    let names: Vec<String> = group_files(&repo).iter().map(|g| g["name"].as_str().unwrap().to_string()).collect();
+    assert_eq!(names, ["hello-dev-v002", "hello-dev-v003"], "keep-previous = 1: v001 was destroyed");
+
+    // Default target: the digest live before the current one, whose group is kept: re-enabled, not rebuilt.
+    let back = repo.run(&["rollback", "--stage", "dev", "--reason", "bad release", "--json"]).ok().json();
+    assert_eq!(back["group"], "hello-dev-v002");
+    assert_eq!(back["digest"], digests[1].as_str());
+    assert_eq!(greeting(port), "two");
+
+    // To a digest whose group was destroyed: a new group.
+    let older = repo.run(&["rollback", "--stage", "dev", "--to", &digests[0], "--json"]).ok().json();
+    assert_eq!(older["group"], "hello-dev-v004");
+    assert_eq!(greeting(port), "one");
+
+    // Revoked digests are refused, unless forced with a reason.
+    repo.run(&["revoke", &digests[2], "--reason", "leaks memory"]).ok();
+    let refused = repo.run(&["rollback", "--stage", "dev", "--to", &digests[2]]).expect(3);
+    assert!(refused.stderr.contains("leaks memory"), "{}", refused.stderr);
+    repo.run(&["rollback", "--stage", "dev", "--to", &digests[2], "--force"]).expect(2);
+    let forced = repo
+        .run(&["rollback", "--stage", "dev", "--to", &digests[2], "--force", "--reason", "lesser evil", "--json"])
+        .ok()
+        .json();
+    assert_eq!(forced["digest"], digests[2].as_str());
+    assert_eq!(greeting(port), "three");
+    let lineage = repo.run(&["lineage", &digests[2], "--json"]).ok().json();
+    let deployments = lineage["stages"][0]["deployments"].as_array().unwrap();
+    assert!(deployments.iter().any(|d| d["rollback"] == true));
+    assert_converged(&repo, 1, 1);
+}
+
+#[test]
+fn a_group_that_never_gets_healthy_is_destroyed_and_the_old_one_keeps_serving() {
+    let (repo, port) = dev_only(2);
+    let _down = Down { repo: &repo, stages: vec!["dev"], pipeline: None };
+    let good = bake_greeting(&repo, "good");
+    promote_only(&repo, &good);
+    repo.run(&["deploy", "--stage", "dev"]).ok();
+    repo.edit(
+        "images/hello.toml",
+        "[instance]\ncommand = [\"/opt/hello/bin/hello\"]",
+        "[[provision]]\nshell = \"printf '#!/bin/sh\\\\necho crashing on purpose\\\\nexit 3\\\\n' > $KILN_ROOT/opt/hello/bin/crash && chmod 755 $KILN_ROOT/opt/hello/bin/crash\"\n\n[instance]\ncommand = [\"/opt/hello/bin/crash\"]",
+    );
+    let bad = bake_greeting(&repo, "bad");
+    promote_only(&repo, &bad);
+    let failed = repo.run(&["deploy", "--stage", "dev"]).expect(4);
+    assert!(failed.stderr.contains("previous group kept serving"), "{}", failed.stderr);
+    assert!(failed.stderr.contains("crashing on purpose"), "the instance log tail is shown: {}", failed.stderr);
+    assert_eq!(greeting(port), "good");
+    let log = repo.run(&["log", "--json", "--limit", "1"]).ok().json();
+    assert_eq!(log["events"][0]["kind"], "deploy-failed");
+    assert!(log["events"][0]["log_tail"].as_str().unwrap().contains("crashing on purpose"));
+    assert_converged(&repo, 2, 1);
+}
