@@ -42,9 +42,9 @@ pub enum Error {
     DeployFailed { stage: String, group: String, reason: String, log_tail: Option<String> },
     #[error("the provider has drifted from the ledger:{}", drift.iter().map(|d| format!("\n  - {}: {}", d.subject, d.problem)).collect::<String>())]
     Drift { drift: Vec<crate::engine::drift::Drift> },
-    /// `promote --plan` found a failing gate; the verdicts were already printed.
-    #[error("promotion of {digest} to {stage} would be refused (the verdicts are above)")]
-    PlanRefused { stage: String, digest: String },
+    /// A gate refused and the command already printed its verdicts (`promote --plan`, `run`).
+    #[error("{message}")]
+    RefusedAsShown { message: String },
     #[error("{what} is not implemented yet")]
     NotYet { what: String },
     #[error("`kiln {command}` is not implemented yet")]

@@ -264,3 +264,57 @@ fn a_group_that_never_gets_healthy_is_destroyed_and_the_old_one_keeps_serving() 
     assert!(log["events"][0]["log_tail"].as_str().unwrap().contains("crashing on purpose"));
     assert_converged(&repo, 2, 1);
 }
+
+/// Undoing an interrupted rollback that had re-enabled a kept group parks that group again instead of deleting it.
+#[test]
+fn an_interrupted_rollback_keeps_the_kept_group() {
+    let (repo, port) = dev_only(1);
+    let _down = Down { repo: &repo, stages: vec!["dev"], pipeline: None };
+    for g in ["one", "two"] {
+        let d = bake_greeting(&repo, g);
+        promote_only(&repo, &d);
+        repo.run(&["deploy", "--stage", "dev"]).ok();
+    }
+    let killed = repo
+        .kiln()
+        .env("KILN_FAULT", "deploy:after-group-created")
+        .args(["rollback", "--stage", "dev"])
+        .output()
+        .unwrap();
+    assert_eq!(killed.status.code(), None, "kiln should have died by SIGKILL");
+    assert_eq!(greeting(port), "two");
+    let resumed = repo.run(&["deploy", "--stage", "dev", "--json"]).ok().json();
+    assert!(resumed["reconciled"].as_str().unwrap().contains("undid"), "{resumed}");
+    assert_eq!(resumed["outcome"], "already-live");
+    let names: Vec<String> = group_files(&repo).iter().map(|g| g["name"].as_str().unwrap().to_string()).collect();
+    assert_eq!(names, ["hello-dev-v001", "hello-dev-v002"], "the kept group survived the undo");
+    let back = repo.run(&["rollback", "--stage", "dev", "--json"]).ok().json();
+    assert_eq!(back["group"], "hello-dev-v001");
+    assert_eq!(greeting(port), "one");
+    assert_converged(&repo, 1, 1);
+
+    // A rollback to a digest whose group is gone builds a new group; undone, that group is destroyed, not kept.
+    let three = bake_greeting(&repo, "three");
+    promote_only(&repo, &three);
+    repo.run(&["deploy", "--stage", "dev"]).ok();
+    let names: Vec<String> = group_files(&repo).iter().map(|g| g["name"].as_str().unwrap().to_string()).collect();
+    assert_eq!(names, ["hello-dev-v001", "hello-dev-v003"]);
+    let log = repo.run(&["images", "--json"]).ok().json();
+    let digest_two = log["images"].as_array().unwrap().iter().filter(|i| i["recipe"] == "hello").nth(1).unwrap()
+        ["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let killed = repo
+        .kiln()
+        .env("KILN_FAULT", "deploy:after-group-created")
+        .args(["rollback", "--stage", "dev", "--to", &digest_two])
+        .output()
+        .unwrap();
+    assert_eq!(killed.status.code(), None);
+    repo.run(&["deploy", "--stage", "dev"]).ok();
+    let names: Vec<String> = group_files(&repo).iter().map(|g| g["name"].as_str().unwrap().to_string()).collect();
+    assert_eq!(names, ["hello-dev-v001", "hello-dev-v003"], "the undone rollback's new group v004 is gone");
+    assert_eq!(greeting(port), "three");
+    assert_converged(&repo, 1, 1);
+}

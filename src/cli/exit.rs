@@ -41,7 +41,7 @@ pub fn classify(err: &Error) -> Exit {
         Error::Ledger(LedgerError::Tampered { .. }) => Exit::VerifyFailed,
         Error::Ledger(LedgerError::Contended { .. }) => Exit::Busy,
         Error::DirtyTree { .. } => Exit::Invalid,
-        Error::Refused { .. } | Error::PlanRefused { .. } => Exit::Refused,
+        Error::Refused { .. } | Error::RefusedAsShown { .. } => Exit::Refused,
         Error::Busy { .. } => Exit::Busy,
         Error::DeployFailed { .. } => Exit::DeployFailed,
         Error::NotReproducible { .. } | Error::Drift { .. } | Error::Provider(ProviderError::Drift { .. }) => {
@@ -99,7 +99,7 @@ pub fn report(err: &Error, json: bool) -> Exit {
         eprintln!("  hint: {hint}");
     }
     // A plan's document, verdicts included, is already on stdout.
-    if json && !matches!(err, Error::PlanRefused { .. }) {
+    if json && !matches!(err, Error::RefusedAsShown { .. }) {
         let doc = serde_json::json!({
             "ok": false,
             "exit_code": exit as u8,

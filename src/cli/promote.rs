@@ -50,7 +50,9 @@ pub fn run(ctx: &Ctx, args: PromoteArgs) -> Result<(), kiln::Error> {
         out
     })?;
     if report.outcome == Outcome::Planned && !report.would_pass {
-        return Err(kiln::Error::PlanRefused { stage: report.stage, digest: report.digest.short() });
+        let message =
+            format!("promotion of {} to {} would be refused (verdicts above)", report.digest.short(), report.stage);
+        return Err(kiln::Error::RefusedAsShown { message });
     }
     Ok(())
 }

@@ -89,5 +89,17 @@ pub fn run(ctx: &Ctx, args: RunArgs) -> Result<(), Error> {
             }
         }
         out
-    })
+    })?;
+    // Waiting on people or time (approvals, soak) is the normal end of a run; a gate that failed is not.
+    match stopped {
+        Some(stop) if stop.gates.iter().any(|g| !g.passed && !is_waiting(g)) => {
+            Err(Error::RefusedAsShown { message: format!("a gate of {} failed (verdicts above)", stop.stage) })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Gates that pass by themselves once time passes or someone approves.
+fn is_waiting(gate: &GateVerdict) -> bool {
+    gate.gate.starts_with("approvals") || gate.gate.starts_with("soak")
 }

@@ -13,7 +13,7 @@ use crate::config::Stage;
 use crate::digest::Digest;
 use crate::fault;
 use crate::ledger::event::RollbackRecord;
-use crate::ledger::view::{OpenDeploy, TAKEOVER_STEP};
+use crate::ledger::view::{group_version, OpenDeploy, TAKEOVER_STEP};
 use crate::ledger::{Decision, EventBody, GateVerdict, View};
 use crate::provider::{ImageRef, StageRef};
 use crate::Error;
@@ -77,71 +77,59 @@ fn group_name(ctx: &Context, stage: &Stage, version: u64) -> String {
     format!("{}-{}-v{version:03}", ctx.pipeline.name, stage.name)
 }
 
-/// Appends a step of an open deployment (ignored if that deployment is no longer open).
-fn step(ctx: &Context, stage: &Stage, deploy_id: &str, name: &str, detail: serde_json::Value) -> Result<(), Error> {
+/// Appends `body` for the deployment `deploy_id` if it is still the stage's open one. A deployment that was taken
+/// over and reconciled by another kiln is no longer ours to record.
+fn append_if_open(ctx: &Context, stage: &Stage, deploy_id: &str, body: EventBody) -> Result<(), Error> {
     ctx.ledger.append::<(), Error>(ctx.actor, ctx.clock, |view| {
         let open = view.stage(&ctx.pipeline.name, &stage.name).and_then(|s| s.open.as_ref());
         if open.is_none_or(|o| o.deploy_id != deploy_id) {
             return Ok(Decision::Skip(()));
         }
-        let body = EventBody::DeployStep {
-            pipeline: ctx.pipeline.name.clone(),
-            stage: stage.name.clone(),
-            deploy_id: deploy_id.to_string(),
-            step: name.to_string(),
-            detail: detail.clone(),
-        };
-        Ok(Decision::Append(Box::new(body), ()))
+        Ok(Decision::Append(Box::new(body.clone()), ()))
     })?;
+    Ok(())
+}
+
+/// Records a step of the open deployment; `KILN_FAULT=deploy:after-<step>` dies right after it.
+fn step(ctx: &Context, stage: &Stage, deploy_id: &str, name: &str, detail: serde_json::Value) -> Result<(), Error> {
+    let body = EventBody::DeployStep {
+        pipeline: ctx.pipeline.name.clone(),
+        stage: stage.name.clone(),
+        deploy_id: deploy_id.to_string(),
+        step: name.to_string(),
+        detail,
+    };
+    append_if_open(ctx, stage, deploy_id, body)?;
     fault::point(&format!("deploy:after-{name}"));
     Ok(())
 }
 
 fn finish(ctx: &Context, stage: &Stage, open: &OpenDeploy) -> Result<(), Error> {
-    ctx.ledger.append::<(), Error>(ctx.actor, ctx.clock, |view| {
-        let still_open = view
-            .stage(&ctx.pipeline.name, &stage.name)
-            .and_then(|s| s.open.as_ref())
-            .is_some_and(|o| o.deploy_id == open.deploy_id);
-        if !still_open {
-            return Ok(Decision::Skip(()));
-        }
-        let body = EventBody::DeployFinished {
-            pipeline: ctx.pipeline.name.clone(),
-            stage: stage.name.clone(),
-            deploy_id: open.deploy_id.clone(),
-            digest: open.digest,
-            group: open.group.clone(),
-        };
-        Ok(Decision::Append(Box::new(body), ()))
-    })?;
-    Ok(())
+    let body = EventBody::DeployFinished {
+        pipeline: ctx.pipeline.name.clone(),
+        stage: stage.name.clone(),
+        deploy_id: open.deploy_id.clone(),
+        digest: open.digest,
+        group: open.group.clone(),
+    };
+    append_if_open(ctx, stage, &open.deploy_id, body)
 }
 
 fn fail(ctx: &Context, stage: &Stage, open: &OpenDeploy, reason: &str, log_tail: Option<String>) -> Result<(), Error> {
-    ctx.ledger.append::<(), Error>(ctx.actor, ctx.clock, |view| {
-        let still_open = view
-            .stage(&ctx.pipeline.name, &stage.name)
-            .and_then(|s| s.open.as_ref())
-            .is_some_and(|o| o.deploy_id == open.deploy_id);
-        if !still_open {
-            return Ok(Decision::Skip(()));
-        }
-        let body = EventBody::DeployFailed {
-            pipeline: ctx.pipeline.name.clone(),
-            stage: stage.name.clone(),
-            deploy_id: open.deploy_id.clone(),
-            digest: open.digest,
-            group: open.group.clone(),
-            reason: reason.to_string(),
-            log_tail: log_tail.clone(),
-        };
-        Ok(Decision::Append(Box::new(body), ()))
-    })?;
-    Ok(())
+    let body = EventBody::DeployFailed {
+        pipeline: ctx.pipeline.name.clone(),
+        stage: stage.name.clone(),
+        deploy_id: open.deploy_id.clone(),
+        digest: open.digest,
+        group: open.group.clone(),
+        reason: reason.to_string(),
+        log_tail,
+    };
+    append_if_open(ctx, stage, &open.deploy_id, body)
 }
 
-/// Parks the previous group and destroys parked groups beyond `keep-previous`, never touching `keep`.
+/// Parks the previous group and destroys parked groups beyond `keep-previous`, keeping the most recently live
+/// ones (after a rollback, that is not the highest version). The serving group is never touched.
 fn retire(ctx: &Context, stage: &Stage, serving: &str, previous: Option<&str>) -> Result<serde_json::Value, Error> {
     let fleet = ctx.fleet;
     let target = stage_ref(ctx, stage);
@@ -152,48 +140,50 @@ fn retire(ctx: &Context, stage: &Stage, serving: &str, previous: Option<&str>) -
             parked.push(previous.to_string());
         }
     }
-    // Newest first, by version; the serving group is never a candidate.
-    let mut idle: Vec<_> = fleet.groups(target)?.into_iter().filter(|g| g.name != serving).collect();
-    idle.sort_by_key(|g| std::cmp::Reverse(crate::ledger::view::group_version(&g.name).unwrap_or(0)));
+    let view = ctx.ledger.view()?;
+    let there = view.stage(&ctx.pipeline.name, &stage.name).cloned().unwrap_or_default();
+    let mut recent: Vec<String> = Vec::new();
+    let candidates = previous
+        .map(str::to_string)
+        .into_iter()
+        .chain(there.live.iter().map(|l| l.group.clone()))
+        .chain(there.history.iter().rev().map(|l| l.group.clone()));
+    for group in candidates {
+        if group != serving && !recent.contains(&group) {
+            recent.push(group);
+        }
+    }
+    let keep: Vec<&String> = recent.iter().take(stage.keep_previous as usize).collect();
     let mut destroyed = Vec::new();
-    for group in idle.into_iter().skip(stage.keep_previous as usize) {
-        fleet.destroy(target, &group.name)?;
-        destroyed.push(group.name);
+    for group in fleet.groups(target)? {
+        if group.name != serving && !keep.contains(&&group.name) {
+            fleet.destroy(target, &group.name)?;
+            destroyed.push(group.name);
+        }
     }
     Ok(serde_json::json!({ "parked": parked, "destroyed": destroyed }))
 }
 
-/// Finishes or undoes an interrupted deployment, going by which group the provider really serves.
-fn reconcile(ctx: &Context, stage: &Stage, open: &OpenDeploy) -> Result<String, Error> {
+/// Finishes or undoes an interrupted deployment, going by which group the provider really serves. `reused` says
+/// the deployment re-enabled a kept group, which an undo parks again rather than destroys.
+fn reconcile(ctx: &Context, stage: &Stage, open: &OpenDeploy, reused: bool) -> Result<String, Error> {
     let fleet = ctx.fleet;
     let target = stage_ref(ctx, stage);
-    let serving = fleet.serving(target)?;
-    if serving.as_deref() == Some(open.group.as_str()) {
+    if fleet.serving(target)?.as_deref() == Some(open.group.as_str()) {
         let retired = retire(ctx, stage, &open.group, open.previous_group.as_deref())?;
         step(ctx, stage, &open.deploy_id, "retired", retired)?;
         finish(ctx, stage, open)?;
-        Ok(format!("finished interrupted deployment {} (traffic had moved to {})", open.deploy_id, open.group))
-    } else {
-        let kept = open.previous_group.as_deref() != Some(open.group.as_str())
-            && fleet.groups(target)?.iter().any(|g| g.name == open.group)
-            && open.rollback;
-        if kept {
-            fleet.park(target, &open.group)?;
-        } else if fleet.groups(target)?.iter().any(|g| g.name == open.group) {
-            fleet.destroy(target, &open.group)?;
-        }
-        fail(
-            ctx,
-            stage,
-            open,
-            &format!(
-                "interrupted after {:?}; traffic had not moved, so the new group was removed",
-                open.steps.last().map(String::as_str).unwrap_or("start")
-            ),
-            None,
-        )?;
-        Ok(format!("undid interrupted deployment {} (the previous group kept serving)", open.deploy_id))
+        return Ok(format!("finished interrupted deployment {} (traffic had moved to {})", open.deploy_id, open.group));
     }
+    if reused {
+        fleet.park(target, &open.group)?;
+    } else {
+        fleet.destroy(target, &open.group)?;
+    }
+    let last = open.steps.iter().rev().find(|s| s.as_str() != TAKEOVER_STEP).map(String::as_str).unwrap_or("start");
+    let reason = format!("interrupted after {last}; traffic had not moved, so {} was removed", open.group);
+    fail(ctx, stage, open, &reason, None)?;
+    Ok(format!("undid interrupted deployment {} (the previous group kept serving)", open.deploy_id))
 }
 
 /// If the stage has an open deployment whose holder is gone or whose lease expired, takes the lease over and
@@ -201,10 +191,11 @@ fn reconcile(ctx: &Context, stage: &Stage, open: &OpenDeploy) -> Result<String, 
 fn settle_open(ctx: &Context, stage: &Stage) -> Result<Option<String>, Error> {
     let me = holder_id();
     let lease_until = ctx.clock.stamp_after(stage.lease);
-    let (taken, _) = ctx.ledger.append::<Option<OpenDeploy>, Error>(ctx.actor, ctx.clock, |view| {
-        let Some(open) = view.stage(&ctx.pipeline.name, &stage.name).and_then(|s| s.open.clone()) else {
-            return Ok(Decision::Skip(None));
-        };
+    let (taken, _) = ctx.ledger.append::<Option<(OpenDeploy, bool)>, Error>(ctx.actor, ctx.clock, |view| {
+        let Some(there) = view.stage(&ctx.pipeline.name, &stage.name) else { return Ok(Decision::Skip(None)) };
+        let Some(open) = there.open.clone() else { return Ok(Decision::Skip(None)) };
+        // New groups get the stage's next version when the deployment starts; an older version was reused.
+        let reused = group_version(&open.group).is_some_and(|v| v < there.versions);
         if open.holder != me && !lease_expired(ctx, &open) && !holder_is_dead(&open.holder) {
             return Err(Error::Busy {
                 stage: stage.name.clone(),
@@ -220,13 +211,13 @@ fn settle_open(ctx: &Context, stage: &Stage) -> Result<Option<String>, Error> {
             step: TAKEOVER_STEP.into(),
             detail: serde_json::json!({ "lease_until": lease_until, "lease_holder": me, "previous_holder": open.holder }),
         };
-        Ok(Decision::Append(Box::new(body), Some(open)))
+        Ok(Decision::Append(Box::new(body), Some((open, reused))))
     })?;
     match taken {
         None => Ok(None),
-        Some(open) => {
+        Some((open, reused)) => {
             tracing::warn!(stage = %stage.name, deploy = %open.deploy_id, "reconciling an interrupted deployment");
-            Ok(Some(reconcile(ctx, stage, &open)?))
+            Ok(Some(reconcile(ctx, stage, &open, reused)?))
         }
     }
 }
