@@ -185,3 +185,19 @@ fn thirty_two_concurrent_approvers_and_promoters() {
     let last = repo.run(&["promote", "--stage", "dev", "--no-deploy", "--json"]).ok().json();
     assert!(last["outcome"] == "promoted" || last["outcome"] == "already-promoted");
 }
+
+#[test]
+fn an_approvers_list_is_enforced_and_log_filters_by_stage() {
+    let repo = common::tiny_repo(common::free_port());
+    repo.edit("pipelines/app.toml", "approvals = 1", "approvals = 1\napprovers = [\"ana\"]");
+    let digest = repo.run(&["bake", "--json"]).ok().json()["digest"].as_str().unwrap().to_string();
+    let refused = at(&repo, NOW, "mallory", &["approve", "--stage", "dev", "--digest", &digest]).expect(2);
+    assert!(refused.stderr.contains("mallory may not approve for dev (approvers: ana)"), "{}", refused.stderr);
+    at(&repo, NOW, "ana", &["approve", "--stage", "dev", "--digest", &digest]).ok();
+    at(&repo, NOW, "ci", &["promote", "--stage", "dev", "--no-deploy"]).ok();
+    let dev = repo.run(&["log", "--stage", "dev", "--json"]).ok().json();
+    let kinds: Vec<&str> = dev["events"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["promoted", "approved"], "newest first, only dev's events");
+    let limited = repo.run(&["log", "--limit", "1", "--json"]).ok().json();
+    assert_eq!(limited["events"].as_array().unwrap().len(), 1);
+}

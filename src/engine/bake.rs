@@ -60,16 +60,29 @@ impl BakeReport {
 
 pub fn bake(ctx: &Context, options: &BakeOptions) -> Result<BakeReport, Error> {
     let chain = recipe::load_chain(ctx.repo, &ctx.pipeline.image)?;
-    let source = crate::git::inspect(ctx.repo.root())?;
-    if source.dirty() && !options.allow_dirty {
-        return Err(Error::DirtyTree { paths: source.dirty_paths.clone() });
-    }
+    // Asking git costs a walk of the work tree, and only a bake that records something needs the answer; a
+    // cache hit records nothing, so it does not ask.
+    let mut source_state: Option<crate::git::SourceState> = None;
+    let mut source = |options: &BakeOptions| -> Result<crate::git::SourceState, Error> {
+        if let Some(known) = &source_state {
+            return Ok(known.clone());
+        }
+        let found = crate::git::inspect(ctx.repo.root())?;
+        if found.dirty() && !options.allow_dirty {
+            return Err(Error::DirtyTree { paths: found.dirty_paths.clone() });
+        }
+        source_state = Some(found.clone());
+        Ok(found)
+    };
+    let started = std::time::Instant::now();
     let mut hasher = FileHasher::open(Some(ctx.state_dir.join("cache").join("stat.json")));
+    tracing::debug!(ms = started.elapsed().as_secs_f64() * 1000.0, "stat cache loaded");
     let mut parent: Option<ImageRef> = None;
     let mut baked = Vec::with_capacity(chain.len());
     let mut jobs = Vec::with_capacity(chain.len());
     for recipe in &chain {
         let files = hasher.recipe_files(recipe)?;
+        tracing::debug!(ms = started.elapsed().as_secs_f64() * 1000.0, files = files.len(), recipe = %recipe.name, "inputs hashed");
         let key = KeyInputs {
             kiln_key_format: KEY_FORMAT,
             recipe_name: &recipe.name,
@@ -80,19 +93,7 @@ pub fn bake(ctx: &Context, options: &BakeOptions) -> Result<BakeReport, Error> {
             files,
         }
         .digest();
-        let mut labels = BTreeMap::from([
-            (LABEL_TITLE.to_string(), recipe.name.clone()),
-            (LABEL_RECIPE_KEY.to_string(), key.to_string()),
-        ]);
-        if let Some(commit) = &source.commit {
-            labels.insert(LABEL_REVISION.into(), commit.clone());
-        }
-        if let Some(origin) = &source.origin {
-            labels.insert(LABEL_SOURCE.into(), origin.clone());
-        }
-        if let Some(p) = &parent {
-            labels.insert(LABEL_PARENT.into(), p.digest.to_string());
-        }
+        tracing::debug!(ms = started.elapsed().as_secs_f64() * 1000.0, "recipe key computed");
         let view = ctx.ledger.view()?;
         let cached = view.image_for_key(&key).and_then(|digest| view.image(&digest).map(|r| (digest, r))).filter(
             |(digest, record)| ctx.images.has_image(&ImageRef { digest: *digest, image_ref: record.image_ref.clone() }),
@@ -111,6 +112,20 @@ pub fn bake(ctx: &Context, options: &BakeOptions) -> Result<BakeReport, Error> {
                 }
             }
             _ => {
+                let source = source(options)?;
+                let mut labels = BTreeMap::from([
+                    (LABEL_TITLE.to_string(), recipe.name.clone()),
+                    (LABEL_RECIPE_KEY.to_string(), key.to_string()),
+                ]);
+                if let Some(commit) = &source.commit {
+                    labels.insert(LABEL_REVISION.into(), commit.clone());
+                }
+                if let Some(origin) = &source.origin {
+                    labels.insert(LABEL_SOURCE.into(), origin.clone());
+                }
+                if let Some(p) = &parent {
+                    labels.insert(LABEL_PARENT.into(), p.digest.to_string());
+                }
                 tracing::info!(recipe = %recipe.name, "baking (recipe key {})", key.short());
                 let job = BakeJob {
                     recipe,
@@ -138,6 +153,7 @@ pub fn bake(ctx: &Context, options: &BakeOptions) -> Result<BakeReport, Error> {
         baked.push(this);
     }
     hasher.save();
+    tracing::debug!(ms = started.elapsed().as_secs_f64() * 1000.0, "stat cache saved");
 
     let mut reproducible = None;
     if options.check {
@@ -156,13 +172,16 @@ pub fn bake(ctx: &Context, options: &BakeOptions) -> Result<BakeReport, Error> {
             }
         }
     }
-    Ok(BakeReport {
-        chain: baked,
-        commit: source.commit.clone(),
-        dirty: source.dirty(),
-        files_hashed: hasher.files_hashed(),
-        reproducible,
-    })
+    // What the report says of the source: this work tree when something was baked, else the recorded image's.
+    let (commit, dirty) = match &source_state {
+        Some(state) => (state.commit.clone(), state.dirty()),
+        None => {
+            let view = ctx.ledger.view()?;
+            let record = baked.last().and_then(|image| view.image(&image.digest));
+            (record.as_ref().and_then(|r| r.commit.clone()), record.is_some_and(|r| r.dirty))
+        }
+    };
+    Ok(BakeReport { chain: baked, commit, dirty, files_hashed: hasher.files_hashed(), reproducible })
 }
 
 /// Records a `baked` event unless another writer recorded this image for this key meanwhile.
