@@ -67,7 +67,11 @@ fn dev_to_test_to_prod_through_every_kind_of_gate() {
         assert_eq!(status["stages"][i]["stage"], *stage);
         assert_eq!(status["stages"][i]["live"]["digest"], digest.as_str());
         assert_eq!(status["stages"][i]["endpoint"], format!("http://127.0.0.1:{}", ports[i]));
+        assert_eq!(status["stages"][i]["runtime"]["endpoint_up"], true);
+        assert_eq!(status["stages"][i]["runtime"]["running"], status["stages"][i]["runtime"]["capacity"]);
+        assert!(status["stages"][i]["warnings"].as_array().unwrap().is_empty(), "{status}");
     }
+    assert_eq!(status["stages"][2]["runtime"]["running"], 3, "prod's capacity");
     let lineage = at(&repo, LATER, "ci", &["lineage", "prod", "--format", "json"]).ok().json();
     assert_eq!(lineage["image"]["digest"], digest.as_str());
     assert_eq!(lineage["parents"][0]["recipe"], "base");
@@ -92,6 +96,20 @@ fn dev_to_test_to_prod_through_every_kind_of_gate() {
     assert!(std::fs::read_to_string(rendered.path()).unwrap().contains("<svg"));
     let mermaid = at(&repo, LATER, "ci", &["lineage", "prod", "--format", "mermaid"]).ok().stdout;
     assert!(mermaid.starts_with("flowchart LR"));
+
+    // `down` stops a stage; status and verify say so, and deploy brings it back.
+    at(&repo, LATER, "ci", &["down", "--stage", "test"]).ok();
+    let status = at(&repo, LATER, "ci", &["status", "--json"]).ok().json();
+    assert_eq!(status["stages"][1]["runtime"]["endpoint_up"], false);
+    assert!(
+        status["stages"][1]["warnings"].as_array().unwrap().iter().any(|w| w.as_str().unwrap().contains("not running")),
+        "{status}"
+    );
+    assert!(http_get(ports[1], "/").is_none(), "test's endpoint is closed");
+    let drift = at(&repo, LATER, "ci", &["verify"]).expect(6);
+    assert!(drift.stderr.contains("stage test: group hello-test-v001 runs 0 of"), "{}", drift.stderr);
+    at(&repo, LATER, "ci", &["deploy", "--stage", "test"]).ok();
+    assert!(http_get(ports[1], "/healthz").is_some_and(|(c, _)| c == 200));
 
     // Revoking the base revokes hello too: status flags it, promote and approve refuse it.
     let base = lineage["parents"][0]["digest"].as_str().unwrap().to_string();

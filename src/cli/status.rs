@@ -44,7 +44,12 @@ pub fn run(ctx: &Ctx, _args: StatusArgs) -> Result<(), kiln::Error> {
                 ));
             }
             if let Some(e) = &s.endpoint {
-                out.push_str(&format!("  endpoint  {e}\n"));
+                let up = match &s.runtime {
+                    Some(r) if r.endpoint_up => " (up)",
+                    Some(_) => " (down)",
+                    None => "",
+                };
+                out.push_str(&format!("  endpoint  {e}{up}\n"));
             }
             for w in &s.warnings {
                 out.push_str(&format!("  WARNING   {w}\n"));

@@ -183,10 +183,22 @@ pub struct PromotedInfo {
     pub actor: String,
 }
 
+/// What the provider says of a stage right now.
+#[derive(Debug, Clone, Serialize)]
+pub struct Runtime {
+    /// Instances of the live group running now, and how many it should run.
+    pub running: u32,
+    pub capacity: u32,
+    /// The group the stage's traffic goes to, per the provider.
+    pub serving: Option<String>,
+    pub endpoint_up: bool,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct StageStatus {
     pub stage: String,
     pub endpoint: Option<String>,
+    pub runtime: Option<Runtime>,
     pub promoted: Option<PromotedInfo>,
     pub live: Option<Live>,
     pub deploying: Option<OpenDeploy>,
@@ -209,17 +221,37 @@ pub fn status(ctx: &Context) -> Result<Vec<StageStatus>, Error> {
         let live = there.and_then(|s| s.live.clone());
         let deploying = there.and_then(|s| s.open.clone());
         let mut warnings = Vec::new();
-        for (what, digest) in
-            [("live", live.as_ref().map(|l| l.digest)), ("promoted", promoted.as_ref().map(|p| p.digest))]
-        {
+        let live_digest = live.as_ref().map(|l| l.digest);
+        let promoted_digest = promoted.as_ref().map(|p| p.digest).filter(|d| Some(*d) != live_digest);
+        for (what, digest) in [("live", live_digest), ("promoted", promoted_digest)] {
             if let Some(revocation) = digest.and_then(|d| view.revocation(&d)) {
                 warnings.push(format!("the {what} image is REVOKED: {}", revocation.reason));
             }
         }
+        let target = crate::provider::StageRef { pipeline: &ctx.pipeline.name, stage };
+        let runtime = match &live {
+            None => None,
+            Some(live) => {
+                let group = ctx.fleet.groups(target)?.into_iter().find(|g| g.name == live.group);
+                let runtime = Runtime {
+                    running: group.as_ref().map_or(0, |g| g.running),
+                    capacity: group.as_ref().map_or(0, |g| g.capacity),
+                    serving: ctx.fleet.serving(target)?,
+                    endpoint_up: ctx.fleet.endpoint_up(target),
+                };
+                if runtime.running == 0 || !runtime.endpoint_up {
+                    warnings.push("not running (stopped with `kiln down`? `kiln deploy` starts it again)".into());
+                } else if runtime.running < runtime.capacity {
+                    warnings.push(format!("only {} of {} instances are running", runtime.running, runtime.capacity));
+                }
+                Some(runtime)
+            }
+        };
         warnings.dedup();
         out.push(StageStatus {
             stage: stage.name.clone(),
-            endpoint: endpoint(stage),
+            endpoint: ctx.fleet.endpoint(target).or_else(|| endpoint(stage)),
+            runtime,
             promoted,
             live,
             deploying,

@@ -136,6 +136,8 @@ pub trait Fleet {
     fn destroy(&self, stage: StageRef, group: &str) -> Result<(), ProviderError>;
     /// Where clients reach the stage.
     fn endpoint(&self, stage: StageRef) -> Option<String>;
+    /// Whether the stage's endpoint is up (local: its proxy process runs).
+    fn endpoint_up(&self, stage: StageRef) -> bool;
     /// Stops everything the stage runs, endpoint included (local `kiln down`).
     fn stop_stage(&self, stage: StageRef) -> Result<(), ProviderError>;
 }

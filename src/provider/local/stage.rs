@@ -305,6 +305,10 @@ impl Fleet for LocalProvider {
         Self::port(stage).ok().map(|port| format!("http://127.0.0.1:{port}"))
     }
 
+    fn endpoint_up(&self, stage: StageRef) -> bool {
+        self.proxy_alive(stage).is_some()
+    }
+
     fn stop_stage(&self, stage: StageRef) -> Result<(), ProviderError> {
         for info in self.groups(stage)? {
             self.park(stage, &info.name)?;
