@@ -41,6 +41,12 @@ fn dev_to_test_to_prod_through_every_kind_of_gate() {
     assert_eq!(status["stages"][0]["promoted"]["digest"], digest.as_str());
     assert_eq!(status["stages"][0]["live"]["digest"], digest.as_str());
     assert!(status["stages"][1]["promoted"].is_null());
+    let stages_reached = |lineage: &serde_json::Value| -> Vec<String> {
+        lineage["stages"].as_array().unwrap().iter().map(|s| s["stage"].as_str().unwrap().to_string()).collect()
+    };
+    let lineage = at(&repo, NOW, "ci", &["lineage", "dev", "--json"]).ok().json();
+    assert_eq!(stages_reached(&lineage), ["dev"]);
+    assert_eq!(lineage["stages"][0]["deployments"][0]["result"], "finished");
 
     // test: soak 10m in dev. At the same instant it is refused; eleven minutes later it passes.
     let soak = at(&repo, NOW, "ci", &["promote", "--stage", "test", "--json"]).expect(3);
@@ -50,10 +56,20 @@ fn dev_to_test_to_prod_through_every_kind_of_gate() {
     let test = at(&repo, LATER, "ci", &["promote", "--stage", "test", "--json"]).ok().json();
     assert_eq!(test["outcome"], "promoted");
     assert!(test["gates"].as_array().unwrap().iter().any(|g| g["gate"] == "soak 10m" && g["passed"] == true));
+    let status = at(&repo, LATER, "ci", &["status", "--json"]).ok().json();
+    assert_eq!(status["stages"][1]["live"]["digest"], digest.as_str());
+    assert!(status["stages"][2]["promoted"].is_null());
+    let lineage = at(&repo, LATER, "ci", &["lineage", &digest, "--json"]).ok().json();
+    assert_eq!(stages_reached(&lineage), ["dev", "test"]);
 
     // prod: one approval needed.
-    let waiting = at(&repo, LATER, "ci", &["promote", "--stage", "prod"]).expect(3);
+    let waiting = at(&repo, LATER, "ci", &["promote", "--stage", "prod", "--json"]).expect(3);
     assert!(waiting.stderr.contains("approvals 1: 0 of 1"), "{}", waiting.stderr);
+    let refusal = waiting.json();
+    assert_eq!(refusal["exit_code"], 3);
+    assert!(refusal["details"]["gates"].as_array().unwrap().iter().any(|g| g["gate"] == "approvals 1" && g["passed"] == false));
+    let status = at(&repo, LATER, "ci", &["status", "--json"]).ok().json();
+    assert!(status["stages"][2]["promoted"].is_null(), "a refusal records no promotion");
     at(&repo, LATER, "ana", &["approve", "--stage", "prod", "--digest", &digest[7..19], "--note", "looks good"]).ok();
     let again = at(&repo, LATER, "ana", &["approve", "--stage", "prod", "--digest", &digest, "--json"]).ok().json();
     assert_eq!(again["recorded"], false, "one approval per actor");
