@@ -238,3 +238,58 @@ fn the_example_hello_image_bakes() {
     assert!(root.join("rootfs/opt/hello/bin/hello").is_file(), "the service was compiled into the image");
     assert!(root.join("rootfs/etc/motd").is_file(), "the base layer is there");
 }
+
+#[test]
+fn gc_deletes_only_what_no_stage_can_return_to_and_a_rebake_brings_it_back() {
+    let repo = tiny_repo(common::free_port());
+    let bake_config = |text: &str| {
+        repo.write("images/files/app/config.txt", text);
+        bake(&repo, &[])["digest"].as_str().unwrap().to_string()
+    };
+    let promoted = bake_config("v1\n");
+    repo.run(&["approve", "--stage", "dev", "--digest", &promoted]).ok();
+    repo.run(&["promote", "--stage", "dev", "--no-deploy", "--digest", &promoted]).ok();
+    let unused = bake_config("v2\n");
+    let newest = bake_config("v3\n");
+
+    let plan = repo.run(&["gc", "--dry-run", "--json"]).ok().json();
+    let planned: Vec<&str> =
+        plan["deleted"].as_array().unwrap().iter().map(|i| i["digest"].as_str().unwrap()).collect();
+    assert_eq!(planned, [unused.as_str()], "only the image nothing points at");
+    assert_eq!(repo.run(&["images", "--json"]).ok().json()["images"].as_array().unwrap().len(), 4);
+
+    let done = repo.run(&["gc", "--json"]).ok().json();
+    assert_eq!(done["deleted"][0]["digest"], unused.as_str());
+    let hex = &unused["sha256:".len()..];
+    assert!(!repo.file(&format!(".kiln/oci/blobs/sha256/{hex}")).exists(), "its manifest blob is gone");
+    for kept in [&promoted, &newest] {
+        assert!(repo.file(&format!(".kiln/oci/blobs/sha256/{}", &kept["sha256:".len()..])).exists());
+    }
+    let images = repo.run(&["images", "--json"]).ok().json();
+    let deleted: Vec<&str> = images["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["deleted"] == true)
+        .map(|i| i["digest"].as_str().unwrap())
+        .collect();
+    assert_eq!(deleted, [unused.as_str()]);
+    repo.run(&["verify"]).ok();
+
+    // Baking the same inputs again rebuilds the identical image and records it as present again.
+    let again = bake_config("v2\n");
+    assert_eq!(again, unused);
+    let images = repo.run(&["images", "--json"]).ok().json();
+    assert!(images["images"].as_array().unwrap().iter().all(|i| i["deleted"] == false));
+    repo.run(&["verify"]).ok();
+    let next = repo.run(&["gc", "--dry-run", "--json"]).ok().json();
+    assert_eq!(next["deleted"][0]["digest"], newest.as_str(), "the re-baked image is now the newest; v3 is not");
+
+    // dev is this pipeline's last stage, its prod: an image that reached it is never collected, even once replaced.
+    repo.run(&["approve", "--stage", "dev", "--digest", &again]).ok();
+    repo.run(&["promote", "--stage", "dev", "--no-deploy", "--digest", &again]).ok();
+    let after = repo.run(&["gc", "--dry-run", "--json"]).ok().json();
+    let planned: Vec<&str> =
+        after["deleted"].as_array().unwrap().iter().map(|i| i["digest"].as_str().unwrap()).collect();
+    assert_eq!(planned, [newest.as_str()], "{promoted} reached prod and stays");
+}

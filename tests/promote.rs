@@ -67,7 +67,11 @@ fn dev_to_test_to_prod_through_every_kind_of_gate() {
     assert!(waiting.stderr.contains("approvals 1: 0 of 1"), "{}", waiting.stderr);
     let refusal = waiting.json();
     assert_eq!(refusal["exit_code"], 3);
-    assert!(refusal["details"]["gates"].as_array().unwrap().iter().any(|g| g["gate"] == "approvals 1" && g["passed"] == false));
+    assert!(refusal["details"]["gates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|g| g["gate"] == "approvals 1" && g["passed"] == false));
     let status = at(&repo, LATER, "ci", &["status", "--json"]).ok().json();
     assert!(status["stages"][2]["promoted"].is_null(), "a refusal records no promotion");
     at(&repo, LATER, "ana", &["approve", "--stage", "prod", "--digest", &digest[7..19], "--note", "looks good"]).ok();

@@ -1,6 +1,8 @@
-//! `kiln gc`: delete images and groups no stage can roll back to.
+//! `kiln gc`: delete the images no stage can roll back to (never one that reached the last stage).
 
 use clap::Args;
+
+use kiln::engine::gc;
 
 use super::Ctx;
 
@@ -11,8 +13,17 @@ pub struct GcArgs {
     pub dry_run: bool,
 }
 
-pub fn run(ctx: &Ctx, _args: GcArgs) -> Result<(), kiln::Error> {
-    // Config errors come first, so a broken pipeline is reported as such even before this command lands.
-    ctx.check_config()?;
-    Err(kiln::Error::NotImplemented { command: "gc" })
+pub fn run(ctx: &Ctx, args: GcArgs) -> Result<(), kiln::Error> {
+    let report = ctx.with_engine(|engine| gc::collect(engine, args.dry_run))?;
+    ctx.out.emit(&report, || {
+        let verb = if report.dry_run { "would delete" } else { "deleted" };
+        let mut out = format!("{verb} {} image(s), kept {}", report.deleted.len(), report.kept);
+        if !report.dry_run && report.bytes_freed > 0 {
+            out.push_str(&format!(", freed {:.1} MB", report.bytes_freed as f64 / 1e6));
+        }
+        for image in &report.deleted {
+            out.push_str(&format!("\n  {} {}", image.digest.short(), image.image_ref));
+        }
+        out
+    })
 }

@@ -26,6 +26,7 @@ pub fn run(ctx: &Ctx, _args: ImagesArgs) -> Result<(), kiln::Error> {
                 "time": r.time,
                 "actor": r.actor,
                 "revoked": view.revocation(digest).map(|rev| rev.reason),
+                "deleted": r.deleted,
             })
         })
         .collect();
@@ -42,6 +43,7 @@ pub fn run(ctx: &Ctx, _args: ImagesArgs) -> Result<(), kiln::Error> {
             let dirty = if r.dirty { "+" } else { "" };
             let parent = r.parent.map(|p| p.short()).unwrap_or_else(|| "-".into());
             let revoked = if view.revocation(digest).is_some() { "  REVOKED" } else { "" };
+            let revoked = if r.deleted { format!("{revoked}  (deleted by gc)") } else { revoked.to_string() };
             out.push_str(&format!(
                 "{:<12}  {:<12}  {:<12}  {:<10}  {:<24}  {parent}{revoked}\n",
                 r.recipe,

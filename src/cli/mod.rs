@@ -156,13 +156,6 @@ impl Ctx {
         }
     }
 
-    /// Loads and validates the pipeline and its recipe chain.
-    pub fn check_config(&self) -> Result<(), Error> {
-        let pipeline = self.pipeline()?;
-        kiln::config::recipe::load_chain(&self.repo, &pipeline.image)?;
-        Ok(())
-    }
-
     /// kiln's local state directory, `.kiln/` at the repository root.
     pub fn state_dir(&self) -> PathBuf {
         self.repo.root().join(".kiln")

@@ -96,7 +96,10 @@ pub fn bake(ctx: &Context, options: &BakeOptions) -> Result<BakeReport, Error> {
         tracing::debug!(ms = started.elapsed().as_secs_f64() * 1000.0, "recipe key computed");
         let view = ctx.ledger.view()?;
         let cached = view.image_for_key(&key).and_then(|digest| view.image(&digest).map(|r| (digest, r))).filter(
-            |(digest, record)| ctx.images.has_image(&ImageRef { digest: *digest, image_ref: record.image_ref.clone() }),
+            |(digest, record)| {
+                !record.deleted
+                    && ctx.images.has_image(&ImageRef { digest: *digest, image_ref: record.image_ref.clone() })
+            },
         );
         let this = match cached {
             Some((digest, record)) if !options.no_cache => {
@@ -205,7 +208,8 @@ fn record(
         dirty: source.dirty(),
     };
     let (_, stored) = ctx.ledger.append::<(), Error>(ctx.actor, ctx.clock, |view| {
-        if view.image(&image.digest).is_some() && view.image_for_key(&key) == Some(image.digest) {
+        let recorded = view.image(&image.digest).is_some_and(|r| !r.deleted);
+        if recorded && view.image_for_key(&key) == Some(image.digest) {
             return Ok(Decision::Skip(()));
         }
         Ok(Decision::Append(Box::new(body.clone()), ()))

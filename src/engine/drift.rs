@@ -19,7 +19,7 @@ pub fn check(ctx: &Context) -> Result<Vec<Drift>, Error> {
     let view = ctx.ledger.view()?;
     let mut found = Vec::new();
     for (digest, record) in view.images() {
-        if record.provider != ctx.images.name() {
+        if record.provider != ctx.images.name() || record.deleted {
             continue;
         }
         let image = ImageRef { digest, image_ref: record.image_ref.clone() };

@@ -6,6 +6,7 @@ pub mod bake;
 pub mod deploy;
 pub mod drift;
 pub mod gate;
+pub mod gc;
 pub mod lineage;
 pub mod promote;
 pub mod recipe_key;

@@ -64,6 +64,11 @@ pub enum EventBody {
         /// Every image whose parent chain includes `digest`, at the time of revocation.
         descendants: Vec<Digest>,
     },
+    /// `kiln gc` deleted these images from the provider; the ledger keeps their history.
+    Collected {
+        pipeline: String,
+        digests: Vec<Digest>,
+    },
     DeployStarted {
         pipeline: String,
         stage: String,
@@ -116,6 +121,7 @@ impl EventBody {
             EventBody::Refused { .. } => "refused",
             EventBody::Approved { .. } => "approved",
             EventBody::Revoked { .. } => "revoked",
+            EventBody::Collected { .. } => "collected",
             EventBody::DeployStarted { .. } => "deploy-started",
             EventBody::DeployStep { .. } => "deploy-step",
             EventBody::DeployFinished { .. } => "deploy-finished",
@@ -133,7 +139,7 @@ impl EventBody {
             | EventBody::DeployStep { stage, .. }
             | EventBody::DeployFinished { stage, .. }
             | EventBody::DeployFailed { stage, .. } => Some(stage),
-            EventBody::Baked { .. } | EventBody::Revoked { .. } => None,
+            EventBody::Baked { .. } | EventBody::Revoked { .. } | EventBody::Collected { .. } => None,
         }
     }
 
@@ -148,7 +154,7 @@ impl EventBody {
             | EventBody::DeployStarted { digest, .. }
             | EventBody::DeployFinished { digest, .. }
             | EventBody::DeployFailed { digest, .. } => Some(digest),
-            EventBody::DeployStep { .. } => None,
+            EventBody::DeployStep { .. } | EventBody::Collected { .. } => None,
         }
     }
 }

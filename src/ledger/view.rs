@@ -12,7 +12,7 @@ use super::event::{EventBody, StoredEvent};
 use crate::digest::{Digest, DigestError, DigestQuery};
 
 /// Bump when the view's shape or folding rules change, so old caches are rebuilt rather than misread.
-pub const VIEW_FORMAT: u32 = 3;
+pub const VIEW_FORMAT: u32 = 4;
 /// Earlier live deployments kept per stage for rollback and soak; older ones stay in the ledger.
 const HISTORY_KEEP: usize = 32;
 
@@ -103,6 +103,9 @@ pub struct ImageRecord {
     pub dirty: bool,
     pub time: String,
     pub actor: String,
+    /// Deleted from the provider by `kiln gc` (and not baked again since).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleted: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub children: Vec<Digest>,
     /// Every later event about this image, ascending.
@@ -345,10 +348,15 @@ impl View {
                     dirty: *dirty,
                     time: event.time.clone(),
                     actor: event.actor.clone(),
+                    deleted: false,
                     children: Vec::new(),
                     events: Vec::new(),
                     stages: BTreeMap::new(),
                 });
+                // Baking an image that gc had deleted brings it back.
+                if let Some(record) = index.image_mut(digest) {
+                    record.deleted = false;
+                }
                 index.dirty.insert(shard_of(recipe_key));
                 index.load(shard_of(recipe_key)).keys.insert(*recipe_key, *digest);
                 if let Some(parent) = parent {
@@ -368,6 +376,11 @@ impl View {
                 });
             }
             EventBody::Refused { .. } => {}
+            EventBody::Collected { digests, .. } => {
+                for digest in digests {
+                    self.touch_image(digest, seq, |r| r.deleted = true);
+                }
+            }
             EventBody::Approved { pipeline, stage, digest, .. } => {
                 let key = stage_key(pipeline, stage);
                 let actor = event.actor.clone();

@@ -78,6 +78,11 @@ pub trait ImageProvider {
     fn check_reproducible(&self, chain: &[(BakeJob, Digest)]) -> Result<Reproduction, ProviderError>;
     /// Re-checks that the stored image still matches its digest (local: re-hash blobs; aws: recorded ids).
     fn verify_image(&self, image: &ImageRef) -> Result<(), ProviderError>;
+    /// Deletes the image from the provider (local: its refs and its unpacked root; blobs go with
+    /// [`ImageProvider::collect_garbage`]).
+    fn delete_image(&self, image: &ImageRef) -> Result<(), ProviderError>;
+    /// Frees storage no remaining image uses; returns the bytes freed.
+    fn collect_garbage(&self) -> Result<u64, ProviderError>;
     /// The labels recorded in the image.
     fn image_labels(&self, image: &ImageRef) -> Result<BTreeMap<String, String>, ProviderError>;
     /// The instance section an image's instances start with: the recipe's own, else the nearest ancestor's.

@@ -282,6 +282,21 @@ impl ImageProvider for LocalProvider {
             .map_err(|e| ProviderError::Drift { image: image.image_ref.clone(), reason: e.to_string() })
     }
 
+    fn delete_image(&self, image: &ImageRef) -> Result<(), ProviderError> {
+        let store = self.store()?;
+        for (name, digest) in store.refs().map_err(oci_error)? {
+            if digest == image.digest {
+                store.untag(&name).map_err(oci_error)?;
+            }
+        }
+        let unpacked = self.state.join("unpacked").join(image.digest.hex());
+        remove_tree(&unpacked).map_err(io_error("removing the unpacked image", &unpacked))
+    }
+
+    fn collect_garbage(&self) -> Result<u64, ProviderError> {
+        self.store()?.collect_garbage().map_err(oci_error)
+    }
+
     fn image_labels(&self, image: &ImageRef) -> Result<BTreeMap<String, String>, ProviderError> {
         let store = self.store()?;
         let (_, config) = self.image_parts(&store, &image.digest)?;
