@@ -47,8 +47,6 @@ pub enum Error {
     RefusedAsShown { message: String },
     #[error("{what} is not implemented yet")]
     NotYet { what: String },
-    #[error("`kiln {command}` is not implemented yet")]
-    NotImplemented { command: &'static str },
     #[error("{message}")]
     Usage { message: String },
     #[error("cannot access {path}")]

@@ -48,7 +48,6 @@ pub fn classify(err: &Error) -> Exit {
             Exit::VerifyFailed
         }
         Error::Ledger(_)
-        | Error::NotImplemented { .. }
         | Error::NotYet { .. }
         | Error::Io { .. }
         | Error::Provider(_)
@@ -67,7 +66,9 @@ fn hint(err: &Error) -> Option<String> {
             Some("run `kiln verify` to check the whole chain; restore the ledger from a copy you trust".into())
         }
         Error::Ledger(LedgerError::Contended { .. }) => Some("other writers were busy; retry the command".into()),
-        Error::NotImplemented { .. } => Some("this command lands with a later release; see README.md".into()),
+        Error::NotYet { .. } => {
+            Some("pipelines with provider = \"aws\" and s3:// ledgers come with the AWS provider".into())
+        }
         _ => None,
     }
 }
