@@ -63,7 +63,7 @@ fn serialize_files<S: serde::Serializer>(files: &BTreeMap<String, FileInput>, s:
         match input {
             FileInput::File { sha256, executable } => {
                 hasher.update(if *executable { b"exec\0" } else { b"file\0" });
-                hasher.update(sha256.hex().as_bytes());
+                hasher.update(sha256.as_bytes());
             }
             FileInput::Dir => hasher.update(b"dir\0"),
             FileInput::Symlink { target } => {
@@ -86,8 +86,8 @@ impl KeyInputs<'_> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct StatEntry {
     size: u64,
-    mtime_ns: i128,
-    ctime_ns: i128,
+    mtime_ns: i64,
+    ctime_ns: i64,
     ino: u64,
     dev: u64,
     sha256: Digest,
@@ -97,7 +97,7 @@ struct StatEntry {
 struct StatCacheFile {
     /// When the cache was written; entries modified within a second of it are re-hashed, as git does for its
     /// index, because a same-second edit can keep size and mtime.
-    written_ns: i128,
+    written_ns: i64,
     entries: HashMap<String, StatEntry>,
 }
 
@@ -113,26 +113,23 @@ impl StatCacheFile {
         else {
             return StatCacheFile::default();
         };
-        let mut entries = HashMap::with_capacity(text.len() / 128);
-        for line in lines {
-            let mut fields = line.splitn(7, ' ');
-            let mut next = || fields.next();
-            let parsed = (|| {
-                let sha256 = Digest::parse(next()?).ok()?;
+        let lines: Vec<&str> = lines.collect();
+        let entries = lines
+            .par_iter()
+            .filter_map(|line| {
+                let mut fields = line.splitn(7, ' ');
+                let sha256 = Digest::parse(fields.next()?).ok()?;
                 let entry = StatEntry {
-                    size: next()?.parse().ok()?,
-                    mtime_ns: next()?.parse().ok()?,
-                    ctime_ns: next()?.parse().ok()?,
-                    ino: next()?.parse().ok()?,
-                    dev: next()?.parse().ok()?,
+                    size: fields.next()?.parse().ok()?,
+                    mtime_ns: fields.next()?.parse().ok()?,
+                    ctime_ns: fields.next()?.parse().ok()?,
+                    ino: fields.next()?.parse().ok()?,
+                    dev: fields.next()?.parse().ok()?,
                     sha256,
                 };
-                Some((next()?.to_string(), entry))
-            })();
-            if let Some((path, entry)) = parsed {
-                entries.insert(path, entry);
-            }
-        }
+                Some((fields.next()?.to_string(), entry))
+            })
+            .collect();
         StatCacheFile { written_ns, entries }
     }
 
@@ -163,12 +160,13 @@ pub struct FileHasher {
     hashed: usize,
 }
 
-fn nanos(secs: i64, nsecs: i64) -> i128 {
-    secs as i128 * 1_000_000_000 + nsecs as i128
+/// Nanoseconds since the epoch; i64 holds them until 2262 and parses much faster than i128.
+fn nanos(secs: i64, nsecs: i64) -> i64 {
+    secs.saturating_mul(1_000_000_000).saturating_add(nsecs)
 }
 
-fn now_ns() -> i128 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i128).unwrap_or_default()
+fn now_ns() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or_default()
 }
 
 fn hash_file(path: &Path) -> Result<Digest, std::io::Error> {
@@ -261,24 +259,25 @@ impl FileHasher {
                 Ok((rel.clone(), FileInput::File { sha256, executable }, Some(StatEntry { sha256, ..probe }), hashed))
             })
             .collect::<Result<_, KeyError>>()?;
-        let mut files = BTreeMap::new();
+        let mut files = Vec::with_capacity(results.len());
         for (rel, input, entry, hashed) in results {
             if hashed {
                 self.hashed += 1;
             }
-            if let Some(entry) = entry {
+            // Only what changed goes into the next cache write; an unchanged cache is not rewritten.
+            if let Some(entry) = entry.filter(|e| self.cache.entries.get(&rel) != Some(e)) {
                 self.fresh.insert(rel.clone(), entry);
             }
-            files.insert(rel, input);
+            files.push((rel, input));
         }
-        Ok(files)
+        // The walk yields paths in order, and building a BTreeMap from sorted pairs is a bulk load.
+        Ok(files.into_iter().collect())
     }
 
     /// Saves the stat cache when anything had to be hashed; best effort.
     pub fn save(&mut self) {
         let Some(path) = &self.path else { return };
-        let unchanged = self.fresh.iter().all(|(k, v)| self.cache.entries.get(k) == Some(v));
-        if unchanged && self.hashed == 0 {
+        if self.fresh.is_empty() && self.hashed == 0 {
             return;
         }
         let mut entries = std::mem::take(&mut self.cache.entries);
@@ -316,27 +315,48 @@ fn walk_tree(rel: &str, abs: &Path, meta: Option<fs::Metadata>) -> Result<Vec<Fo
         Some(meta) => meta,
         None => fs::symlink_metadata(abs).map_err(read_error)?,
     };
-    let kind = meta.file_type();
-    if !kind.is_dir() && !kind.is_file() && !kind.is_symlink() {
-        return Err(KeyError::Unsupported { path: abs.to_path_buf(), kind: "special file (socket, fifo or device)" });
+    check_kind(abs, &meta)?;
+    let is_dir = meta.is_dir();
+    let mut found = vec![(rel.to_string(), abs.to_path_buf(), meta)];
+    if !is_dir {
+        return Ok(found);
     }
-    let mut found = vec![(rel.to_string(), abs.to_path_buf(), meta.clone())];
-    if kind.is_dir() {
-        let mut entries: Vec<fs::DirEntry> =
-            fs::read_dir(abs).map_err(read_error)?.collect::<Result<_, _>>().map_err(read_error)?;
-        entries.sort_by_key(|e| e.file_name());
-        let children: Vec<Vec<Found>> = entries
-            .par_iter()
-            .map(|entry| {
-                let name = entry.file_name().to_string_lossy().into_owned();
-                let path = entry.path();
-                let meta = entry.metadata().map_err(|source| KeyError::Read { path: path.clone(), source })?;
-                walk_tree(&format!("{rel}/{name}"), &path, Some(meta))
-            })
-            .collect::<Result<_, KeyError>>()?;
-        found.extend(children.into_iter().flatten());
+    let mut entries: Vec<fs::DirEntry> =
+        fs::read_dir(abs).map_err(read_error)?.collect::<Result<_, _>>().map_err(read_error)?;
+    entries.sort_by_key(|e| e.file_name());
+    // Files are stat'ed in this directory's task; only subdirectories fan out, so a task is never one file.
+    let mut items: Vec<Result<Vec<Found>, KeyError>> = Vec::new();
+    let mut subdirs = Vec::new();
+    for (index, entry) in entries.iter().enumerate() {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let meta = entry.metadata().map_err(|source| KeyError::Read { path: path.clone(), source })?;
+        if meta.is_dir() {
+            subdirs.push((index, format!("{rel}/{name}"), path, meta));
+            items.push(Ok(Vec::new()));
+        } else {
+            check_kind(&path, &meta)?;
+            items.push(Ok(vec![(format!("{rel}/{name}"), path, meta)]));
+        }
+    }
+    let walked: Vec<(usize, Result<Vec<Found>, KeyError>)> =
+        subdirs.into_par_iter().map(|(index, rel, path, meta)| (index, walk_tree(&rel, &path, Some(meta)))).collect();
+    for (index, result) in walked {
+        items[index] = result;
+    }
+    for item in items {
+        found.extend(item?);
     }
     Ok(found)
+}
+
+fn check_kind(path: &Path, meta: &fs::Metadata) -> Result<(), KeyError> {
+    let kind = meta.file_type();
+    if kind.is_dir() || kind.is_file() || kind.is_symlink() {
+        Ok(())
+    } else {
+        Err(KeyError::Unsupported { path: path.to_path_buf(), kind: "special file (socket, fifo or device)" })
+    }
 }
 
 #[cfg(test)]
