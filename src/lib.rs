@@ -8,6 +8,7 @@ pub mod digest;
 pub mod engine;
 pub mod error;
 pub mod fault;
+pub mod fsutil;
 pub mod git;
 pub mod ledger;
 pub mod process;

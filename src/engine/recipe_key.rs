@@ -283,15 +283,7 @@ impl FileHasher {
         let mut entries = std::mem::take(&mut self.cache.entries);
         entries.extend(std::mem::take(&mut self.fresh));
         let file = StatCacheFile { written_ns: now_ns(), entries };
-        let result = (|| -> std::io::Result<()> {
-            let dir = path.parent().unwrap_or(Path::new("."));
-            fs::create_dir_all(dir)?;
-            let bytes = file.render().into_bytes();
-            let mut temp = tempfile::NamedTempFile::new_in(dir)?;
-            std::io::Write::write_all(&mut temp, &bytes)?;
-            temp.persist(path).map_err(|e| e.error)?;
-            Ok(())
-        })();
+        let result = crate::fsutil::replace_file(path, file.render().as_bytes());
         if let Err(err) = result {
             tracing::debug!(%err, "could not save the stat cache");
         }

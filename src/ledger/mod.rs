@@ -360,15 +360,7 @@ struct SeenMark {
 
 /// Best effort: caches only accelerate reads, so failing to write one is logged, not an error.
 fn write_atomically(path: &Path, bytes: &[u8]) {
-    let result = (|| -> std::io::Result<()> {
-        let dir = path.parent().unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir)?;
-        let mut temp = tempfile::NamedTempFile::new_in(dir)?;
-        std::io::Write::write_all(&mut temp, bytes)?;
-        temp.persist(path).map_err(|e| e.error)?;
-        Ok(())
-    })();
-    if let Err(err) = result {
+    if let Err(err) = crate::fsutil::replace_file(path, bytes) {
         tracing::debug!(%err, path = %path.display(), "could not write a cache file");
     }
 }

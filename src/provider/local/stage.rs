@@ -46,14 +46,12 @@ fn fleet_error(err: FleetError) -> ProviderError {
 }
 
 fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), ProviderError> {
-    let io = |source| ProviderError::Io { what: "writing", path: path.to_path_buf(), source };
-    let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).map_err(io)?;
     let bytes = serde_json::to_vec_pretty(value).map_err(|e| other(e.to_string()))?;
-    let mut temp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
-    std::io::Write::write_all(&mut temp, &bytes).map_err(io)?;
-    temp.persist(path).map_err(|e| io(e.error))?;
-    Ok(())
+    crate::fsutil::replace_file(path, &bytes).map_err(|source| ProviderError::Io {
+        what: "writing",
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Option<T> {
