@@ -62,6 +62,9 @@ fn hint(err: &Error) -> Option<String> {
         Error::Config(ConfigError::AmbiguousPipeline { .. }) => {
             Some("pass --pipeline NAME or set KILN_PIPELINE".into())
         }
+        Error::Config(ConfigError::NoPipeline { .. }) => {
+            Some("run kiln in a repository with pipelines/<name>.toml and images/<name>.toml (or pass -C DIR)".into())
+        }
         Error::Ledger(LedgerError::Tampered { .. }) => {
             Some("run `kiln verify` to check the whole chain; restore the ledger from a copy you trust".into())
         }
