@@ -1,7 +1,7 @@
 //! The file store: one file per key, created with write-to-temp + `link(2)`, which fails if the key exists.
 
 use std::fs::{self, File};
-use std::io::{ErrorKind, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -44,7 +44,15 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 
 impl Store for FileStore {
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        match fs::read(self.root.join(key)) {
+        let read = || -> std::io::Result<Vec<u8>> {
+            let file = File::open(self.root.join(key))?;
+            // Events are a few hundred bytes. `fs::read` would first ask the kernel for the size, one more
+            // syscall per event, which `verify` pays a million times; reading through `Take` skips that.
+            let mut bytes = Vec::with_capacity(1024);
+            file.take(u64::MAX).read_to_end(&mut bytes)?;
+            Ok(bytes)
+        };
+        match read() {
             Ok(bytes) => Ok(Some(bytes)),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
             Err(e) => Err(self.io("reading", key, e)),
@@ -98,7 +106,6 @@ impl Store for FileStore {
                 keys.push(format!("{dir_key}{name}"));
             }
         }
-        keys.sort();
         Ok(keys)
     }
 

@@ -27,7 +27,7 @@ pub trait Store: Send + Sync {
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
     /// Writes `bytes` at `key` only if `key` does not exist; never overwrites, never leaves a partial value.
     fn create(&self, key: &str, bytes: &[u8]) -> Result<Created, StoreError>;
-    /// Every key under `prefix`. Only full scans (`verify`) list; reads probe keys instead.
+    /// Every key under `prefix`, in no particular order. Only full scans (`verify`) list; reads probe keys.
     fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
     /// Where the store is, for messages.
     fn location(&self) -> String;
