@@ -239,3 +239,27 @@ fn an_approvers_list_is_enforced_and_log_filters_by_stage() {
     let limited = repo.run(&["log", "--limit", "1", "--json"]).ok().json();
     assert_eq!(limited["events"].as_array().unwrap().len(), 1);
 }
+
+/// The bytes promoted are the bytes baked: a layer changed on disk fails the content gate and `verify`.
+#[test]
+fn a_tampered_image_is_refused_and_reported_as_drift() {
+    let repo = common::tiny_repo(common::free_port());
+    let digest = repo.run(&["bake", "--json"]).ok().json()["digest"].as_str().unwrap().to_string();
+    repo.run(&["approve", "--stage", "dev", "--digest", &digest]).ok();
+    let hex = &digest["sha256:".len()..];
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(repo.file(&format!(".kiln/oci/blobs/sha256/{hex}"))).unwrap()).unwrap();
+    let layer = manifest["layers"][1]["digest"].as_str().unwrap()["sha256:".len()..].to_string();
+    let blob = repo.file(&format!(".kiln/oci/blobs/sha256/{layer}"));
+    let mut bytes = std::fs::read(&blob).unwrap();
+    bytes[600] ^= 0x20;
+    std::fs::write(&blob, bytes).unwrap();
+
+    let refused = repo.run(&["promote", "--stage", "dev", "--no-deploy", "--json"]).expect(3);
+    let gates = refused.json()["details"]["gates"].clone();
+    let content = gates.as_array().unwrap().iter().find(|g| g["gate"] == "content").unwrap().clone();
+    assert_eq!(content["passed"], false, "{gates}");
+    assert!(content["detail"].as_str().unwrap().contains("no longer matches its digest"), "{content}");
+    let drift = repo.run(&["verify"]).expect(6);
+    assert!(drift.stderr.contains(&digest), "verify names the image: {}", drift.stderr);
+}
