@@ -319,3 +319,19 @@ fn an_interrupted_rollback_keeps_the_kept_group() {
     assert_eq!(greeting(port), "three");
     assert_converged(&repo, 1, 1);
 }
+
+/// A recipe with no [instance] cannot be deployed: refused up front as bad input, naming the file to fix, with no
+/// deployment opened.
+#[test]
+fn an_image_without_an_instance_section_is_refused_before_the_stage_is_touched() {
+    let repo = common::tiny_repo(common::free_port());
+    repo.edit("pipelines/app.toml", "image = \"app\"", "image = \"base\"");
+    let digest = repo.run(&["bake", "--json"]).ok().json()["digest"].as_str().unwrap().to_string();
+    repo.run(&["approve", "--stage", "dev", "--digest", &digest]).ok();
+    repo.run(&["promote", "--stage", "dev", "--no-deploy"]).ok();
+    let refused = repo.run(&["deploy", "--stage", "dev"]).expect(2);
+    assert!(refused.stderr.contains("has no [instance] section"), "{}", refused.stderr);
+    assert!(refused.stderr.contains("images/base.toml"), "{}", refused.stderr);
+    let log = repo.run(&["log", "--json", "--limit", "1"]).ok().json();
+    assert_eq!(log["events"][0]["kind"], "promoted", "no deployment was opened");
+}

@@ -65,6 +65,15 @@ fn holder_is_dead(holder: &str) -> bool {
     host == crate::process::host_name() && !crate::process::alive(pid, started)
 }
 
+fn busy(stage: &Stage, open: &OpenDeploy) -> Error {
+    Error::Busy {
+        stage: stage.name.clone(),
+        holder: format!("{} ({})", open.actor, open.holder),
+        until: open.lease_until.clone(),
+        deploy_id: open.deploy_id.clone(),
+    }
+}
+
 fn lease_expired(ctx: &Context, open: &OpenDeploy) -> bool {
     clock::parse(&open.lease_until).is_some_and(|until| ctx.clock.now() >= until)
 }
@@ -197,12 +206,7 @@ fn settle_open(ctx: &Context, stage: &Stage) -> Result<Option<String>, Error> {
         // New groups get the stage's next version when the deployment starts; an older version was reused.
         let reused = group_version(&open.group).is_some_and(|v| v < there.versions);
         if open.holder != me && !lease_expired(ctx, &open) && !holder_is_dead(&open.holder) {
-            return Err(Error::Busy {
-                stage: stage.name.clone(),
-                holder: format!("{} ({})", open.actor, open.holder),
-                until: open.lease_until.clone(),
-                deploy_id: open.deploy_id.clone(),
-            });
+            return Err(busy(stage, &open));
         }
         let body = EventBody::DeployStep {
             pipeline: ctx.pipeline.name.clone(),
@@ -286,6 +290,14 @@ pub fn deploy(ctx: &Context, stage_name: &str, want: Want) -> Result<DeployRepor
     let image = ImageRef { digest, image_ref: record.image_ref.clone() };
     let live = view.stage(&ctx.pipeline.name, &stage.name).and_then(|s| s.live.clone());
     drop(view);
+    // An image that says nothing about how to start is a recipe problem, refused before the stage is touched.
+    if ctx.images.instance_of(&image)?.is_none() {
+        return Err(Error::usage(format!(
+            "{} (recipe `{}`) has no [instance] section, so there is nothing to start; add one to images/{}.toml \
+             (command and health) and bake again",
+            image.image_ref, record.recipe, record.recipe
+        )));
+    }
 
     let groups = fleet.groups(target)?;
     let serving = fleet.serving(target)?;
@@ -326,12 +338,7 @@ pub fn deploy(ctx: &Context, stage_name: &str, want: Want) -> Result<DeployRepor
     let (open, _) = ctx.ledger.append::<OpenDeploy, Error>(ctx.actor, ctx.clock, |view| {
         let there = view.stage(&ctx.pipeline.name, &stage.name).cloned().unwrap_or_default();
         if let Some(open) = &there.open {
-            return Err(Error::Busy {
-                stage: stage.name.clone(),
-                holder: format!("{} ({})", open.actor, open.holder),
-                until: open.lease_until.clone(),
-                deploy_id: open.deploy_id.clone(),
-            });
+            return Err(busy(stage, open));
         }
         let group = kept.clone().unwrap_or_else(|| group_name(ctx, stage, there.versions + 1));
         let deploy_id = format!("{}-{}-{}", ctx.pipeline.name, stage.name, there.deploys + 1);
