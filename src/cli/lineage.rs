@@ -85,15 +85,30 @@ fn quote(s: &str) -> String {
     s.replace('\\', "\\\\").replace('"', "\\\"")
 }
 
+/// The images from the root ancestor down to the image itself.
+fn root_first(l: &Lineage) -> Vec<&ImageSummary> {
+    l.parents.iter().rev().chain(std::iter::once(&l.image)).collect()
+}
+
+fn image_node(image: &ImageSummary) -> String {
+    format!("img_{}", image.digest.short())
+}
+
+fn stage_node(stage: &str) -> String {
+    format!("stage_{}", stage.replace('-', "_"))
+}
+
+fn short_commit(image: &ImageSummary) -> &str {
+    image.commit.as_deref().map(|c| &c[..c.len().min(12)]).unwrap_or("none")
+}
+
 fn dot(l: &Lineage) -> String {
     let mut out = String::from("digraph lineage {\n  rankdir=LR;\n  node [shape=box, fontname=\"monospace\"];\n");
-    let mut chain: Vec<&ImageSummary> = l.parents.iter().rev().collect();
-    chain.push(&l.image);
     let mut previous: Option<String> = None;
-    for image in chain {
-        let id = format!("img_{}", image.digest.short());
+    for image in root_first(l) {
+        let id = image_node(image);
         let commit_id = format!("commit_{}", image.digest.short());
-        let commit = image.commit.as_deref().map(|c| &c[..c.len().min(12)]).unwrap_or("none");
+        let commit = short_commit(image);
         out.push_str(&format!("  {commit_id} [label=\"commit {}\", shape=note];\n", quote(commit)));
         out.push_str(&format!(
             "  {id} [label=\"{}\\n{}\\nkey {}\"];\n",
@@ -107,9 +122,9 @@ fn dot(l: &Lineage) -> String {
         }
         previous = Some(id);
     }
-    let mut from = format!("img_{}", l.image.digest.short());
+    let mut from = image_node(&l.image);
     for s in &l.stages {
-        let id = format!("stage_{}", s.stage.replace('-', "_"));
+        let id = stage_node(&s.stage);
         let approvals = if s.approvals.is_empty() {
             String::new()
         } else {
@@ -132,12 +147,10 @@ fn dot(l: &Lineage) -> String {
 
 fn mermaid(l: &Lineage) -> String {
     let mut out = String::from("flowchart LR\n");
-    let mut chain: Vec<&ImageSummary> = l.parents.iter().rev().collect();
-    chain.push(&l.image);
     let mut previous: Option<String> = None;
-    for image in chain {
-        let id = format!("img_{}", image.digest.short());
-        let commit = image.commit.as_deref().map(|c| &c[..c.len().min(12)]).unwrap_or("none");
+    for image in root_first(l) {
+        let id = image_node(image);
+        let commit = short_commit(image);
         out.push_str(&format!(
             "  commit_{}[\"commit {commit}\"] --> {id}[\"{}<br/>{}\"]\n",
             image.digest.short(),
@@ -149,9 +162,9 @@ fn mermaid(l: &Lineage) -> String {
         }
         previous = Some(id);
     }
-    let mut from = format!("img_{}", l.image.digest.short());
+    let mut from = image_node(&l.image);
     for s in &l.stages {
-        let id = format!("stage_{}", s.stage.replace('-', "_"));
+        let id = stage_node(&s.stage);
         out.push_str(&format!("  {from} --> {id}([\"{}\"])\n", s.stage));
         from = id;
     }

@@ -211,8 +211,8 @@ impl FileHasher {
         let mut found: Vec<Found> = Vec::new();
         for step in &recipe.provision {
             match step {
-                Provision::Copy { source, .. } => walk(&source.relative, &source.absolute, None, &mut found)?,
-                Provision::Run { script, .. } => walk(&script.relative, &script.absolute, None, &mut found)?,
+                Provision::Copy { source, .. } => found.extend(walk_tree(&source.relative, &source.absolute, None)?),
+                Provision::Run { script, .. } => found.extend(walk_tree(&script.relative, &script.absolute, None)?),
                 Provision::Shell { .. } => {}
             }
         }
@@ -296,11 +296,6 @@ type Found = (String, PathBuf, fs::Metadata);
 
 /// Collects `abs` and, for a directory, everything below it, sorted; symlinks are not followed. Each path is
 /// stat'ed once (a directory entry's metadata comes from its parent's listing), subdirectories in parallel.
-fn walk(rel: &str, abs: &Path, meta: Option<fs::Metadata>, out: &mut Vec<Found>) -> Result<(), KeyError> {
-    out.extend(walk_tree(rel, abs, meta)?);
-    Ok(())
-}
-
 fn walk_tree(rel: &str, abs: &Path, meta: Option<fs::Metadata>) -> Result<Vec<Found>, KeyError> {
     let read_error = |source| KeyError::Read { path: abs.to_path_buf(), source };
     let meta = match meta {
@@ -363,11 +358,7 @@ mod tests {
         let old = SystemTime::now() - std::time::Duration::from_secs(10);
         fs::File::options().write(true).open(&file).unwrap().set_modified(old).unwrap();
         let cache = dir.path().join("stat.json");
-        let recipe_file = |hasher: &mut FileHasher| {
-            let mut found = Vec::new();
-            walk("a", &file, None, &mut found).unwrap();
-            hasher.hash_paths(found).unwrap()
-        };
+        let recipe_file = |hasher: &mut FileHasher| hasher.hash_paths(walk_tree("a", &file, None).unwrap()).unwrap();
         let mut first = FileHasher::open(Some(cache.clone()));
         let a = recipe_file(&mut first);
         assert_eq!(first.files_hashed(), 1);

@@ -481,6 +481,16 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
+/// Writes a test file with its parent directories and a mode; for tests here and in the OCI store.
+#[cfg(test)]
+pub(crate) fn write_test_file(root: &Path, rel: &str, content: &[u8], mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    let path = root.join(rel);
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    fs::write(&path, content).unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+}
+
 /// Lists a layer's entries as `(path, type, mode, link target)`; for tests here and in the OCI store.
 #[cfg(test)]
 pub(crate) fn list_entries(tar_bytes: &[u8]) -> Vec<(String, EntryType, u32, Option<String>)> {
@@ -498,16 +508,10 @@ pub(crate) fn list_entries(tar_bytes: &[u8]) -> Vec<(String, EntryType, u32, Opt
 
 #[cfg(test)]
 mod tests {
+    use super::write_test_file as write;
     use super::*;
     use std::os::unix::fs::{symlink, PermissionsExt};
     use std::time::{Duration, SystemTime};
-
-    fn write(root: &Path, rel: &str, content: &[u8], mode: u32) {
-        let path = root.join(rel);
-        fs::create_dir_all(path.parent().unwrap()).unwrap();
-        fs::write(&path, content).unwrap();
-        fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
-    }
 
     fn layer(base: Option<&Path>, root: &Path) -> (Vec<u8>, LayerStats) {
         let mut bytes = Vec::new();

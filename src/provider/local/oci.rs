@@ -1089,16 +1089,9 @@ impl Unpacker<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::provider::local::layer::list_entries;
+    use crate::provider::local::layer::{list_entries, write_test_file as write};
     use std::os::unix::fs::{symlink, MetadataExt};
     use tar::{EntryType, Header};
-
-    fn write(root: &Path, rel: &str, content: &[u8], mode: u32) {
-        let path = root.join(rel);
-        fs::create_dir_all(path.parent().unwrap()).unwrap();
-        fs::write(&path, content).unwrap();
-        fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
-    }
 
     fn store() -> (tempfile::TempDir, OciStore) {
         let dir = tempfile::tempdir().unwrap();
