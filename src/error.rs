@@ -45,6 +45,12 @@ pub enum Error {
     /// A gate refused and the command already printed its verdicts (`promote --plan`, `run`).
     #[error("{message}")]
     RefusedAsShown { message: String },
+    #[error("cannot encode {what} as JSON")]
+    Encode {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error("{what} is not implemented yet")]
     NotYet { what: String },
     #[error("{message}")]

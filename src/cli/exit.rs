@@ -49,6 +49,7 @@ pub fn classify(err: &Error) -> Exit {
         }
         Error::Ledger(_)
         | Error::NotYet { .. }
+        | Error::Encode { .. }
         | Error::Io { .. }
         | Error::Provider(_)
         | Error::Key(_)

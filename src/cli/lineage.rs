@@ -27,7 +27,8 @@ pub enum LineageFormat {
 pub fn run(ctx: &Ctx, args: LineageArgs) -> Result<(), kiln::Error> {
     let found = ctx.with_engine(|engine| lineage::lineage(engine, &args.target))?;
     if ctx.out.json || args.format == LineageFormat::Json {
-        let text = serde_json::to_string_pretty(&found).map_err(|e| kiln::Error::usage(e.to_string()))?;
+        let text = serde_json::to_string_pretty(&found)
+            .map_err(|source| kiln::Error::Encode { what: "the lineage", source })?;
         println!("{text}");
         return Ok(());
     }

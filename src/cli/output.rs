@@ -12,7 +12,7 @@ impl Output {
     pub fn emit<T: Serialize>(&self, doc: &T, human: impl FnOnce() -> String) -> Result<(), kiln::Error> {
         if self.json {
             let text = serde_json::to_string_pretty(doc)
-                .map_err(|e| kiln::Error::usage(format!("cannot encode output: {e}")))?;
+                .map_err(|source| kiln::Error::Encode { what: "the output", source })?;
             println!("{text}");
         } else {
             let text = human();
