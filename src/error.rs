@@ -38,8 +38,20 @@ pub enum Error {
     Refused { stage: String, digest: Option<Digest>, gates: Vec<GateVerdict> },
     #[error("stage {stage} is busy: deployment {deploy_id} by {holder} holds its lease until {until}")]
     Busy { stage: String, holder: String, until: String, deploy_id: String },
-    #[error("deployment to {stage} failed; the previous group kept serving: {reason}{}", log_tail.as_deref().map(|t| format!("\n--- instance log ---\n{}", t.trim_end())).unwrap_or_default())]
-    DeployFailed { stage: String, group: String, reason: String, log_tail: Option<String> },
+    #[error(
+        "deployment {deploy_id} to {stage} was taken over by {by} after this kiln's lease ran out; it stopped \
+         without changing anything more"
+    )]
+    TakenOver { stage: String, deploy_id: String, by: String },
+    #[error("deployment to {stage} failed: {reason}; {aftermath}{}", log_tail.as_deref().map(|t| format!("\n--- instance log ---\n{}", t.trim_end())).unwrap_or_default())]
+    DeployFailed {
+        stage: String,
+        group: String,
+        reason: String,
+        /// What the stage serves now, as it really is ("group … kept serving", "traffic moved back to …").
+        aftermath: String,
+        log_tail: Option<String>,
+    },
     #[error("the provider has drifted from the ledger:{}", drift.iter().map(|d| format!("\n  - {}: {}", d.subject, d.problem)).collect::<String>())]
     Drift { drift: Vec<crate::engine::drift::Drift> },
     /// A gate refused and the command already printed its verdicts (`promote --plan`, `run`).

@@ -42,7 +42,7 @@ pub fn classify(err: &Error) -> Exit {
         Error::Ledger(LedgerError::Contended { .. }) => Exit::Busy,
         Error::DirtyTree { .. } => Exit::Invalid,
         Error::Refused { .. } | Error::RefusedAsShown { .. } => Exit::Refused,
-        Error::Busy { .. } => Exit::Busy,
+        Error::Busy { .. } | Error::TakenOver { .. } => Exit::Busy,
         Error::DeployFailed { .. } => Exit::DeployFailed,
         Error::NotReproducible { .. } | Error::Drift { .. } | Error::Provider(ProviderError::Drift { .. }) => {
             Exit::VerifyFailed

@@ -10,6 +10,7 @@ mod images;
 mod lineage;
 mod log;
 pub mod output;
+mod progress;
 mod promote;
 mod proxy_serve;
 mod revoke;
@@ -169,6 +170,7 @@ impl Ctx {
             ProviderKind::Local => LocalProvider::new(self.state_dir()),
             ProviderKind::Aws => return Err(Error::NotYet { what: "the aws provider".into() }),
         };
+        let progress = progress::for_run(self.global.quiet);
         let context = Context {
             repo: &self.repo,
             pipeline,
@@ -179,6 +181,8 @@ impl Ctx {
             fleet: &local,
             state_dir: self.state_dir(),
             echo: !self.global.quiet && !self.global.json,
+            lease_holder: kiln::engine::deploy::holder_id(),
+            progress: progress.as_ref(),
         };
         f(&context)
     }

@@ -12,6 +12,10 @@ use super::{check_name, parse_duration, toml_stems, ConfigError, Repo, RepoPath,
 
 const DEFAULT_LEDGER: &str = ".kiln/ledger";
 const DEFAULT_GATE_TIMEOUT: Duration = Duration::from_secs(600);
+/// Short, because a holder on another machine (a CI runner) is only known dead by its lease running out; the
+/// holder renews it while it works, so a deployment may take far longer than this.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(120);
+const DEFAULT_VERIFY_INTERVAL: Duration = Duration::from_secs(10);
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -43,6 +47,18 @@ struct StageToml {
     deploy: Option<Spanned<DeployToml>>,
     #[serde(rename = "gate", default)]
     gates: Vec<Spanned<GateToml>>,
+    verify_for: Option<Spanned<String>>,
+    #[serde(rename = "verify", default)]
+    verify: Vec<Spanned<VerifyToml>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct VerifyToml {
+    command: Option<Spanned<Vec<String>>>,
+    interval: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+    alarm: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -108,6 +124,18 @@ pub struct Stage {
     pub lease: Duration,
     pub deploy: StageDeploy,
     pub gates: Vec<Gate>,
+    /// The verification window after traffic moves: the previous group keeps running while `verify` checks run.
+    pub verify_for: Option<Duration>,
+    pub verify: Vec<VerifyCheck>,
+}
+
+/// A check run through a stage's verification window; any failure moves traffic back to the previous group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VerifyCheck {
+    /// Runs at once after cutover, then every `interval`, with `KILN_ENDPOINT` set; non-zero exit fails.
+    Command { argv: Vec<String>, program: CommandProgram, interval: Duration, timeout: Duration },
+    /// AWS: a CloudWatch alarm that must stay OK through the window.
+    Alarm { name: String },
 }
 
 #[derive(Debug, Clone)]
@@ -290,7 +318,7 @@ fn validate(repo: &Repo, source: &Source, name: &str, raw: PipelineToml) -> Resu
             .transpose()?;
         let lease = match &stage.lease {
             Some(t) => parse_duration(t.get_ref()).map_err(|m| source.error(t.span(), format!("{field}.lease"), m))?,
-            None => Duration::from_secs(900),
+            None => DEFAULT_LEASE,
         };
         let deploy = match (provider, stage.deploy) {
             (ProviderKind::Local, None) => {
@@ -366,6 +394,23 @@ fn validate(repo: &Repo, source: &Source, name: &str, raw: PipelineToml) -> Resu
             let gate_field = format!("{field}.gate[{gate_index}]");
             gates.push(validate_gate(repo, source, &gate_field, gate)?);
         }
+        let verify_for = stage
+            .verify_for
+            .as_ref()
+            .map(|t| parse_duration(t.get_ref()).map_err(|m| source.error(t.span(), format!("{field}.verify-for"), m)))
+            .transpose()?;
+        let mut verify = Vec::with_capacity(stage.verify.len());
+        for (check_index, check) in stage.verify.into_iter().enumerate() {
+            let check_field = format!("{field}.verify[{check_index}]");
+            verify.push(validate_verify(repo, source, &check_field, provider, check)?);
+        }
+        if verify_for.is_none() && !verify.is_empty() {
+            return Err(source.error(
+                stage_span,
+                format!("{field}.verify-for"),
+                "[[stage.verify]] checks need `verify-for`, the length of the window they run in",
+            ));
+        }
         stages.push(Stage {
             name: stage_name,
             capacity,
@@ -374,6 +419,8 @@ fn validate(repo: &Repo, source: &Source, name: &str, raw: PipelineToml) -> Resu
             lease,
             deploy,
             gates,
+            verify_for,
+            verify,
         });
     }
     if provider == ProviderKind::Aws && raw.aws.as_ref().and_then(|a| a.region.as_ref()).is_none() {
@@ -381,6 +428,79 @@ fn validate(repo: &Repo, source: &Source, name: &str, raw: PipelineToml) -> Resu
     }
     let aws = raw.aws.map(|a| AwsPipeline { region: a.region, artifact_bucket: a.artifact_bucket, profile: a.profile });
     Ok(Pipeline { name: name.to_string(), file, image, provider, ledger, aws, stages })
+}
+
+fn validate_verify(
+    repo: &Repo,
+    source: &Source,
+    field: &str,
+    provider: ProviderKind,
+    check: Spanned<VerifyToml>,
+) -> Result<VerifyCheck, ConfigError> {
+    let span = check.span();
+    let check = check.into_inner();
+    match (check.command, check.alarm) {
+        (Some(command), None) => {
+            let (argv, program) = command_program(repo, source, &format!("{field}.command"), &command)?;
+            let interval = match &check.interval {
+                Some(t) => {
+                    parse_duration(t.get_ref()).map_err(|m| source.error(t.span(), format!("{field}.interval"), m))?
+                }
+                None => DEFAULT_VERIFY_INTERVAL,
+            };
+            if interval.is_zero() {
+                let at = check.interval.as_ref().map(|t| t.span()).unwrap_or(span);
+                return Err(source.error(at, format!("{field}.interval"), "the interval must be longer than 0s"));
+            }
+            let timeout = match &check.timeout {
+                Some(t) => {
+                    parse_duration(t.get_ref()).map_err(|m| source.error(t.span(), format!("{field}.timeout"), m))?
+                }
+                None => interval,
+            };
+            Ok(VerifyCheck::Command { argv, program, interval, timeout })
+        }
+        (None, Some(alarm)) => {
+            if provider != ProviderKind::Aws {
+                return Err(source.error(
+                    alarm.span(),
+                    format!("{field}.alarm"),
+                    "`alarm` checks are CloudWatch alarms and need provider = \"aws\"; use `command` locally",
+                ));
+            }
+            for (key, value) in [("interval", &check.interval), ("timeout", &check.timeout)] {
+                if let Some(value) = value {
+                    return Err(source.error(
+                        value.span(),
+                        format!("{field}.{key}"),
+                        format!("`{key}` goes with `command`; an alarm is watched for the whole window"),
+                    ));
+                }
+            }
+            Ok(VerifyCheck::Alarm { name: alarm.into_inner() })
+        }
+        _ => Err(source.error(span, field, "a verify check needs exactly one of `command` or `alarm`")),
+    }
+}
+
+/// A command as written in a gate or check: its argv, and whether the program is a repository script.
+fn command_program(
+    repo: &Repo,
+    source: &Source,
+    field: &str,
+    command: &Spanned<Vec<String>>,
+) -> Result<(Vec<String>, CommandProgram), ConfigError> {
+    let argv = command.get_ref().clone();
+    let Some(first) = argv.first().filter(|p| !p.trim().is_empty()) else {
+        return Err(source.error(command.span(), field, "the command is empty; give the program and its arguments"));
+    };
+    let program = if first.contains('/') {
+        let script = repo.resolve(&source.absolute, first).map_err(|m| source.error(command.span(), field, m))?;
+        CommandProgram::Script(script)
+    } else {
+        CommandProgram::OnPath(first.clone())
+    };
+    Ok((argv, program))
 }
 
 fn validate_gate(repo: &Repo, source: &Source, field: &str, gate: Spanned<GateToml>) -> Result<Gate, ConfigError> {
@@ -402,22 +522,7 @@ fn validate_gate(repo: &Repo, source: &Source, field: &str, gate: Spanned<GateTo
         return Ok(Gate::Soak { duration, written: soak.get_ref().trim().to_string() });
     }
     if let Some(command) = gate.command {
-        let argv = command.get_ref().clone();
-        let Some(first) = argv.first().filter(|p| !p.trim().is_empty()) else {
-            return Err(source.error(
-                command.span(),
-                format!("{field}.command"),
-                "the command is empty; give the program and its arguments",
-            ));
-        };
-        let program = if first.contains('/') {
-            let script = repo
-                .resolve(&source.absolute, first)
-                .map_err(|m| source.error(command.span(), format!("{field}.command"), m))?;
-            CommandProgram::Script(script)
-        } else {
-            CommandProgram::OnPath(first.clone())
-        };
+        let (argv, program) = command_program(repo, source, &format!("{field}.command"), &command)?;
         let timeout = match &gate.timeout {
             Some(t) => {
                 parse_duration(t.get_ref()).map_err(|m| source.error(t.span(), format!("{field}.timeout"), m))?

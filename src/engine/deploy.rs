@@ -1,22 +1,30 @@
 //! Deployment by whole-group replacement (DESIGN.md §5), one algorithm for every provider: take the stage's lease,
-//! launch a new group from the digest, wait for it to be healthy, move traffic, drain and retire the old group.
-//! Every step is a ledger event, and an interrupted deployment is reconciled (finished or undone) from what the
-//! provider really serves before anything else happens to the stage.
+//! launch a new group from the digest, wait for it to be healthy, move traffic, drain, verify, retire the old group.
+//! Every step is a ledger event. The lease is renewed while kiln waits, and every step that changes the provider
+//! first proves this deployment is still the stage's open one (fencing), so a kiln that lost its lease changes
+//! nothing more. An interrupted deployment is reconciled (finished or undone) from what the provider really serves
+//! before anything else happens to the stage.
 
-use std::time::{Duration, Instant};
+use std::cell::Cell;
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
+use super::gate;
 use super::Context;
 use crate::clock;
+use crate::config::pipeline::VerifyCheck;
 use crate::config::Stage;
 use crate::digest::Digest;
 use crate::fault;
 use crate::ledger::event::RollbackRecord;
-use crate::ledger::view::{group_version, OpenDeploy, TAKEOVER_STEP};
+use crate::ledger::view::{group_version, OpenDeploy, RENEWAL_STEP, TAKEOVER_STEP};
 use crate::ledger::{Decision, EventBody, GateVerdict, View};
-use crate::provider::{ImageRef, StageRef};
+use crate::provider::{ImageRef, ProviderError, StageRef, Unhealthy};
 use crate::Error;
+
+/// How far back `kiln` looks for the takeover that closed its deployment, to name who took over.
+const TAKEOVER_SEARCH: usize = 10_000;
 
 /// What to deploy.
 #[derive(Debug, Clone)]
@@ -49,15 +57,18 @@ pub struct DeployReport {
     /// What happened to an interrupted deployment found on the way in.
     pub reconciled: Option<String>,
     pub rollback: bool,
+    /// The verification window, when the stage has one.
+    pub verified_for_ms: Option<u64>,
 }
 
 /// This process, as a lease holder: `host:pid:start-time`.
-fn holder_id() -> String {
+pub fn holder_id() -> String {
     let pid = std::process::id() as i32;
     format!("{}:{pid}:{}", crate::process::host_name(), crate::process::start_time(pid).unwrap_or_default())
 }
 
 /// Whether the lease holder is a kiln process on this machine that is gone (so its lease can be taken at once).
+/// A holder on another machine is only known dead by its lease running out.
 fn holder_is_dead(holder: &str) -> bool {
     let mut parts = holder.rsplitn(3, ':');
     let (Some(started), Some(pid), Some(host)) = (parts.next(), parts.next(), parts.next()) else { return false };
@@ -86,65 +97,176 @@ fn group_name(ctx: &Context, stage: &Stage, version: u64) -> String {
     format!("{}-{}-v{version:03}", ctx.pipeline.name, stage.name)
 }
 
-/// Appends `body` for the deployment `deploy_id` if it is still the stage's open one. A deployment that was taken
-/// over and reconciled by another kiln is no longer ours to record.
-fn append_if_open(ctx: &Context, stage: &Stage, deploy_id: &str, body: EventBody) -> Result<(), Error> {
-    ctx.ledger.append::<(), Error>(ctx.actor, ctx.clock, |view| {
-        let open = view.stage(&ctx.pipeline.name, &stage.name).and_then(|s| s.open.as_ref());
-        if open.is_none_or(|o| o.deploy_id != deploy_id) {
-            return Ok(Decision::Skip(()));
+/// A deployment's hold on its stage. Every ledger write of the deployment and every provider change goes through
+/// it: writes are judged against the head they are appended to (the deployment must still be the stage's open one,
+/// held by us), and provider changes are fenced the same way first.
+struct Lease<'c> {
+    ctx: &'c Context<'c>,
+    stage: &'c Stage,
+    deploy_id: String,
+    /// When the lease runs out, by the context's clock.
+    until: Cell<SystemTime>,
+    /// When it was last extended, by the monotonic clock (a pinned clock never moves).
+    renewed: Cell<Instant>,
+}
+
+impl<'c> Lease<'c> {
+    fn held(ctx: &'c Context<'c>, stage: &'c Stage, open: &OpenDeploy) -> Lease<'c> {
+        let until = clock::parse(&open.lease_until).unwrap_or_else(|| ctx.clock.now());
+        Lease {
+            ctx,
+            stage,
+            deploy_id: open.deploy_id.clone(),
+            until: Cell::new(until),
+            renewed: Cell::new(Instant::now()),
         }
-        Ok(Decision::Append(Box::new(body.clone()), ()))
-    })?;
+    }
+
+    fn is_ours(&self, view: &View) -> bool {
+        view.stage(&self.ctx.pipeline.name, &self.stage.name)
+            .and_then(|s| s.open.as_ref())
+            .is_some_and(|o| o.deploy_id == self.deploy_id && o.holder == self.ctx.lease_holder)
+    }
+
+    /// Who took the deployment over: the `lease-taken-over` step that named it, else whoever holds the stage now.
+    fn taken_over(&self, view: &View) -> Error {
+        let ledger = self.ctx.ledger;
+        let found = ledger
+            .newest_first(view.seq(), TAKEOVER_SEARCH, |e| {
+                matches!(&e.event.body, EventBody::DeployStep { deploy_id, step, .. }
+                    if *deploy_id == self.deploy_id && step == TAKEOVER_STEP)
+            })
+            .ok()
+            .and_then(|found| found.into_iter().next());
+        let by = match found {
+            Some(event) => {
+                let holder = match &event.event.body {
+                    EventBody::DeployStep { detail, .. } => detail["lease_holder"].as_str().unwrap_or("?").to_string(),
+                    _ => "?".into(),
+                };
+                format!("{} ({holder}) at seq {}", event.event.actor, event.event.seq)
+            }
+            None => match view.stage(&self.ctx.pipeline.name, &self.stage.name).and_then(|s| s.open.as_ref()) {
+                Some(open) => format!("{} ({}), deployment {}", open.actor, open.holder, open.deploy_id),
+                None => "another kiln".into(),
+            },
+        };
+        Error::TakenOver { stage: self.stage.name.clone(), deploy_id: self.deploy_id.clone(), by }
+    }
+
+    /// Appends `body` only if this deployment is still the stage's open one and ours; otherwise `TakenOver`.
+    fn append(&self, body: EventBody) -> Result<(), Error> {
+        let ctx = self.ctx;
+        ctx.ledger.append::<(), Error>(ctx.actor, ctx.clock, |view| {
+            if !self.is_ours(view) {
+                return Err(self.taken_over(view));
+            }
+            Ok(Decision::Append(Box::new(body.clone()), ()))
+        })?;
+        Ok(())
+    }
+
+    fn renewal_due(&self) -> bool {
+        let lease = self.stage.lease;
+        let left = self.until.get().duration_since(self.ctx.clock.now()).unwrap_or_default();
+        left < lease * 2 / 3 || self.renewed.get().elapsed() >= lease / 3
+    }
+
+    fn renew(&self) -> Result<(), Error> {
+        let until = self.ctx.clock.now() + self.stage.lease;
+        self.append(EventBody::DeployStep {
+            pipeline: self.ctx.pipeline.name.clone(),
+            stage: self.stage.name.clone(),
+            deploy_id: self.deploy_id.clone(),
+            step: RENEWAL_STEP.into(),
+            detail: serde_json::json!({ "lease_until": clock::format(until), "lease_holder": self.ctx.lease_holder }),
+        })?;
+        self.until.set(until);
+        self.renewed.set(Instant::now());
+        tracing::debug!(stage = %self.stage.name, "renewed the lease until {}", clock::format(until));
+        Ok(())
+    }
+
+    /// Called while waiting: extends the lease when a third of it has gone. Stops the wait if it was taken over.
+    fn keep_alive(&self) -> Result<(), Error> {
+        if self.renewal_due() {
+            self.renew()?;
+        }
+        Ok(())
+    }
+
+    /// Called before every provider change: proves the deployment is still ours, renewing the lease when it runs
+    /// low so that nobody can take it over while the change is under way.
+    fn fence(&self) -> Result<(), Error> {
+        if self.renewal_due() {
+            return self.renew();
+        }
+        let view = self.ctx.ledger.view()?;
+        if self.is_ours(&view) {
+            Ok(())
+        } else {
+            Err(self.taken_over(&view))
+        }
+    }
+
+    /// Records a step of the deployment; `KILN_FAULT=deploy:after-<step>` dies right after it.
+    fn step(&self, name: &str, detail: serde_json::Value) -> Result<(), Error> {
+        self.append(EventBody::DeployStep {
+            pipeline: self.ctx.pipeline.name.clone(),
+            stage: self.stage.name.clone(),
+            deploy_id: self.deploy_id.clone(),
+            step: name.to_string(),
+            detail,
+        })?;
+        fault::point(&format!("deploy:after-{name}"));
+        Ok(())
+    }
+
+    fn finish(&self, open: &OpenDeploy) -> Result<(), Error> {
+        self.append(EventBody::DeployFinished {
+            pipeline: self.ctx.pipeline.name.clone(),
+            stage: self.stage.name.clone(),
+            deploy_id: open.deploy_id.clone(),
+            digest: open.digest,
+            group: open.group.clone(),
+        })
+    }
+
+    fn fail(&self, open: &OpenDeploy, reason: &str, log_tail: Option<String>) -> Result<(), Error> {
+        self.append(EventBody::DeployFailed {
+            pipeline: self.ctx.pipeline.name.clone(),
+            stage: self.stage.name.clone(),
+            deploy_id: open.deploy_id.clone(),
+            digest: open.digest,
+            group: open.group.clone(),
+            reason: reason.to_string(),
+            log_tail,
+        })
+    }
+}
+
+/// Removes a group this deployment made, or parks again a kept group it re-enabled.
+fn remove_new_group(lease: &Lease, target: StageRef, group: &str, reused: bool) -> Result<(), Error> {
+    lease.fence()?;
+    if reused {
+        lease.ctx.fleet.park(target, group)?;
+    } else {
+        lease.ctx.fleet.destroy(target, group)?;
+    }
     Ok(())
-}
-
-/// Records a step of the open deployment; `KILN_FAULT=deploy:after-<step>` dies right after it.
-fn step(ctx: &Context, stage: &Stage, deploy_id: &str, name: &str, detail: serde_json::Value) -> Result<(), Error> {
-    let body = EventBody::DeployStep {
-        pipeline: ctx.pipeline.name.clone(),
-        stage: stage.name.clone(),
-        deploy_id: deploy_id.to_string(),
-        step: name.to_string(),
-        detail,
-    };
-    append_if_open(ctx, stage, deploy_id, body)?;
-    fault::point(&format!("deploy:after-{name}"));
-    Ok(())
-}
-
-fn finish(ctx: &Context, stage: &Stage, open: &OpenDeploy) -> Result<(), Error> {
-    let body = EventBody::DeployFinished {
-        pipeline: ctx.pipeline.name.clone(),
-        stage: stage.name.clone(),
-        deploy_id: open.deploy_id.clone(),
-        digest: open.digest,
-        group: open.group.clone(),
-    };
-    append_if_open(ctx, stage, &open.deploy_id, body)
-}
-
-fn fail(ctx: &Context, stage: &Stage, open: &OpenDeploy, reason: &str, log_tail: Option<String>) -> Result<(), Error> {
-    let body = EventBody::DeployFailed {
-        pipeline: ctx.pipeline.name.clone(),
-        stage: stage.name.clone(),
-        deploy_id: open.deploy_id.clone(),
-        digest: open.digest,
-        group: open.group.clone(),
-        reason: reason.to_string(),
-        log_tail,
-    };
-    append_if_open(ctx, stage, &open.deploy_id, body)
 }
 
 /// Parks the previous group and destroys parked groups beyond `keep-previous`, keeping the most recently live
 /// ones (after a rollback, that is not the highest version). The serving group is never touched.
-fn retire(ctx: &Context, stage: &Stage, serving: &str, previous: Option<&str>) -> Result<serde_json::Value, Error> {
+fn retire(lease: &Lease, serving: &str, previous: Option<&str>) -> Result<serde_json::Value, Error> {
+    let ctx = lease.ctx;
+    let stage = lease.stage;
     let fleet = ctx.fleet;
     let target = stage_ref(ctx, stage);
     let mut parked = Vec::new();
     if let Some(previous) = previous.filter(|p| *p != serving) {
         if fleet.groups(target)?.iter().any(|g| g.name == previous && g.capacity > 0) {
+            lease.fence()?;
             fleet.park(target, previous)?;
             parked.push(previous.to_string());
         }
@@ -166,6 +288,7 @@ fn retire(ctx: &Context, stage: &Stage, serving: &str, previous: Option<&str>) -
     let mut destroyed = Vec::new();
     for group in fleet.groups(target)? {
         if group.name != serving && !keep.contains(&&group.name) {
+            lease.fence()?;
             fleet.destroy(target, &group.name)?;
             destroyed.push(group.name);
         }
@@ -173,32 +296,68 @@ fn retire(ctx: &Context, stage: &Stage, serving: &str, previous: Option<&str>) -
     Ok(serde_json::json!({ "parked": parked, "destroyed": destroyed }))
 }
 
+/// Moves traffic back to the previous group after the new one failed verification (or a crash interrupted its
+/// window), then removes the new group. Returns what the stage serves now.
+fn restore_previous(lease: &Lease, open: &OpenDeploy, reused: bool) -> Result<String, Error> {
+    let ctx = lease.ctx;
+    let target = stage_ref(ctx, lease.stage);
+    let aftermath = match open.previous_group.as_deref().filter(|p| *p != open.group) {
+        Some(previous) => {
+            lease.fence()?;
+            let started = Instant::now();
+            ctx.fleet.route(target, previous)?;
+            let restore_ms = started.elapsed().as_millis() as u64;
+            lease.step("traffic-restored", serde_json::json!({ "group": previous, "restore_ms": restore_ms }))?;
+            format!("traffic moved back to group {previous}")
+        }
+        None => "no group served the stage before this deployment, so none serves it now".to_string(),
+    };
+    remove_new_group(lease, target, &open.group, reused)?;
+    Ok(aftermath)
+}
+
+/// Whether the interrupted deployment's window had begun but not ended: traffic moved, nothing verified yet.
+fn window_unfinished(open: &OpenDeploy, stage: &Stage) -> bool {
+    stage.verify_for.is_some()
+        && open.steps.iter().any(|s| s == "traffic-switched")
+        && !open.steps.iter().any(|s| s == "verified")
+}
+
 /// Finishes or undoes an interrupted deployment, going by which group the provider really serves. `reused` says
 /// the deployment re-enabled a kept group, which an undo parks again rather than destroys.
-fn reconcile(ctx: &Context, stage: &Stage, open: &OpenDeploy, reused: bool) -> Result<String, Error> {
-    let fleet = ctx.fleet;
+fn reconcile(lease: &Lease, open: &OpenDeploy, reused: bool) -> Result<String, Error> {
+    let ctx = lease.ctx;
+    let stage = lease.stage;
     let target = stage_ref(ctx, stage);
-    if fleet.serving(target)?.as_deref() == Some(open.group.as_str()) {
-        let retired = retire(ctx, stage, &open.group, open.previous_group.as_deref())?;
-        step(ctx, stage, &open.deploy_id, "retired", retired)?;
-        finish(ctx, stage, open)?;
+    let serving = ctx.fleet.serving(target)?;
+    if serving.as_deref() == Some(open.group.as_str()) {
+        // A window that never completed proves nothing: the release goes back rather than through unverified.
+        if window_unfinished(open, stage) && open.previous_group.as_deref().is_some_and(|p| p != open.group) {
+            let aftermath = restore_previous(lease, open, reused)?;
+            let reason = "interrupted during its verification window";
+            lease.fail(open, reason, None)?;
+            return Ok(format!("undid interrupted deployment {} ({reason}; {aftermath})", open.deploy_id));
+        }
+        let retired = retire(lease, &open.group, open.previous_group.as_deref())?;
+        lease.step("retired", retired)?;
+        lease.finish(open)?;
         return Ok(format!("finished interrupted deployment {} (traffic had moved to {})", open.deploy_id, open.group));
     }
-    if reused {
-        fleet.park(target, &open.group)?;
-    } else {
-        fleet.destroy(target, &open.group)?;
-    }
+    remove_new_group(lease, target, &open.group, reused)?;
     let last = open.steps.iter().rev().find(|s| s.as_str() != TAKEOVER_STEP).map(String::as_str).unwrap_or("start");
     let reason = format!("interrupted after {last}; traffic had not moved, so {} was removed", open.group);
-    fail(ctx, stage, open, &reason, None)?;
-    Ok(format!("undid interrupted deployment {} (the previous group kept serving)", open.deploy_id))
+    lease.fail(open, &reason, None)?;
+    let aftermath = match serving {
+        Some(group) => format!("group {group} kept serving"),
+        None => "no group served the stage".to_string(),
+    };
+    Ok(format!("undid interrupted deployment {} ({aftermath})", open.deploy_id))
 }
 
 /// If the stage has an open deployment whose holder is gone or whose lease expired, takes the lease over and
 /// reconciles it. A live lease held by someone else is `Busy` (exit 5).
 fn settle_open(ctx: &Context, stage: &Stage) -> Result<Option<String>, Error> {
-    let me = holder_id();
+    let me = ctx.lease_holder.clone();
     let lease_until = ctx.clock.stamp_after(stage.lease);
     let (taken, _) = ctx.ledger.append::<Option<(OpenDeploy, bool)>, Error>(ctx.actor, ctx.clock, |view| {
         let Some(there) = view.stage(&ctx.pipeline.name, &stage.name) else { return Ok(Decision::Skip(None)) };
@@ -215,13 +374,17 @@ fn settle_open(ctx: &Context, stage: &Stage) -> Result<Option<String>, Error> {
             step: TAKEOVER_STEP.into(),
             detail: serde_json::json!({ "lease_until": lease_until, "lease_holder": me, "previous_holder": open.holder }),
         };
+        let mut open = open;
+        open.holder = me.clone();
+        open.lease_until = lease_until.clone();
         Ok(Decision::Append(Box::new(body), Some((open, reused))))
     })?;
     match taken {
         None => Ok(None),
         Some((open, reused)) => {
             tracing::warn!(stage = %stage.name, deploy = %open.deploy_id, "reconciling an interrupted deployment");
-            Ok(Some(reconcile(ctx, stage, &open, reused)?))
+            let lease = Lease::held(ctx, stage, &open);
+            Ok(Some(reconcile(&lease, &open, reused)?))
         }
     }
 }
@@ -239,7 +402,8 @@ fn refused_revoked(stage: &Stage, digest: Digest, reason: String) -> Error {
     }
 }
 
-/// The digest to deploy, and the rollback record when rolling back.
+/// The digest to deploy, and the rollback record when rolling back. Judged against the head the deployment is
+/// appended to, so a promotion or revocation recorded meanwhile is never missed.
 fn choose(ctx: &Context, view: &View, stage: &Stage, want: &Want) -> Result<(Digest, Option<RollbackRecord>), Error> {
     let there = view.stage(&ctx.pipeline.name, &stage.name);
     match want {
@@ -278,14 +442,25 @@ fn choose(ctx: &Context, view: &View, stage: &Stage, want: &Want) -> Result<(Dig
     }
 }
 
-pub fn deploy(ctx: &Context, stage_name: &str, want: Want) -> Result<DeployReport, Error> {
-    let stage = super::promote::stage(ctx, stage_name)?;
+/// Everything decided about a deployment before its lease is taken, from the provider's side.
+struct Plan {
+    digest: Digest,
+    image: ImageRef,
+    kept: Option<String>,
+    serving: Option<String>,
+}
+
+/// What the deployment will do, read from the ledger and the provider. `Ok(Err(report))`: nothing to do.
+fn plan(
+    ctx: &Context,
+    stage: &Stage,
+    want: &Want,
+    reconciled: &Option<String>,
+) -> Result<Result<Plan, DeployReport>, Error> {
     let target = stage_ref(ctx, stage);
     let fleet = ctx.fleet;
-    let reconciled = settle_open(ctx, stage)?;
-
     let view = ctx.ledger.view()?;
-    let (digest, rollback) = choose(ctx, &view, stage, &want)?;
+    let (digest, rollback) = choose(ctx, &view, stage, want)?;
     let record = view.image(&digest).ok_or_else(|| Error::usage(format!("{digest} is not an image in this ledger")))?;
     let image = ImageRef { digest, image_ref: record.image_ref.clone() };
     let live = view.stage(&ctx.pipeline.name, &stage.name).and_then(|s| s.live.clone());
@@ -298,7 +473,6 @@ pub fn deploy(ctx: &Context, stage_name: &str, want: Want) -> Result<DeployRepor
             image.image_ref, record.recipe, record.recipe
         )));
     }
-
     let groups = fleet.groups(target)?;
     let serving = fleet.serving(target)?;
     if let Some(live) = &live {
@@ -306,7 +480,7 @@ pub fn deploy(ctx: &Context, stage_name: &str, want: Want) -> Result<DeployRepor
             && serving.as_deref() == Some(live.group.as_str())
             && groups.iter().any(|g| g.name == live.group && g.running >= g.capacity && g.capacity > 0);
         if healthy_live {
-            return Ok(DeployReport {
+            return Ok(Err(DeployReport {
                 stage: stage.name.clone(),
                 digest,
                 image_ref: image.image_ref,
@@ -316,9 +490,10 @@ pub fn deploy(ctx: &Context, stage_name: &str, want: Want) -> Result<DeployRepor
                 deploy_id: None,
                 cutover_ms: None,
                 endpoint: fleet.endpoint(target),
-                reconciled,
+                reconciled: reconciled.clone(),
                 rollback: rollback.is_some(),
-            });
+                verified_for_ms: None,
+            }));
         }
     }
     // A rollback re-enables a kept group of the digest instead of building a new one.
@@ -331,18 +506,26 @@ pub fn deploy(ctx: &Context, stage_name: &str, want: Want) -> Result<DeployRepor
                 .max_by_key(|g| g.name.clone())
         })
         .map(|g| g.name.clone());
+    Ok(Ok(Plan { digest, image, kept, serving }))
+}
 
-    // 1. Take the lease.
-    let me = holder_id();
+/// Takes the lease with a `deploy-started` event, re-judging the choice of digest (promotion, revocation,
+/// rollback target) against the head it is appended to. `None`: the choice changed meanwhile; plan again.
+fn start(ctx: &Context, stage: &Stage, want: &Want, plan: &Plan) -> Result<Option<OpenDeploy>, Error> {
+    let me = ctx.lease_holder.clone();
     let lease_until = ctx.clock.stamp_after(stage.lease);
-    let (open, _) = ctx.ledger.append::<OpenDeploy, Error>(ctx.actor, ctx.clock, |view| {
+    let (open, _) = ctx.ledger.append::<Option<OpenDeploy>, Error>(ctx.actor, ctx.clock, |view| {
         let there = view.stage(&ctx.pipeline.name, &stage.name).cloned().unwrap_or_default();
         if let Some(open) = &there.open {
             return Err(busy(stage, open));
         }
-        let group = kept.clone().unwrap_or_else(|| group_name(ctx, stage, there.versions + 1));
+        let (digest, rollback) = choose(ctx, view, stage, want)?;
+        if digest != plan.digest {
+            return Ok(Decision::Skip(None));
+        }
+        let group = plan.kept.clone().unwrap_or_else(|| group_name(ctx, stage, there.versions + 1));
         let deploy_id = format!("{}-{}-{}", ctx.pipeline.name, stage.name, there.deploys + 1);
-        let previous_group = serving.clone().or(there.live.as_ref().map(|l| l.group.clone()));
+        let previous_group = plan.serving.clone().or(there.live.as_ref().map(|l| l.group.clone()));
         let open = OpenDeploy {
             deploy_id: deploy_id.clone(),
             digest,
@@ -364,79 +547,146 @@ pub fn deploy(ctx: &Context, stage_name: &str, want: Want) -> Result<DeployRepor
             previous_group,
             lease_until: lease_until.clone(),
             lease_holder: me.clone(),
-            rollback: rollback.clone(),
+            rollback,
         };
-        Ok(Decision::Append(Box::new(body), open))
+        Ok(Decision::Append(Box::new(body), Some(open)))
     })?;
-    fault::point("deploy:after-started");
-    tracing::info!(stage = %stage.name, group = %open.group, "deploying {} ({})", digest.short(), image.image_ref);
+    Ok(open)
+}
+
+/// How many times a deployment re-plans because the digest to deploy changed between planning and the append.
+const REPLANS: usize = 5;
+
+pub fn deploy(ctx: &Context, stage_name: &str, want: Want) -> Result<DeployReport, Error> {
+    let stage = super::promote::stage(ctx, stage_name)?;
+    let reconciled = settle_open(ctx, stage)?;
+    for _ in 0..REPLANS {
+        let plan = match plan(ctx, stage, &want, &reconciled)? {
+            Ok(plan) => plan,
+            Err(already_live) => return Ok(already_live),
+        };
+        fault::point("deploy:before-start");
+        // 1. Take the lease.
+        if let Some(open) = start(ctx, stage, &want, &plan)? {
+            fault::point("deploy:after-started");
+            return run(ctx, stage, open, plan, reconciled);
+        }
+        tracing::info!(stage = %stage.name, "what to deploy changed while planning; planning again");
+    }
+    Err(Error::Ledger(crate::ledger::LedgerError::Contended {
+        location: ctx.ledger.location(),
+        attempts: REPLANS as u32,
+    }))
+}
+
+/// Steps 2–7 of a deployment whose lease is held. An error met after another kiln took the deployment over (its
+/// group destroyed under our feet, say) is reported as the takeover it really is.
+fn run(
+    ctx: &Context,
+    stage: &Stage,
+    open: OpenDeploy,
+    plan: Plan,
+    reconciled: Option<String>,
+) -> Result<DeployReport, Error> {
+    let lease = Lease::held(ctx, stage, &open);
+    run_steps(&lease, open, plan, reconciled).map_err(|err| match err {
+        Error::Provider(_) => match ctx.ledger.view() {
+            Ok(view) if !lease.is_ours(&view) => lease.taken_over(&view),
+            _ => err,
+        },
+        other => other,
+    })
+}
+
+fn run_steps(lease: &Lease, open: OpenDeploy, plan: Plan, reconciled: Option<String>) -> Result<DeployReport, Error> {
+    let ctx = lease.ctx;
+    let stage = lease.stage;
+    let target = stage_ref(ctx, stage);
+    let fleet = ctx.fleet;
+    let reused = plan.kept.is_some();
+    let image = plan.image;
+    tracing::info!(stage = %stage.name, group = %open.group, "deploying {} ({})", open.digest.short(), image.image_ref);
+    let before = match open.previous_group.as_deref() {
+        Some(previous) => format!("group {previous} kept serving"),
+        None => "nothing served the stage before, and nothing serves it now".to_string(),
+    };
+    let failed = |reason: String, aftermath: String, log_tail: Option<String>| Error::DeployFailed {
+        stage: stage.name.clone(),
+        group: open.group.clone(),
+        reason,
+        aftermath,
+        log_tail,
+    };
 
     // 2. Launch the new group (or scale a kept one back up).
-    let capacity = stage.capacity;
-    let launched = match fleet.launch(target, &open.group, &image, capacity) {
+    lease.fence()?;
+    let launched = match fleet.launch(target, &open.group, &image, stage.capacity) {
         Ok(info) => info,
         Err(err) => {
-            let _ = fleet.destroy(target, &open.group);
-            fail(ctx, stage, &open, &format!("launching {} failed: {err}", open.group), None)?;
-            return Err(Error::DeployFailed {
-                stage: stage.name.clone(),
-                group: open.group.clone(),
-                reason: err.to_string(),
-                log_tail: None,
-            });
+            remove_new_group(lease, target, &open.group, reused)?;
+            let reason = format!("launching {} failed: {err}", open.group);
+            lease.fail(&open, &reason, None)?;
+            return Err(failed(reason, before, None));
         }
     };
-    step(
-        ctx,
-        stage,
-        &open.deploy_id,
-        "group-created",
-        serde_json::json!({ "capacity": launched.capacity, "reused": kept.is_some() }),
-    )?;
+    lease.step("group-created", serde_json::json!({ "capacity": launched.capacity, "reused": reused }))?;
 
     // 3. Wait until every instance is healthy.
     let deadline = Instant::now() + ready_timeout(ctx, stage, &image)?;
-    if let Err(unhealthy) = fleet.wait_healthy(target, &open.group, deadline)? {
-        if kept.is_some() {
-            fleet.park(target, &open.group)?;
-        } else {
-            fleet.destroy(target, &open.group)?;
-        }
-        fail(ctx, stage, &open, &unhealthy.reason, unhealthy.log_tail.clone())?;
-        return Err(Error::DeployFailed {
-            stage: stage.name.clone(),
-            group: open.group.clone(),
-            reason: unhealthy.reason,
-            log_tail: unhealthy.log_tail,
-        });
+    if let Err(unhealthy) = wait_healthy(lease, &open.group, deadline)? {
+        remove_new_group(lease, target, &open.group, reused)?;
+        lease.fail(&open, &unhealthy.reason, unhealthy.log_tail.clone())?;
+        return Err(failed(unhealthy.reason, before, unhealthy.log_tail));
     }
     let healthy_at = Instant::now();
-    step(ctx, stage, &open.deploy_id, "healthy", serde_json::Value::Null)?;
+    lease.step("healthy", serde_json::Value::Null)?;
 
     // 4. Move traffic, then drain the old group.
+    lease.fence()?;
     fleet.route(target, &open.group)?;
     let cutover = healthy_at.elapsed();
-    step(
-        ctx,
-        stage,
-        &open.deploy_id,
-        "traffic-switched",
-        serde_json::json!({ "cutover_ms": cutover.as_millis() as u64 }),
-    )?;
+    lease.step("traffic-switched", serde_json::json!({ "cutover_ms": cutover.as_millis() as u64 }))?;
     if let Some(previous) = open.previous_group.as_deref().filter(|p| *p != open.group) {
-        fleet.drain(target, previous)?;
-        step(ctx, stage, &open.deploy_id, "drained", serde_json::json!({ "group": previous }))?;
+        let drained = drain(lease, previous)?;
+        lease.step("drained", serde_json::json!({ "group": previous, "in_flight_left": drained }))?;
     }
 
-    // 5. Retire the old group, keeping `keep-previous` parked for rollback.
-    let retired = retire(ctx, stage, &open.group, open.previous_group.as_deref())?;
-    step(ctx, stage, &open.deploy_id, "retired", retired)?;
+    // 5. Verify through the window, the previous group still running.
+    let mut verified_for_ms = None;
+    if let Some(window) = stage.verify_for {
+        lease.step("verifying", serde_json::json!({ "for_secs": window.as_secs(), "checks": stage.verify.len() }))?;
+        let started = Instant::now();
+        match verify_window(lease, &open, &image, window)? {
+            Ok(()) => {
+                verified_for_ms = Some(started.elapsed().as_millis() as u64);
+                lease.step("verified", serde_json::json!({ "for_ms": verified_for_ms }))?;
+            }
+            Err(failure) => {
+                let failed_at = Instant::now();
+                lease.step("verification-failed", failure.to_json())?;
+                let aftermath = restore_previous(lease, &open, reused)?;
+                let reason = format!(
+                    "verification failed after {} ms in the window: {}: {}",
+                    started.elapsed().as_millis(),
+                    failure.check,
+                    failure.detail
+                );
+                tracing::info!(stage = %stage.name, "traffic back on the previous group {} ms after the failed check", failed_at.elapsed().as_millis());
+                lease.fail(&open, &reason, failure.log_tail.clone())?;
+                return Err(failed(reason, aftermath, failure.log_tail));
+            }
+        }
+    }
 
-    // 6. Done; the lease goes with the open deployment.
-    finish(ctx, stage, &open)?;
+    // 6. Retire the old group, keeping `keep-previous` parked for rollback.
+    let retired = retire(lease, &open.group, open.previous_group.as_deref())?;
+    lease.step("retired", retired)?;
+
+    // 7. Done; the lease goes with the open deployment.
+    lease.finish(&open)?;
     Ok(DeployReport {
         stage: stage.name.clone(),
-        digest,
+        digest: open.digest,
         image_ref: image.image_ref,
         group: open.group.clone(),
         previous_group: open.previous_group.clone(),
@@ -445,8 +695,181 @@ pub fn deploy(ctx: &Context, stage_name: &str, want: Want) -> Result<DeployRepor
         cutover_ms: Some(cutover.as_millis() as u64),
         endpoint: fleet.endpoint(target),
         reconciled,
-        rollback: rollback.is_some(),
+        rollback: open.rollback,
+        verified_for_ms,
     })
+}
+
+/// Polls the group's health until every instance is healthy, one dies, or the deadline passes; renews the lease
+/// and reports progress between polls, at the provider's cadence.
+fn wait_healthy(lease: &Lease, group: &str, deadline: Instant) -> Result<Result<(), Unhealthy>, Error> {
+    let ctx = lease.ctx;
+    let target = stage_ref(ctx, lease.stage);
+    let cadence = ctx.fleet.poll_cadence();
+    let mut interval = cadence.first;
+    ctx.progress.begin(&format!("{group}: instances healthy"), Some(u64::from(lease.stage.capacity)));
+    let outcome = loop {
+        lease.keep_alive()?;
+        let health = ctx.fleet.health(target, group)?;
+        ctx.progress.update(u64::from(health.healthy), &format!("{} of {} healthy", health.healthy, health.total));
+        if let Some(failed) = health.failed {
+            break Err(failed);
+        }
+        if health.all_healthy() {
+            break Ok(());
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            let first = health.waiting.first().cloned().unwrap_or_default();
+            break Err(Unhealthy {
+                reason: format!("not healthy before the deadline: {}", health.waiting.join(", ")),
+                log_tail: ctx.fleet.log_tail(target, group, &first),
+            });
+        }
+        std::thread::sleep(interval.min(deadline - now));
+        interval = (interval * 2).min(cadence.max);
+    };
+    ctx.progress.end(if outcome.is_ok() { "healthy" } else { "not healthy" });
+    Ok(outcome)
+}
+
+/// Waits until the old group serves no request in flight, up to the provider's drain timeout; returns the
+/// requests still in flight when it stopped waiting (0 when drained).
+fn drain(lease: &Lease, group: &str) -> Result<u64, Error> {
+    let ctx = lease.ctx;
+    let target = stage_ref(ctx, lease.stage);
+    let cadence = ctx.fleet.poll_cadence();
+    let give_up = Instant::now() + ctx.fleet.drain_timeout(target);
+    let mut interval = cadence.first;
+    let mut began = false;
+    loop {
+        lease.keep_alive()?;
+        let pending = ctx.fleet.drain_pending(target, group)?;
+        if pending == 0 {
+            if began {
+                ctx.progress.end("drained");
+            }
+            return Ok(0);
+        }
+        if !began {
+            ctx.progress.begin(&format!("{group}: draining"), None);
+            began = true;
+        }
+        ctx.progress.update(0, &format!("{pending} requests in flight"));
+        if Instant::now() >= give_up {
+            ctx.progress.end("drain timed out");
+            tracing::warn!(group, pending, "requests still in flight after the drain timeout; going on");
+            return Ok(pending);
+        }
+        std::thread::sleep(interval);
+        interval = (interval * 2).min(cadence.max);
+    }
+}
+
+/// A check that failed inside the verification window, with its evidence.
+#[derive(Debug, Clone)]
+struct WindowFailure {
+    check: String,
+    detail: String,
+    evidence: serde_json::Value,
+    log_tail: Option<String>,
+}
+
+impl WindowFailure {
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({ "check": self.check, "detail": self.detail, "evidence": self.evidence })
+    }
+}
+
+/// Runs the stage's verification checks through the window: each command check at once and then every
+/// `interval`, and the new group's health on every poll. The first failure ends the window.
+fn verify_window(
+    lease: &Lease,
+    open: &OpenDeploy,
+    image: &ImageRef,
+    window: Duration,
+) -> Result<Result<(), WindowFailure>, Error> {
+    let ctx = lease.ctx;
+    let stage = lease.stage;
+    let target = stage_ref(ctx, stage);
+    let started = Instant::now();
+    let end = started + window;
+    let cadence = ctx.fleet.poll_cadence();
+    let mut env = vec![
+        ("KILN_PIPELINE", ctx.pipeline.name.clone()),
+        ("KILN_STAGE", stage.name.clone()),
+        ("KILN_DIGEST", open.digest.to_string()),
+        ("KILN_IMAGE_REF", image.image_ref.clone()),
+        ("KILN_GROUP", open.group.clone()),
+    ];
+    if let Some(endpoint) = ctx.fleet.endpoint(target) {
+        env.push(("KILN_ENDPOINT", endpoint));
+    }
+    let mut due: Vec<Instant> = vec![started; stage.verify.len()];
+    ctx.progress.begin(
+        &format!("{}: verifying for {}", stage.name, humantime::format_duration(window)),
+        Some(window.as_secs()),
+    );
+    let outcome = loop {
+        lease.keep_alive()?;
+        let health = ctx.fleet.health(target, &open.group)?;
+        if !health.all_healthy() {
+            let reason = match &health.failed {
+                Some(failed) => failed.reason.clone(),
+                None => format!("not healthy: {}", health.waiting.join(", ")),
+            };
+            let log_tail =
+                health.failed.as_ref().and_then(|f| f.log_tail.clone()).or_else(|| {
+                    health.waiting.first().and_then(|first| ctx.fleet.log_tail(target, &open.group, first))
+                });
+            break Err(WindowFailure {
+                check: "health".into(),
+                detail: reason,
+                evidence: serde_json::json!({ "healthy": health.healthy, "total": health.total, "waiting": health.waiting }),
+                log_tail,
+            });
+        }
+        let mut failure = None;
+        for (check, next) in stage.verify.iter().zip(due.iter_mut()) {
+            if Instant::now() < *next {
+                continue;
+            }
+            match check {
+                VerifyCheck::Command { argv, program, interval, timeout } => {
+                    let outcome = gate::run_check(ctx.repo, argv, program, *timeout, &env);
+                    *next += *interval;
+                    if !outcome.passed {
+                        failure = Some(WindowFailure {
+                            check: format!("command {}", argv.join(" ")),
+                            detail: outcome.detail,
+                            evidence: outcome.evidence,
+                            log_tail: None,
+                        });
+                        break;
+                    }
+                }
+                VerifyCheck::Alarm { name } => {
+                    return Err(Error::Provider(ProviderError::Other {
+                        provider: ctx.images.name(),
+                        message: format!("alarm `{name}`: this provider cannot watch CloudWatch alarms"),
+                    }));
+                }
+            }
+        }
+        if let Some(failure) = failure {
+            break Err(failure);
+        }
+        let now = Instant::now();
+        ctx.progress.update(now.duration_since(started).as_secs(), "checks passing");
+        if now >= end {
+            break Ok(());
+        }
+        let next_check = due.iter().copied().min().unwrap_or(end);
+        let wake = next_check.min(end).min(now + cadence.max);
+        std::thread::sleep(wake.saturating_duration_since(now));
+    };
+    ctx.progress.end(if outcome.is_ok() { "verified" } else { "verification failed" });
+    Ok(outcome)
 }
 
 /// The stage's ready timeout, else the image's instance `ready-timeout`.

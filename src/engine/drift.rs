@@ -41,7 +41,7 @@ pub fn check(ctx: &Context) -> Result<Vec<Drift>, Error> {
             Some(g) if g.running < g.capacity || g.capacity == 0 => found.push(Drift {
                 subject,
                 problem: format!(
-                    "group {} runs {} of {} instances (stopped with `kiln down`? `kiln deploy` restarts it)",
+                    "group {} runs {} of {} instances (`kiln deploy` restarts it)",
                     g.name,
                     g.running,
                     g.capacity.max(stage.capacity)

@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use crate::clock::{self, Clock};
 use crate::config::pipeline::CommandProgram;
-use crate::config::{Gate, Pipeline, Repo, Stage, StageDeploy};
+use crate::config::{Gate, Pipeline, Repo, Stage};
 use crate::digest::Digest;
+use crate::ledger::view::PeriodEnd;
 use crate::ledger::{GateVerdict, View};
 use crate::process;
 
@@ -66,38 +67,61 @@ fn not_revoked(digest: &Digest, view: &View) -> GateVerdict {
     }
 }
 
-/// The digest reached the previous stage: promoted there, and, once it has been deployed there, healthy.
+/// The digest was verified in the previous stage: live there now, or live there until an ordinary deployment of
+/// a later promotion replaced it. A digest rolled away from, or one that never finished a healthy deployment (and
+/// its verification window) there, does not pass.
 fn upstream(pipeline: &Pipeline, previous: &Stage, digest: &Digest, view: &View) -> GateVerdict {
     let there = view.image_stage(&pipeline.name, &previous.name, digest);
     let gate = "upstream".to_string();
-    match (&there.promoted, &there.deployed) {
-        (Some(promoted), Some(deployed)) => GateVerdict {
-            gate,
-            passed: true,
-            detail: format!(
-                "promoted to {} (seq {}) and deployed healthy there (seq {})",
-                previous.name, promoted.seq, deployed.seq
-            ),
-            evidence: serde_json::json!({ "stage": previous.name, "promoted_seq": promoted.seq, "deployed_seq": deployed.seq }),
-        },
-        (Some(promoted), None) => GateVerdict {
-            gate,
-            passed: false,
-            detail: format!(
+    let verdict = |passed: bool, detail: String, evidence: serde_json::Value| GateVerdict {
+        gate: gate.clone(),
+        passed,
+        detail,
+        evidence,
+    };
+    match (&there.promoted, &there.live) {
+        (None, _) => verdict(
+            false,
+            format!("{} was never promoted to {}", digest.short(), previous.name),
+            serde_json::json!({ "stage": previous.name }),
+        ),
+        (Some(promoted), None) => verdict(
+            false,
+            format!(
                 "promoted to {} (seq {}) but no deployment of it has finished healthy there",
                 previous.name, promoted.seq
             ),
-            evidence: serde_json::json!({ "stage": previous.name, "promoted_seq": promoted.seq }),
-        },
-        (None, _) => GateVerdict {
-            gate,
-            passed: false,
-            detail: format!("{} was never promoted to {}", digest.short(), previous.name),
-            evidence: serde_json::json!({ "stage": previous.name }),
-        },
+            serde_json::json!({ "stage": previous.name, "promoted_seq": promoted.seq }),
+        ),
+        (Some(promoted), Some(period)) => {
+            let evidence = serde_json::json!({
+                "stage": previous.name,
+                "promoted_seq": promoted.seq,
+                "live_since_seq": period.since.seq,
+                "live_until_seq": period.until.as_ref().map(|m| m.seq),
+                "ended_by": period.ended_by,
+            });
+            match (&period.until, period.ended_by) {
+                (None, _) => {
+                    verdict(true, format!("live in {} since seq {}", previous.name, period.since.seq), evidence)
+                }
+                (Some(until), Some(PeriodEnd::RolledBack)) => {
+                    verdict(false, format!("{} rolled away from it (seq {})", previous.name, until.seq), evidence)
+                }
+                (Some(until), _) => verdict(
+                    true,
+                    format!(
+                        "live in {} from seq {} until a later promotion replaced it (seq {})",
+                        previous.name, period.since.seq, until.seq
+                    ),
+                    evidence,
+                ),
+            }
+        }
     }
 }
 
+/// Soak: the digest's most recent continuous period live in the previous stage lasted, or lasts, long enough.
 fn soak(
     pipeline: &Pipeline,
     previous: Option<&Stage>,
@@ -117,22 +141,38 @@ fn soak(
         };
     };
     let there = view.image_stage(&pipeline.name, &previous.name, digest);
-    let Some(since) = there.deployed.as_ref() else {
+    let Some(period) = there.live.as_ref() else {
         return GateVerdict {
             gate,
             passed: false,
-            detail: format!("not live in {}", previous.name),
+            detail: format!("never live in {}", previous.name),
             evidence: serde_json::Value::Null,
         };
     };
-    let live_for = clock::elapsed_since(clock, &since.time).unwrap_or_default();
+    let live_for = match &period.until {
+        None => clock::elapsed_since(clock, &period.since.time).unwrap_or_default(),
+        Some(until) => match (clock::parse(&period.since.time), clock::parse(&until.time)) {
+            (Some(since), Some(until)) => until.duration_since(since).unwrap_or_default(),
+            _ => Duration::ZERO,
+        },
+    };
     let passed = live_for >= needed;
     let human = |d: Duration| humantime::format_duration(Duration::from_secs(d.as_secs())).to_string();
+    let detail = match &period.until {
+        None => format!("live in {} for {}, needs {}", previous.name, human(live_for), written),
+        Some(_) => format!("was live in {} for {} until replaced, needs {}", previous.name, human(live_for), written),
+    };
     GateVerdict {
         gate,
         passed,
-        detail: format!("live in {} for {}, needs {}", previous.name, human(live_for), written),
-        evidence: serde_json::json!({ "stage": previous.name, "live_since": since.time, "live_for_secs": live_for.as_secs(), "needed_secs": needed.as_secs() }),
+        detail,
+        evidence: serde_json::json!({
+            "stage": previous.name,
+            "live_since": period.since.time,
+            "live_until": period.until.as_ref().map(|m| &m.time),
+            "live_for_secs": live_for.as_secs(),
+            "needed_secs": needed.as_secs(),
+        }),
     }
 }
 
@@ -168,60 +208,70 @@ pub struct CommandContext<'a> {
     pub stage: &'a Stage,
     pub digest: Digest,
     pub image_ref: &'a str,
+    /// Where clients reach the previous stage, as its provider says (`KILN_PREVIOUS_ENDPOINT`).
+    pub previous_endpoint: Option<String>,
 }
 
 /// Runs every command gate of the stage; each passes when its command exits 0. The evidence is the output's
 /// sha256 and tail, never the environment.
 pub fn command_verdicts(input: &CommandContext) -> Vec<GateVerdict> {
-    let index = input.pipeline.stage_index(&input.stage.name).unwrap_or(0);
-    let previous_endpoint = index.checked_sub(1).and_then(|i| endpoint(&input.pipeline.stages[i]));
+    let mut env = vec![
+        ("KILN_PIPELINE", input.pipeline.name.clone()),
+        ("KILN_STAGE", input.stage.name.clone()),
+        ("KILN_DIGEST", input.digest.to_string()),
+        ("KILN_IMAGE_REF", input.image_ref.to_string()),
+    ];
+    if let Some(previous) = &input.previous_endpoint {
+        env.push(("KILN_PREVIOUS_ENDPOINT", previous.clone()));
+    }
     input
         .stage
         .gates
         .iter()
         .filter_map(|gate| match gate {
-            Gate::Command { argv, program, timeout } => {
-                Some(run_command(input, argv, program, *timeout, previous_endpoint.as_deref()))
-            }
+            Gate::Command { argv, program, timeout } => Some(
+                run_check(input.repo, argv, program, *timeout, &env)
+                    .into_verdict(format!("command {}", argv.join(" "))),
+            ),
             _ => None,
         })
         .collect()
 }
 
-/// The stage's traffic endpoint, when kiln knows it.
-pub fn endpoint(stage: &Stage) -> Option<String> {
-    match &stage.deploy {
-        StageDeploy::Local { port } => Some(format!("http://127.0.0.1:{port}")),
-        StageDeploy::Aws { .. } => None,
+/// The outcome of one check command (a command gate, or a verification-window check), with its evidence: exit
+/// code, the output's sha256 and tail, how long it ran.
+#[derive(Debug, Clone)]
+pub struct CheckOutcome {
+    pub passed: bool,
+    pub detail: String,
+    pub evidence: serde_json::Value,
+}
+
+impl CheckOutcome {
+    pub fn into_verdict(self, gate: String) -> GateVerdict {
+        GateVerdict { gate, passed: self.passed, detail: self.detail, evidence: self.evidence }
     }
 }
 
-fn run_command(
-    input: &CommandContext,
+/// Runs `argv` from the repository root with `env` added, bounded by `timeout`.
+pub fn run_check(
+    repo: &Repo,
     argv: &[String],
     program: &CommandProgram,
     timeout: Duration,
-    previous: Option<&str>,
-) -> GateVerdict {
-    let gate = format!("command {}", argv.join(" "));
+    env: &[(&str, String)],
+) -> CheckOutcome {
     let program_path = match program {
         CommandProgram::Script(path) => path.absolute.clone().into_os_string(),
         CommandProgram::OnPath(name) => name.into(),
     };
     let mut command = Command::new(&program_path);
-    command
-        .args(&argv[1..])
-        .current_dir(input.repo.root())
-        .env("KILN_PIPELINE", &input.pipeline.name)
-        .env("KILN_STAGE", &input.stage.name)
-        .env("KILN_DIGEST", input.digest.to_string())
-        .env("KILN_IMAGE_REF", input.image_ref);
-    if let Some(previous) = previous {
-        command.env("KILN_PREVIOUS_ENDPOINT", previous);
+    command.args(&argv[1..]).current_dir(repo.root());
+    for (name, value) in env {
+        command.env(name, value);
     }
     match process::run(&mut command, timeout, None) {
-        Err(err) => GateVerdict {
-            gate,
+        Err(err) => CheckOutcome {
             passed: false,
             detail: format!("could not run {}: {err}", argv[0]),
             evidence: serde_json::Value::Null,
@@ -232,8 +282,7 @@ fn run_command(
             } else {
                 format!("{}: {}", done.failure_reason(timeout), last_line(&done.tail))
             };
-            GateVerdict {
-                gate,
+            CheckOutcome {
                 passed: done.success(),
                 detail,
                 evidence: serde_json::json!({

@@ -3,7 +3,6 @@
 
 use serde::Serialize;
 
-use super::gate::endpoint;
 use super::promote::resolve_digest;
 use super::Context;
 use crate::digest::Digest;
@@ -240,7 +239,7 @@ pub fn status(ctx: &Context) -> Result<Vec<StageStatus>, Error> {
                     endpoint_up: ctx.fleet.endpoint_up(target),
                 };
                 if runtime.running == 0 || !runtime.endpoint_up {
-                    warnings.push("not running (stopped with `kiln down`? `kiln deploy` starts it again)".into());
+                    warnings.push("not running; `kiln deploy` starts it again".into());
                 } else if runtime.running < runtime.capacity {
                     warnings.push(format!("only {} of {} instances are running", runtime.running, runtime.capacity));
                 }
@@ -250,7 +249,7 @@ pub fn status(ctx: &Context) -> Result<Vec<StageStatus>, Error> {
         warnings.dedup();
         out.push(StageStatus {
             stage: stage.name.clone(),
-            endpoint: ctx.fleet.endpoint(target).or_else(|| endpoint(stage)),
+            endpoint: ctx.fleet.endpoint(target),
             runtime,
             promoted,
             live,

@@ -8,6 +8,7 @@ pub mod drift;
 pub mod gate;
 pub mod gc;
 pub mod lineage;
+pub mod progress;
 pub mod promote;
 pub mod recipe_key;
 
@@ -31,4 +32,8 @@ pub struct Context<'a> {
     pub state_dir: PathBuf,
     /// Echo provisioning output to stderr as it runs.
     pub echo: bool,
+    /// Who holds a stage lease this context takes: `host:pid:start-time` for a kiln process.
+    pub lease_holder: String,
+    /// Where long waits report how far they got.
+    pub progress: &'a dyn progress::Progress,
 }

@@ -8,7 +8,7 @@ use super::Context;
 use crate::config::{Gate, Stage};
 use crate::digest::{Digest, DigestQuery};
 use crate::ledger::{Decision, EventBody, GateVerdict, View};
-use crate::provider::ImageRef;
+use crate::provider::{ImageRef, StageRef};
 use crate::Error;
 
 #[derive(Debug, Clone)]
@@ -48,6 +48,12 @@ pub fn stage<'a>(ctx: &'a Context, name: &str) -> Result<&'a Stage, Error> {
             ctx.pipeline.stage_names().join(", ")
         ))
     })
+}
+
+/// The stage before `stage`, if it is not the first.
+pub fn previous_stage<'a>(ctx: &'a Context, stage: &Stage) -> Option<&'a Stage> {
+    let index = ctx.pipeline.stage_index(&stage.name)?;
+    index.checked_sub(1).map(|i| &ctx.pipeline.stages[i])
 }
 
 /// A digest the user typed, resolved among the ledger's images (short prefixes as in git).
@@ -120,6 +126,8 @@ pub fn promote(ctx: &Context, options: &PromoteOptions) -> Result<PromoteReport,
         stage,
         digest,
         image_ref: &image.image_ref,
+        previous_endpoint: previous_stage(ctx, stage)
+            .and_then(|p| ctx.fleet.endpoint(StageRef { pipeline: &ctx.pipeline.name, stage: p })),
     });
 
     let (report, stored) = ctx.ledger.append::<PromoteReport, Error>(ctx.actor, ctx.clock, |view| {

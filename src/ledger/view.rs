@@ -12,7 +12,7 @@ use super::event::{EventBody, StoredEvent};
 use crate::digest::{Digest, DigestError, DigestQuery};
 
 /// Bump when the view's shape or folding rules change, so old caches are rebuilt rather than misread.
-pub const VIEW_FORMAT: u32 = 4;
+pub const VIEW_FORMAT: u32 = 5;
 /// Earlier live deployments kept per stage for rollback and soak; older ones stay in the ledger.
 const HISTORY_KEEP: usize = 32;
 
@@ -122,9 +122,30 @@ pub struct ImageStage {
     pub promoted: Option<Mark>,
     /// The first deployment there that finished healthy.
     pub deployed: Option<Mark>,
+    /// The most recent continuous period the image was live there: what `upstream` and `soak` judge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live: Option<LivePeriod>,
     /// actor → approval (one per actor).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub approvals: BTreeMap<String, Mark>,
+}
+
+/// A stretch of time an image was the live one in a stage: from the deployment that made it live to the one that
+/// replaced it (none while it is still live).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LivePeriod {
+    pub since: Mark,
+    pub until: Option<Mark>,
+    /// How it ended: replaced by an ordinary deployment of a later promotion, or rolled away from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_by: Option<PeriodEnd>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum PeriodEnd {
+    Replaced,
+    RolledBack,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -164,6 +185,8 @@ impl Default for Heads {
 
 /// The deploy step that records a lease taken over from a crashed or expired holder.
 pub const TAKEOVER_STEP: &str = "lease-taken-over";
+/// The deploy step a holder records to extend its lease while it waits; not listed among the steps.
+pub const RENEWAL_STEP: &str = "lease-renewed";
 
 /// The version of a group named `<pipeline>-<stage>-vNNN`.
 pub fn group_version(group: &str) -> Option<u64> {
@@ -427,9 +450,12 @@ impl View {
             EventBody::DeployStep { pipeline, stage, deploy_id, step, detail } => {
                 if let Some(open) = self.stage_mut(pipeline, stage).open.as_mut().filter(|o| &o.deploy_id == deploy_id)
                 {
-                    open.steps.push(step.clone());
-                    // A takeover moves the lease to the process that reconciles the interrupted deployment.
-                    if step == TAKEOVER_STEP {
+                    if step != RENEWAL_STEP {
+                        open.steps.push(step.clone());
+                    }
+                    // A renewal extends the lease; a takeover moves it to the process that reconciles the
+                    // interrupted deployment.
+                    if step == TAKEOVER_STEP || step == RENEWAL_STEP {
                         if let (Some(until), Some(holder)) =
                             (detail["lease_until"].as_str(), detail["lease_holder"].as_str())
                         {
@@ -441,6 +467,22 @@ impl View {
             }
             EventBody::DeployFinished { pipeline, stage, deploy_id, digest, group } => {
                 let view = self.stage_mut(pipeline, stage);
+                let rollback = view.open.as_ref().is_some_and(|o| &o.deploy_id == deploy_id && o.rollback);
+                let replaced = view.live.as_ref().map(|l| l.digest).filter(|d| d != digest);
+                let key = stage_key(pipeline, stage);
+                if let Some(replaced) = replaced {
+                    let ended_by = if rollback { PeriodEnd::RolledBack } else { PeriodEnd::Replaced };
+                    self.touch_image(&replaced, seq, |r| {
+                        if let Some(period) = r.stages.entry(key.clone()).or_default().live.as_mut() {
+                            if period.until.is_none() {
+                                period.until = Some(mark(&replaced));
+                                period.ended_by = Some(ended_by);
+                            }
+                        }
+                    });
+                }
+                let view = self.stage_mut(pipeline, stage);
+                let continues = view.live.as_ref().is_some_and(|l| l.digest == *digest);
                 if let Some(previous) = view.live.take() {
                     view.history.push(previous);
                     if view.history.len() > HISTORY_KEEP {
@@ -457,9 +499,14 @@ impl View {
                 if view.open.as_ref().is_some_and(|o| &o.deploy_id == deploy_id) {
                     view.open = None;
                 }
-                let key = stage_key(pipeline, stage);
                 self.touch_image(digest, seq, |r| {
-                    keep_first(&mut r.stages.entry(key).or_default().deployed, mark(digest))
+                    let there = r.stages.entry(key).or_default();
+                    keep_first(&mut there.deployed, mark(digest));
+                    // Redeploying what is already live (a heal, a resumed deployment) does not restart its period.
+                    let open_period = there.live.as_ref().is_some_and(|p| p.until.is_none());
+                    if !(continues && open_period) {
+                        there.live = Some(LivePeriod { since: mark(digest), until: None, ended_by: None });
+                    }
                 });
             }
             EventBody::DeployFailed { pipeline, stage, deploy_id, digest, .. } => {

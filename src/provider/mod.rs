@@ -107,15 +107,43 @@ pub struct GroupInfo {
     pub running: u32,
 }
 
-/// Why a new group did not become healthy.
-#[derive(Debug, Clone)]
+/// Why a group is not healthy.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unhealthy {
     pub reason: String,
     pub log_tail: Option<String>,
 }
 
+/// One look at a group's instances. The engine polls it while it waits for a new group and through the
+/// verification window, so it renews its lease, draws progress and gives up on its own clock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupHealth {
+    /// Instances the group should run.
+    pub total: u32,
+    pub healthy: u32,
+    /// Instances that are not healthy (yet), by name.
+    pub waiting: Vec<String>,
+    /// Set when waiting longer cannot help (an instance died): the engine gives up at once.
+    pub failed: Option<Unhealthy>,
+}
+
+impl GroupHealth {
+    pub fn all_healthy(&self) -> bool {
+        self.failed.is_none() && self.total > 0 && self.healthy >= self.total && self.waiting.is_empty()
+    }
+}
+
+/// How often the engine polls a provider's long operations: from `first`, doubling up to `max`. A provider whose
+/// calls cost money or rate limit (AWS) asks for a slower cadence than one that reads local files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PollCadence {
+    pub first: std::time::Duration,
+    pub max: std::time::Duration,
+}
+
 /// Runs groups of instances and moves a stage's traffic between them. Every operation is idempotent: re-running
-/// it after a crash finds what the previous attempt made.
+/// it after a crash finds what the previous attempt made. Nothing here blocks for long: the engine owns every
+/// wait, so it can renew its lease and notice that it lost it.
 pub trait Fleet {
     /// Every group of the stage that exists, parked or running.
     fn groups(&self, stage: StageRef) -> Result<Vec<GroupInfo>, ProviderError>;
@@ -124,17 +152,18 @@ pub trait Fleet {
     /// Creates the group (or finds it) running `image` with `capacity` instances; a parked group is scaled back up.
     fn launch(&self, stage: StageRef, group: &str, image: &ImageRef, capacity: u32)
         -> Result<GroupInfo, ProviderError>;
-    /// Waits until every instance of the group is healthy; Err when one dies or the deadline passes.
-    fn wait_healthy(
-        &self,
-        stage: StageRef,
-        group: &str,
-        deadline: std::time::Instant,
-    ) -> Result<Result<(), Unhealthy>, ProviderError>;
+    /// One health check of every instance of the group.
+    fn health(&self, stage: StageRef, group: &str) -> Result<GroupHealth, ProviderError>;
+    /// The end of an instance's log (local: its output; AWS: its console output), for an error message.
+    fn log_tail(&self, stage: StageRef, group: &str, instance: &str) -> Option<String>;
+    /// How often to poll `health` and `drain_pending`.
+    fn poll_cadence(&self) -> PollCadence;
     /// Sends all of the stage's traffic to `group`, atomically from a client's point of view.
     fn route(&self, stage: StageRef, group: &str) -> Result<std::time::Duration, ProviderError>;
-    /// Waits until `group` serves no request in flight.
-    fn drain(&self, stage: StageRef, group: &str) -> Result<(), ProviderError>;
+    /// Requests `group` still serves (0 once drained, or when nothing routes through the stage's endpoint).
+    fn drain_pending(&self, stage: StageRef, group: &str) -> Result<u64, ProviderError>;
+    /// How long draining may take before the engine goes on regardless.
+    fn drain_timeout(&self, stage: StageRef) -> std::time::Duration;
     /// Scales the group to zero but keeps it, for a fast rollback.
     fn park(&self, stage: StageRef, group: &str) -> Result<(), ProviderError>;
     /// Deletes the group and everything it runs.

@@ -14,12 +14,16 @@ use super::proxy::{self, Routes};
 use super::LocalProvider;
 use crate::config::StageDeploy;
 use crate::digest::Digest;
-use crate::provider::{Fleet, GroupInfo, ImageProvider, ImageRef, ProviderError, StageRef, Unhealthy};
+use crate::provider::{
+    Fleet, GroupHealth, GroupInfo, ImageProvider, ImageRef, PollCadence, ProviderError, StageRef, Unhealthy,
+};
 
 const STOP_GRACE: Duration = Duration::from_secs(5);
 const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 const LOG_TAIL: usize = 2048;
+/// One probe never blocks a health look for longer than this, so a hung instance cannot hide a dead one.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct GroupState {
@@ -232,27 +236,39 @@ impl Fleet for LocalProvider {
         Ok(GroupInfo { name: group.to_string(), digest: image.digest, capacity, running })
     }
 
-    fn wait_healthy(
-        &self,
-        stage: StageRef,
-        group: &str,
-        deadline: Instant,
-    ) -> Result<Result<(), Unhealthy>, ProviderError> {
+    fn health(&self, stage: StageRef, group: &str) -> Result<GroupHealth, ProviderError> {
         let state = self.load_group(stage, group).ok_or_else(|| other(format!("group {group} does not exist")))?;
         let image = ImageRef { digest: state.digest, image_ref: state.image_ref.clone() };
         let health = self.instance_of(&image)?.map(|i| i.health).unwrap_or(crate::config::Health::Tcp);
-        Ok(match fleet::wait_healthy(&state.instances, &health, deadline) {
-            Ok(()) => Ok(()),
-            Err(FleetError::Died { name, log_tail }) => Err(Unhealthy {
-                reason: format!("instance {name} died before it became healthy"),
-                log_tail: Some(log_tail),
-            }),
-            Err(FleetError::Timeout { unhealthy, log_tail }) => Err(Unhealthy {
-                reason: format!("not healthy before the deadline: {}", unhealthy.join(", ")),
-                log_tail: Some(log_tail),
-            }),
-            Err(other_error) => Err(Unhealthy { reason: other_error.to_string(), log_tail: None }),
-        })
+        let mut report = GroupHealth { total: state.capacity, healthy: 0, waiting: Vec::new(), failed: None };
+        for instance in &state.instances {
+            // Checked on every look, also for instances that answered before: one that crashes right after its
+            // first good answer must not pass.
+            if !fleet::is_alive(instance) {
+                report.failed = Some(Unhealthy {
+                    reason: format!("instance {} died", instance.name),
+                    log_tail: Some(fleet::log_tail(&instance.log_path, fleet::LOG_TAIL_BYTES)),
+                });
+                report.waiting.push(instance.name.clone());
+            } else if fleet::check_health(instance.port, &health, PROBE_TIMEOUT) {
+                report.healthy += 1;
+            } else {
+                report.waiting.push(instance.name.clone());
+            }
+        }
+        let missing = state.capacity.saturating_sub(state.instances.len() as u32);
+        report.waiting.extend((0..missing).map(|n| format!("{group} (instance {} not started)", n + 1)));
+        Ok(report)
+    }
+
+    fn log_tail(&self, stage: StageRef, group: &str, instance: &str) -> Option<String> {
+        let state = self.load_group(stage, group)?;
+        let found = state.instances.iter().find(|i| i.name == instance)?;
+        Some(fleet::log_tail(&found.log_path, fleet::LOG_TAIL_BYTES))
+    }
+
+    fn poll_cadence(&self) -> PollCadence {
+        PollCadence { first: Duration::from_millis(20), max: Duration::from_millis(250) }
     }
 
     fn route(&self, stage: StageRef, group: &str) -> Result<Duration, ProviderError> {
@@ -268,14 +284,19 @@ impl Fleet for LocalProvider {
         Ok(started.elapsed())
     }
 
-    fn drain(&self, stage: StageRef, group: &str) -> Result<(), ProviderError> {
-        let Some(state) = self.load_group(stage, group) else { return Ok(()) };
+    fn drain_pending(&self, stage: StageRef, group: &str) -> Result<u64, ProviderError> {
+        let Some(state) = self.load_group(stage, group) else { return Ok(0) };
         if self.proxy_alive(stage).is_none() {
-            return Ok(());
+            return Ok(0);
         }
-        let ports: Vec<u16> = state.instances.iter().map(|i| i.port).collect();
-        proxy::wait_drained(&self.stage_dir(stage).join("status.json"), &ports, DRAIN_TIMEOUT)
-            .map_err(|e| other(e.to_string()))
+        let Some(status) = proxy::read_status(&self.stage_dir(stage).join("status.json")) else {
+            return Err(other(format!("the proxy of {} reports no status", stage.stage.name)));
+        };
+        Ok(state.instances.iter().filter_map(|i| status.in_flight.get(&i.port)).sum())
+    }
+
+    fn drain_timeout(&self, _stage: StageRef) -> Duration {
+        DRAIN_TIMEOUT
     }
 
     fn park(&self, stage: StageRef, group: &str) -> Result<(), ProviderError> {
