@@ -298,7 +298,7 @@ fn retire(lease: &Lease, serving: &str, previous: Option<&str>) -> Result<serde_
 
 /// Moves traffic back to the previous group after the new one failed verification (or a crash interrupted its
 /// window), then removes the new group. Returns what the stage serves now.
-fn restore_previous(lease: &Lease, open: &OpenDeploy, reused: bool) -> Result<String, Error> {
+fn restore_previous(lease: &Lease, open: &OpenDeploy, reused: bool, failed_at: Instant) -> Result<String, Error> {
     let ctx = lease.ctx;
     let target = stage_ref(ctx, lease.stage);
     let aftermath = match open.previous_group.as_deref().filter(|p| *p != open.group) {
@@ -307,7 +307,11 @@ fn restore_previous(lease: &Lease, open: &OpenDeploy, reused: bool) -> Result<St
             let started = Instant::now();
             ctx.fleet.route(target, previous)?;
             let restore_ms = started.elapsed().as_millis() as u64;
-            lease.step("traffic-restored", serde_json::json!({ "group": previous, "restore_ms": restore_ms }))?;
+            let after_failure_ms = failed_at.elapsed().as_millis() as u64;
+            lease.step(
+                "traffic-restored",
+                serde_json::json!({ "group": previous, "route_ms": restore_ms, "after_failure_ms": after_failure_ms }),
+            )?;
             format!("traffic moved back to group {previous}")
         }
         None => "no group served the stage before this deployment, so none serves it now".to_string(),
@@ -333,7 +337,7 @@ fn reconcile(lease: &Lease, open: &OpenDeploy, reused: bool) -> Result<String, E
     if serving.as_deref() == Some(open.group.as_str()) {
         // A window that never completed proves nothing: the release goes back rather than through unverified.
         if window_unfinished(open, stage) && open.previous_group.as_deref().is_some_and(|p| p != open.group) {
-            let aftermath = restore_previous(lease, open, reused)?;
+            let aftermath = restore_previous(lease, open, reused, Instant::now())?;
             let reason = "interrupted during its verification window";
             lease.fail(open, reason, None)?;
             return Ok(format!("undid interrupted deployment {} ({reason}; {aftermath})", open.deploy_id));
@@ -664,14 +668,13 @@ fn run_steps(lease: &Lease, open: OpenDeploy, plan: Plan, reconciled: Option<Str
             Err(failure) => {
                 let failed_at = Instant::now();
                 lease.step("verification-failed", failure.to_json())?;
-                let aftermath = restore_previous(lease, &open, reused)?;
+                let aftermath = restore_previous(lease, &open, reused, failed_at)?;
                 let reason = format!(
                     "verification failed after {} ms in the window: {}: {}",
                     started.elapsed().as_millis(),
                     failure.check,
                     failure.detail
                 );
-                tracing::info!(stage = %stage.name, "traffic back on the previous group {} ms after the failed check", failed_at.elapsed().as_millis());
                 lease.fail(&open, &reason, failure.log_tail.clone())?;
                 return Err(failed(reason, aftermath, failure.log_tail));
             }

@@ -1,0 +1,86 @@
+//! The example `hello` pipeline cut down to what deploy tests need: one stage on a free port, images that differ
+//! by greeting, and ways to make an instance slow or broken.
+#![allow(dead_code)]
+
+use std::time::{Duration, Instant};
+
+use super::{http_get, Repo};
+
+/// The example repository with only a dev stage (capacity `capacity`) on a free port; `keys` are added to the
+/// dev stage's own table (e.g. `lease = "2s"`), `tables` after it (e.g. `[[stage.verify]]` checks).
+pub fn dev_only(capacity: u32, keys: &str, tables: &str) -> (Repo, u16) {
+    let (repo, ports) = Repo::example_on_free_ports();
+    let text = std::fs::read_to_string(repo.file("pipelines/hello.toml")).unwrap();
+    let dev_end = text.find("\n[[stage]]\nname = \"test\"").unwrap();
+    let dev = text[..dev_end].replace("capacity = 2", &format!("capacity = {capacity}\n{keys}"));
+    repo.write("pipelines/hello.toml", &format!("{dev}\n{tables}"));
+    (repo, ports[0])
+}
+
+/// Bakes the hello image with this greeting; returns its digest.
+pub fn bake_greeting(repo: &Repo, greeting: &str) -> String {
+    let text = std::fs::read_to_string(repo.file("images/hello.toml")).unwrap();
+    let start = text.find("GREETING = \"").unwrap() + "GREETING = \"".len();
+    let end = start + text[start..].find('"').unwrap();
+    repo.write("images/hello.toml", &format!("{}{greeting}{}", &text[..start], &text[end..]));
+    repo.run(&["bake", "--json"]).ok().json()["digest"].as_str().unwrap().to_string()
+}
+
+/// Makes instances of images baked from now on run `script` (a shell script body; `$HELLO` is the hello binary)
+/// instead of the hello binary itself.
+pub fn instance_script(repo: &Repo, name: &str, body: &str) {
+    let script = format!("#!/bin/sh\nHELLO=\"$(dirname \"$0\")/hello\"\n{body}\n");
+    repo.write(&format!("images/files/{name}.sh"), &script);
+    let text = std::fs::read_to_string(repo.file("images/hello.toml")).unwrap();
+    let instance = text.find("[instance]").unwrap();
+    let end = instance + text[instance..].find('\n').unwrap();
+    let command_line = text[end + 1..].lines().next().unwrap().to_string();
+    assert!(command_line.starts_with("command = "), "{command_line}");
+    let new = format!(
+        "{}[[provision]]\ncopy = \"files/{name}.sh\"\nto = \"/opt/hello/bin/{name}\"\n[[provision]]\nshell = \"chmod 755 $KILN_ROOT/opt/hello/bin/{name}\"\n\n[instance]\ncommand = [\"/opt/hello/bin/{name}\"]{}",
+        &text[..instance],
+        &text[end + 1 + command_line.len()..]
+    );
+    repo.write("images/hello.toml", &new);
+    let path = repo.file(&format!("images/files/{name}.sh"));
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+pub fn greeting(port: u16) -> String {
+    match http_get(port, "/") {
+        Some((200, body)) => body.split(" from ").next().unwrap_or("").to_string(),
+        other => panic!("the endpoint on {port} answered {other:?}"),
+    }
+}
+
+pub fn promote_only(repo: &Repo, digest: &str) {
+    repo.run(&["promote", "--stage", "dev", "--digest", digest, "--no-deploy"]).ok();
+}
+
+/// The process state letter from /proc (R, S, T for stopped, Z, …).
+pub fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 2..].chars().next()
+}
+
+/// Waits until the process has stopped itself (a `stop:` fault point), for at most a minute.
+pub fn wait_stopped(pid: u32) {
+    let started = Instant::now();
+    while process_state(pid) != Some('T') {
+        assert!(started.elapsed() < Duration::from_secs(60), "kiln (pid {pid}) never reached its stop point");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill").args([&format!("-{signal}"), &pid.to_string()]).status().unwrap();
+    assert!(status.success());
+}
+
+/// The ledger's events, oldest first, as JSON.
+pub fn events(repo: &Repo) -> Vec<serde_json::Value> {
+    let mut all = repo.run(&["log", "--json", "--limit", "100000"]).ok().json()["events"].as_array().unwrap().clone();
+    all.reverse();
+    all
+}
