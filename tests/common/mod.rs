@@ -231,3 +231,27 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     Some((status, body))
 }
+
+/// Names the test that re-ran this test binary as a child process, and that process's role; see [`child_of`].
+pub const CHILD_VAR: &str = "KILN_TEST_CHILD";
+
+/// This test binary, set to re-run just `test` in a child process that plays `role` instead of testing. The child
+/// is the same test, so no helper shows up as a test of its own that passes by doing nothing.
+pub fn child_of(test: &str, role: &str) -> Command {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args(["--exact", test, "--test-threads=1", "--quiet"]).env(CHILD_VAR, format!("{}:{role}", std::process::id()));
+    cmd
+}
+
+/// The role [`child_of`] gave this process, or None in an ordinary test run.
+pub fn child_role() -> Option<String> {
+    let value = std::env::var(CHILD_VAR).ok()?;
+    let (parent, role) = value.split_once(':').unwrap_or(("", &value));
+    // Inherited from anywhere but the test that spawned us, the variable would turn that test into a silent pass.
+    assert_eq!(
+        parent.parse::<u32>().ok(),
+        Some(std::os::unix::process::parent_id()),
+        "{CHILD_VAR}={value} was not set by this process's parent; unset it"
+    );
+    Some(role.to_string())
+}
