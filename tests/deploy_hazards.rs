@@ -206,6 +206,10 @@ fn a_kill_while_the_new_group_starts_leaves_no_orphan_and_the_next_deploy_conver
         assert!(http_get(port, "/healthz").is_none(), "port {port} of the interrupted group still answers");
     }
     assert!(group_files(&repo).iter().all(|g| g["name"] != "hello-dev-v002"), "the interrupted group is gone");
+    let log = repo.run(&["log", "--json", "--limit", "1000"]).ok().json();
+    let undone = log["events"].as_array().unwrap().iter().find(|e| e["kind"] == "deploy-failed");
+    let reason = undone.and_then(|e| e["reason"].as_str()).unwrap_or_else(|| panic!("no deploy-failed: {log}"));
+    assert!(reason.contains("interrupted after group-created"), "{reason}");
     assert_converged(&repo, 2, 1);
 }
 
