@@ -7,69 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{http_get, Down, Repo, Run};
-
-/// The example repository with only a dev stage (capacity `capacity`) on a free port.
-fn dev_only(capacity: u32) -> (Repo, u16) {
-    let (repo, ports) = Repo::example_on_free_ports();
-    let text = std::fs::read_to_string(repo.file("pipelines/hello.toml")).unwrap();
-    let dev_end = text.find("\n[[stage]]\nname = \"test\"").unwrap();
-    repo.write("pipelines/hello.toml", &text[..dev_end].replace("capacity = 2", &format!("capacity = {capacity}")));
-    (repo, ports[0])
-}
-
-/// Bakes the hello image with this greeting; returns its digest.
-fn bake_greeting(repo: &Repo, greeting: &str) -> String {
-    let text = std::fs::read_to_string(repo.file("images/hello.toml")).unwrap();
-    let start = text.find("GREETING = \"").unwrap() + "GREETING = \"".len();
-    let end = start + text[start..].find('"').unwrap();
-    repo.write("images/hello.toml", &format!("{}{greeting}{}", &text[..start], &text[end..]));
-    repo.run(&["bake", "--json"]).ok().json()["digest"].as_str().unwrap().to_string()
-}
-
-fn greeting(port: u16) -> String {
-    match http_get(port, "/") {
-        Some((200, body)) => body.split(" from ").next().unwrap_or("").to_string(),
-        other => panic!("the endpoint on {port} answered {other:?}"),
-    }
-}
-
-fn promote_only(repo: &Repo, digest: &str) {
-    repo.run(&["promote", "--stage", "dev", "--digest", digest, "--no-deploy"]).ok();
-}
-
-fn group_files(repo: &Repo) -> Vec<serde_json::Value> {
-    let dir = repo.file(".kiln/run/hello/dev/groups");
-    let mut out: Vec<serde_json::Value> = std::fs::read_dir(dir)
-        .map(|d| d.flatten().map(|e| serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap()).collect())
-        .unwrap_or_default();
-    out.sort_by_key(|g| g["name"].as_str().unwrap().to_string());
-    out
-}
-
-fn pid_alive(pid: u64) -> bool {
-    std::path::Path::new(&format!("/proc/{pid}")).exists()
-        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z ")
-}
-
-/// No orphans: one group runs (the live one, at capacity), at most `keep` more exist and run nothing, and no
-/// deployment is left open.
-fn assert_converged(repo: &Repo, capacity: usize, keep: usize) {
-    let status = repo.run(&["status", "--json"]).ok().json();
-    assert!(status["stages"][0]["deploying"].is_null(), "a deployment is still open: {status}");
-    let live_group = status["stages"][0]["live"]["group"].as_str().unwrap().to_string();
-    let groups = group_files(repo);
-    assert!(groups.len() <= 1 + keep, "orphaned groups: {groups:?}");
-    for g in &groups {
-        let alive = g["instances"].as_array().unwrap().iter().filter(|i| pid_alive(i["pid"].as_u64().unwrap())).count();
-        if g["name"] == live_group.as_str() {
-            assert_eq!(alive, capacity, "the live group runs at capacity");
-        } else {
-            assert_eq!(alive, 0, "retired group {} still runs processes", g["name"]);
-        }
-    }
-    repo.run(&["verify"]).ok();
-}
+use common::{assert_converged, bake_greeting, dev_only, greeting, group_files, http_get, promote_only, Down, Run};
 
 #[test]
 fn a_kill_at_every_deploy_step_converges_on_the_next_deploy() {

@@ -5,7 +5,8 @@ mod common;
 
 use std::process::{Child, Stdio};
 
-use common::hello::{bake_greeting, dev_only, events, greeting, instance_script, promote_only, signal, wait_stopped};
+use common::hello::{dev_stage, events, instance_script, signal, wait_stopped};
+use common::{bake_greeting, greeting, promote_only};
 use common::{Down, Repo, Run};
 
 fn spawn(repo: &Repo, actor: &str, fault: &str, args: &[&str]) -> Child {
@@ -25,7 +26,7 @@ fn finish(child: Child, args: &[&str]) -> Run {
 
 #[test]
 fn a_kiln_stopped_past_its_lease_is_taken_over_and_changes_nothing_more() {
-    let (repo, port) = dev_only(1, "lease = \"2s\"", "");
+    let (repo, port) = dev_stage(1, "lease = \"2s\"", "");
     let _down = Down { repo: &repo, stages: vec!["dev"], pipeline: None };
     let one = bake_greeting(&repo, "one");
     let two = bake_greeting(&repo, "two");
@@ -63,13 +64,13 @@ fn a_kiln_stopped_past_its_lease_is_taken_over_and_changes_nothing_more() {
 
 #[test]
 fn a_holder_renews_its_lease_while_it_waits() {
-    let (repo, port) = dev_only(1, "lease = \"1s\"", "");
+    let (repo, port) = dev_stage(1, "lease = \"3s\"", "");
     let _down = Down { repo: &repo, stages: vec!["dev"], pipeline: None };
     let one = bake_greeting(&repo, "one");
     promote_only(&repo, &one);
     repo.run(&["deploy", "--stage", "dev"]).ok();
-    // Instances of this release take three lease lengths to become healthy.
-    instance_script(&repo, "slow", "sleep 3\nexec \"$HELLO\"");
+    // Instances of this release take over two lease lengths to become healthy.
+    instance_script(&repo, "slow", "sleep 7\nexec \"$HELLO\"");
     let slow = bake_greeting(&repo, "slow");
     promote_only(&repo, &slow);
 
@@ -89,13 +90,13 @@ fn a_holder_renews_its_lease_while_it_waits() {
     assert!(refused >= 5, "the other deploy was refused only {refused} times while the holder waited");
     assert_eq!(greeting(port), "slow");
     let renewals = events(&repo).iter().filter(|e| e["step"] == "lease-renewed").count();
-    assert!(renewals >= 2, "the holder renewed its 1s lease only {renewals} times over a 3s wait");
+    assert!(renewals >= 2, "the holder renewed its 3s lease only {renewals} times over a 7s wait");
     assert!(events(&repo).iter().all(|e| e["step"] != "lease-taken-over"));
 }
 
 #[test]
 fn a_revocation_recorded_while_a_deploy_plans_is_judged_at_the_append() {
-    let (repo, port) = dev_only(1, "", "");
+    let (repo, port) = dev_stage(1, "", "");
     let _down = Down { repo: &repo, stages: vec!["dev"], pipeline: None };
     let one = bake_greeting(&repo, "one");
     let two = bake_greeting(&repo, "two");
@@ -116,7 +117,7 @@ fn a_revocation_recorded_while_a_deploy_plans_is_judged_at_the_append() {
 
 #[test]
 fn a_rollback_target_revoked_meanwhile_is_refused() {
-    let (repo, port) = dev_only(1, "", "");
+    let (repo, port) = dev_stage(1, "", "");
     let _down = Down { repo: &repo, stages: vec!["dev"], pipeline: None };
     let one = bake_greeting(&repo, "one");
     let two = bake_greeting(&repo, "two");

@@ -1,13 +1,15 @@
 //! The ledger under concurrent writers, tampering and `kill -9`: nothing lost, nothing duplicated, every edit found.
 //!
-//! Writers are separate processes: this test binary re-runs itself as `child_appender` with `KILN_TEST_LEDGER`.
+//! Writers are separate processes: each test that needs them re-runs itself as a child (`common::child_of`) that
+//! appends instead of testing.
 
 mod common;
 
 use std::collections::BTreeMap;
+use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::process::{Child, Command};
-use std::time::Duration;
+use std::process::Child;
+use std::time::{Duration, Instant};
 
 use common::{Repo, Run};
 use kiln::clock::Clock;
@@ -31,24 +33,27 @@ fn append(ledger: &Ledger, note: String) {
         .unwrap();
 }
 
-/// Not a test on its own: the body of each writer process.
-#[test]
-fn child_appender() {
-    let Ok(dir) = std::env::var("KILN_TEST_LEDGER") else {
-        return;
-    };
+/// The role of a writer process, given by `spawn_writer`.
+const WRITER: &str = "ledger-writer";
+
+/// In a writer process, appends `KILN_TEST_COUNT` notes and returns true; in the test run itself, returns false.
+fn write_if_writer() -> bool {
+    let Some(role) = common::child_role() else { return false };
+    assert_eq!(role, WRITER);
+    let dir = std::env::var("KILN_TEST_LEDGER").unwrap();
     let writer = std::env::var("KILN_TEST_WRITER").unwrap();
     let count: usize = std::env::var("KILN_TEST_COUNT").unwrap().parse().unwrap();
     let ledger = Ledger::open_dir(Path::new(&dir));
     for i in 0..count {
         append(&ledger, format!("{writer}/{i}"));
     }
+    true
 }
 
-fn spawn_writer(dir: &Path, writer: &str, count: usize, fault: Option<&str>) -> Child {
-    let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args(["--exact", "child_appender", "--quiet", "--test-threads=1"])
-        .env("KILN_TEST_LEDGER", dir)
+/// A writer process: the test named `test`, re-run as a child that appends `count` notes as `writer`.
+fn spawn_writer(test: &str, dir: &Path, writer: &str, count: usize, fault: Option<&str>) -> Child {
+    let mut cmd = common::child_of(test, WRITER);
+    cmd.env("KILN_TEST_LEDGER", dir)
         .env("KILN_TEST_WRITER", writer)
         .env("KILN_TEST_COUNT", count.to_string())
         .stdout(std::process::Stdio::null())
@@ -77,9 +82,22 @@ fn verify(dir: &Path) -> Run {
 
 #[test]
 fn sixteen_processes_lose_nothing_and_duplicate_nothing() {
+    if write_if_writer() {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let (writers, each) = (16, 25);
-    let children: Vec<Child> = (0..writers).map(|w| spawn_writer(dir.path(), &format!("w{w}"), each, None)).collect();
+    let children: Vec<Child> = (0..writers)
+        .map(|w| {
+            spawn_writer(
+                "sixteen_processes_lose_nothing_and_duplicate_nothing",
+                dir.path(),
+                &format!("w{w}"),
+                each,
+                None,
+            )
+        })
+        .collect();
     for mut child in children {
         assert!(child.wait().unwrap().success(), "a writer failed");
     }
@@ -184,31 +202,63 @@ fn removing_events_from_the_end_is_noticed() {
     assert_names_seq(dir.path(), 5, "truncated");
 }
 
+/// Each fault point kills the writer inside its one append: before the event file is created, or after it is
+/// created and before the writer learns so.
 #[test]
 fn a_kill_at_each_append_step_leaves_a_sound_ledger() {
-    for fault in ["ledger:before-create", "ledger:after-create"] {
+    if write_if_writer() {
+        return;
+    }
+    for (fault, victim_recorded) in [("ledger:before-create", false), ("ledger:after-create", true)] {
         let dir = ledger_with(2);
-        let status = spawn_writer(dir.path(), "victim", 1, Some(fault)).wait().unwrap();
-        assert!(!status.success(), "{fault}: the writer should have been killed");
+        let status =
+            spawn_writer("a_kill_at_each_append_step_leaves_a_sound_ledger", dir.path(), "victim", 1, Some(fault))
+                .wait()
+                .unwrap();
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "{fault}: the writer should have died by SIGKILL: {status:?}");
         verify(dir.path()).ok();
         let ledger = Ledger::open_dir(dir.path());
+        assert_eq!(notes(&ledger).contains_key("victim/0"), victim_recorded, "{fault}");
         append(&ledger, "after the crash".into());
         verify(dir.path()).ok();
-        let expected = if fault == "ledger:after-create" { 4 } else { 3 };
-        assert_eq!(ledger.view().unwrap().seq(), expected, "{fault}");
+        assert_eq!(ledger.view().unwrap().seq(), if victim_recorded { 4 } else { 3 }, "{fault}");
     }
 }
 
+/// Each round's writer is killed once it has appended some events and before it appended them all, so the kill
+/// lands while it is appending, not before it opened the ledger or after it finished.
 #[test]
-fn kill_9_at_random_moments_never_blocks_the_next_append() {
+fn kill_9_while_appending_never_blocks_the_next_append() {
+    if write_if_writer() {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
+    let each = 1000;
     for round in 0..12u64 {
-        let mut child = spawn_writer(dir.path(), &format!("r{round}"), 1000, None);
-        std::thread::sleep(Duration::from_millis(20 + (round * 7) % 30));
+        let head = Ledger::open_dir(dir.path()).view().unwrap().seq();
+        let mut child = spawn_writer(
+            "kill_9_while_appending_never_blocks_the_next_append",
+            dir.path(),
+            &format!("r{round}"),
+            each,
+            None,
+        );
+        // Vary how far into its run the writer gets, so the kill meets it at different points of an append.
+        let wait_for = event_path(dir.path(), head + 1 + round % 5);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !wait_for.exists() {
+            assert!(child.try_wait().unwrap().is_none(), "round {round}: the writer exited before it was killed");
+            assert!(Instant::now() < deadline, "round {round}: the writer never appended");
+            std::thread::sleep(Duration::from_millis(1));
+        }
         child.kill().unwrap();
-        child.wait().unwrap();
+        let status = child.wait().unwrap();
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "round {round}: the writer finished first: {status:?}");
         verify(dir.path()).ok();
-        append(&Ledger::open_dir(dir.path()), format!("survivor {round}"));
+        let ledger = Ledger::open_dir(dir.path());
+        let written = notes(&ledger).keys().filter(|n| n.starts_with(&format!("r{round}/"))).count();
+        assert!(written > 0 && written < each, "round {round}: {written} of {each} appended when killed");
+        append(&ledger, format!("survivor {round}"));
     }
     let seen = notes(&Ledger::open_dir(dir.path()));
     assert!((0..12).all(|r| seen.get(&format!("survivor {r}")) == Some(&1)));

@@ -1,18 +1,23 @@
 //! The local fleet against real processes: the hello service compiled into an image root, plus small scripts for
 //! instances that crash, hang, or ignore SIGTERM.
 
+mod common;
 mod hello_image;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use hello_image::{get, healthz, hello_root, spec, Conn, Group, HELLO};
 use kiln::config::recipe::Health;
 use kiln::provider::local::fleet::{self, FleetError, InstanceHandle};
 
-const STARTER_ENV: &str = "KILN_TEST_FLEET_STARTER";
+/// The role of the short-lived process that starts an instance and exits.
+const STARTER: &str = "fleet-starter";
+
+/// Generous bounds for waits that normally take milliseconds: a loaded CI machine must not fail a test, and a
+/// wait that is really broken still fails it.
+const PATIENCE: Duration = Duration::from_secs(30);
 
 /// A fresh image root holding one executable script at `bin/<name>`.
 fn script_root(dir: &Path, name: &str, body: &str) -> PathBuf {
@@ -25,7 +30,7 @@ fn script_root(dir: &Path, name: &str, body: &str) -> PathBuf {
 }
 
 fn wait_for_log(h: &InstanceHandle, needle: &str) {
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + PATIENCE;
     while !fleet::log_tail(&h.log_path, 64 * 1024).contains(needle) {
         assert!(Instant::now() < deadline, "{needle:?} never appeared in {}", h.log_path.display());
         std::thread::sleep(Duration::from_millis(10));
@@ -36,7 +41,7 @@ fn wait_for_log(h: &InstanceHandle, needle: &str) {
 fn three_instances_start_answer_and_stop() {
     let dir = tempfile::tempdir().unwrap();
     let mut group = Group::start(dir.path(), "fleet", 3);
-    fleet::wait_healthy(&group.handles, &Health::Tcp, Instant::now() + Duration::from_secs(2)).unwrap();
+    fleet::wait_healthy(&group.handles, &Health::Tcp, Instant::now() + PATIENCE).unwrap();
     for h in &group.handles {
         assert!(fleet::is_alive(h));
         assert_eq!(get(h.port, "/").unwrap(), (200, format!("hi from {}\n", h.name)));
@@ -83,15 +88,14 @@ fn instance_that_exits_at_once_is_reported_died_with_its_log() {
     std::fs::copy("/bin/false", root.join("bin/false")).unwrap();
     for (name, command, needle) in [("false-1", "/bin/false", "starting false-1"), ("crash-1", "/bin/crash", "boom")] {
         let h = fleet::start(&spec(dir.path(), &root, name, &[command])).unwrap();
-        let started = Instant::now();
-        match fleet::wait_healthy(std::slice::from_ref(&h), &healthz(), Instant::now() + Duration::from_secs(10)) {
+        // Died, not Timeout, is what shows the death was noticed before the deadline; the deadline is only a bound.
+        match fleet::wait_healthy(std::slice::from_ref(&h), &healthz(), Instant::now() + PATIENCE) {
             Err(FleetError::Died { name: died, log_tail }) => {
                 assert_eq!(died, name);
                 assert!(log_tail.contains(needle), "log tail of {name}: {log_tail:?}");
             }
             other => panic!("{name}: expected Died, got {other:?}"),
         }
-        assert!(started.elapsed() < Duration::from_secs(2), "a dead instance must be noticed at once");
         assert!(!fleet::is_alive(&h));
         fleet::stop(&h, Duration::from_secs(1)).unwrap();
     }
@@ -111,7 +115,8 @@ fn instance_that_never_gets_healthy_times_out_at_the_deadline() {
         }
         other => panic!("expected Timeout, got {other:?}"),
     }
-    assert!(took >= Duration::from_secs(1) && took < Duration::from_secs(2), "took {took:?}");
+    // Never before the deadline; after it only by a poll interval, which a loaded machine may stretch.
+    assert!(took >= Duration::from_secs(1) && took < Duration::from_secs(1) + PATIENCE, "took {took:?}");
     fleet::stop(&h, Duration::from_secs(2)).unwrap();
     assert!(!fleet::is_alive(&h));
 }
@@ -126,31 +131,27 @@ fn bad_commands_fail_to_start() {
     assert!(matches!(fleet::start(&spec(root, root, "o", &["/../sh"])), Err(FleetError::OutsideRoot { .. })));
 }
 
-/// Not a test on its own: the body of the short-lived parent in `instance_outlives_the_process_that_started_it`.
-#[test]
-fn starter_child() {
-    let Some(dir) = std::env::var_os(STARTER_ENV) else {
-        return;
-    };
-    let dir = PathBuf::from(dir);
-    let root = PathBuf::from(std::env::var_os("KILN_TEST_HELLO_ROOT").unwrap());
-    let h = fleet::start(&spec(&dir, &root, "orphan-1", &[HELLO])).unwrap();
-    std::fs::write(dir.join("handle.json"), serde_json::to_vec(&h).unwrap()).unwrap();
-}
-
+/// The starter is this test re-run as a child that starts the instance, writes its handle and exits at once.
 #[test]
 fn instance_outlives_the_process_that_started_it() {
+    if let Some(role) = common::child_role() {
+        assert_eq!(role, STARTER);
+        let dir = PathBuf::from(std::env::var_os("KILN_TEST_DIR").unwrap());
+        let root = PathBuf::from(std::env::var_os("KILN_TEST_HELLO_ROOT").unwrap());
+        let h = fleet::start(&spec(&dir, &root, "orphan-1", &[HELLO])).unwrap();
+        std::fs::write(dir.join("handle.json"), serde_json::to_vec(&h).unwrap()).unwrap();
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "starter_child", "--test-threads=1", "--nocapture"])
-        .env(STARTER_ENV, dir.path())
+    let out = common::child_of("instance_outlives_the_process_that_started_it", STARTER)
+        .env("KILN_TEST_DIR", dir.path())
         .env("KILN_TEST_HELLO_ROOT", hello_root())
         .output()
         .unwrap();
     assert!(out.status.success(), "starter failed:\n{}", String::from_utf8_lossy(&out.stderr));
     let h: InstanceHandle = serde_json::from_slice(&std::fs::read(dir.path().join("handle.json")).unwrap()).unwrap();
     let group = Group { handles: vec![h.clone()] };
-    fleet::wait_healthy(&group.handles, &healthz(), Instant::now() + Duration::from_secs(10)).unwrap();
+    fleet::wait_healthy(&group.handles, &healthz(), Instant::now() + PATIENCE).unwrap();
     assert!(fleet::is_alive(&h));
     assert_eq!(get(h.port, "/").unwrap(), (200, "hi from orphan-1\n".to_string()));
     fleet::stop(&h, Duration::from_secs(2)).unwrap();
@@ -180,7 +181,7 @@ fn stop_escalates_to_sigkill_after_the_grace_period() {
     fleet::stop(&h, Duration::from_millis(300)).unwrap();
     let took = started.elapsed();
     assert!(!fleet::is_alive(&h));
-    assert!(took >= Duration::from_millis(300) && took < Duration::from_secs(3), "took {took:?}");
+    assert!(took >= Duration::from_millis(300) && took < Duration::from_millis(300) + PATIENCE, "took {took:?}");
 }
 
 #[test]

@@ -51,10 +51,20 @@ fn dev_to_test_to_prod_through_every_kind_of_gate() {
     // test: soak 10m in dev. At the same instant it is refused; eleven minutes later it passes.
     let soak = at(&repo, NOW, "ci", &["promote", "--stage", "test", "--json"]).expect(3);
     assert!(soak.stderr.contains("soak 10m: live in dev for 0s, needs 10m"), "{}", soak.stderr);
+    // --plan writes nothing, whether the promotion would be refused or would pass.
+    let ledger = repo.file(".kiln/ledger");
+    let before = common::snapshot(&ledger);
+    assert!(before.len() > 3, "the ledger holds the bake and dev's events: {:?}", before.keys());
     let plan = at(&repo, NOW, "ci", &["promote", "--stage", "test", "--plan", "--json"]).expect(3);
     assert_eq!(plan.json()["would_pass"], false);
+    assert!(common::snapshot(&ledger) == before, "a refused --plan changed the ledger");
+    let plan = at(&repo, LATER, "ci", &["promote", "--stage", "test", "--plan", "--json"]).ok();
+    assert_eq!(plan.json()["would_pass"], true, "{}", plan.stdout);
+    assert!(common::snapshot(&ledger) == before, "a passing --plan changed the ledger");
+    assert!(!repo.file(".kiln/run/hello/test").exists(), "a --plan deployed test");
     let test = at(&repo, LATER, "ci", &["promote", "--stage", "test", "--json"]).ok().json();
     assert_eq!(test["outcome"], "promoted");
+    assert!(repo.file(".kiln/run/hello/test").exists(), "the stage directory a --plan must not create");
     assert!(test["gates"].as_array().unwrap().iter().any(|g| g["gate"] == "soak 10m" && g["passed"] == true));
     let status = at(&repo, LATER, "ci", &["status", "--json"]).ok().json();
     assert_eq!(status["stages"][1]["live"]["digest"], digest.as_str());

@@ -1,5 +1,6 @@
 //! The stage proxy as a real process in front of real hello instances: a group switch, the old group's stop and an
-//! abruptly killed backend must all be invisible to clients on keep-alive connections.
+//! abruptly killed backend must all be invisible to clients on keep-alive connections. The proxy is `kiln
+//! proxy-serve`, the process `kiln deploy` starts.
 
 mod hello_image;
 
@@ -13,20 +14,6 @@ use hello_image::{get, Conn, Group};
 use kiln::provider::local::fleet;
 use kiln::provider::local::proxy::{self, Routes};
 
-const PROXY_ENV: &str = "KILN_TEST_PROXY_DIR";
-const PORT_ENV: &str = "KILN_TEST_PROXY_PORT";
-
-/// Not a test on its own: the body of the proxy process that `Proxy::spawn` starts from this test binary.
-#[test]
-fn proxy_process() {
-    let (Some(dir), Some(port)) = (std::env::var_os(PROXY_ENV), std::env::var(PORT_ENV).ok()) else {
-        return;
-    };
-    let dir = PathBuf::from(dir);
-    tracing_subscriber::fmt().with_ansi(false).with_max_level(tracing::Level::INFO).with_writer(std::io::stderr).init();
-    proxy::serve(port.parse().unwrap(), &dir.join("routes.json"), &dir.join("status.json")).unwrap();
-}
-
 /// A proxy process, SIGKILLed on drop unless it was terminated.
 struct Proxy {
     child: Child,
@@ -39,10 +26,16 @@ struct Proxy {
 impl Proxy {
     fn spawn(dir: &Path) -> Proxy {
         let port = fleet::free_port().unwrap();
-        let child = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "proxy_process", "--test-threads=1", "--nocapture"])
-            .env(PROXY_ENV, dir)
-            .env(PORT_ENV, port.to_string())
+        let child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .arg("proxy-serve")
+            .arg("--port")
+            .arg(port.to_string())
+            .arg("--routes")
+            .arg(dir.join("routes.json"))
+            .arg("--status")
+            .arg(dir.join("status.json"))
+            .env_clear()
+            .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join("proxy.log")).unwrap())

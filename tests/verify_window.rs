@@ -6,12 +6,13 @@ mod common;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use common::hello::{bake_greeting, dev_only, events, greeting, promote_only};
+use common::hello::{dev_stage, events};
+use common::{bake_greeting, greeting, promote_only};
 use common::{http_get, Down, Repo};
 
 /// A dev stage with a `secs`-second window whose check fails once the endpoint greets with "bad".
 fn windowed(secs: u32, capacity: u32) -> (Repo, u16) {
-    let (repo, port) = dev_only(
+    let (repo, port) = dev_stage(
         capacity,
         &format!("verify-for = \"{secs}s\""),
         "[[stage.verify]]\ncommand = [\"scripts/check.sh\"]\ninterval = \"300ms\"\n",

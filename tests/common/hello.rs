@@ -4,26 +4,17 @@
 
 use std::time::{Duration, Instant};
 
-use super::{http_get, Repo};
+use super::Repo;
 
 /// The example repository with only a dev stage (capacity `capacity`) on a free port; `keys` are added to the
 /// dev stage's own table (e.g. `lease = "2s"`), `tables` after it (e.g. `[[stage.verify]]` checks).
-pub fn dev_only(capacity: u32, keys: &str, tables: &str) -> (Repo, u16) {
+pub fn dev_stage(capacity: u32, keys: &str, tables: &str) -> (Repo, u16) {
     let (repo, ports) = Repo::example_on_free_ports();
     let text = std::fs::read_to_string(repo.file("pipelines/hello.toml")).unwrap();
     let dev_end = text.find("\n[[stage]]\nname = \"test\"").unwrap();
     let dev = text[..dev_end].replace("capacity = 2", &format!("capacity = {capacity}\n{keys}"));
     repo.write("pipelines/hello.toml", &format!("{dev}\n{tables}"));
     (repo, ports[0])
-}
-
-/// Bakes the hello image with this greeting; returns its digest.
-pub fn bake_greeting(repo: &Repo, greeting: &str) -> String {
-    let text = std::fs::read_to_string(repo.file("images/hello.toml")).unwrap();
-    let start = text.find("GREETING = \"").unwrap() + "GREETING = \"".len();
-    let end = start + text[start..].find('"').unwrap();
-    repo.write("images/hello.toml", &format!("{}{greeting}{}", &text[..start], &text[end..]));
-    repo.run(&["bake", "--json"]).ok().json()["digest"].as_str().unwrap().to_string()
 }
 
 /// Makes instances of images baked from now on run `script` (a shell script body; `$HELLO` is the hello binary)
@@ -45,17 +36,6 @@ pub fn instance_script(repo: &Repo, name: &str, body: &str) {
     let path = repo.file(&format!("images/files/{name}.sh"));
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
-}
-
-pub fn greeting(port: u16) -> String {
-    match http_get(port, "/") {
-        Some((200, body)) => body.split(" from ").next().unwrap_or("").to_string(),
-        other => panic!("the endpoint on {port} answered {other:?}"),
-    }
-}
-
-pub fn promote_only(repo: &Repo, digest: &str) {
-    repo.run(&["promote", "--stage", "dev", "--digest", digest, "--no-deploy"]).ok();
 }
 
 /// The process state letter from /proc (R, S, T for stopped, Z, …).

@@ -232,3 +232,104 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 pub mod hello;
+
+/// Names the test that re-ran this test binary as a child process, and that process's role; see [`child_of`].
+pub const CHILD_VAR: &str = "KILN_TEST_CHILD";
+
+/// This test binary, set to re-run just `test` in a child process that plays `role` instead of testing. The child
+/// is the same test, so no helper shows up as a test of its own that passes by doing nothing.
+pub fn child_of(test: &str, role: &str) -> Command {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args(["--exact", test, "--test-threads=1", "--quiet"]).env(CHILD_VAR, format!("{}:{role}", std::process::id()));
+    cmd
+}
+
+/// The role [`child_of`] gave this process, or None in an ordinary test run.
+pub fn child_role() -> Option<String> {
+    let value = std::env::var(CHILD_VAR).ok()?;
+    let (parent, role) = value.split_once(':').unwrap_or(("", &value));
+    // Inherited from anywhere but the test that spawned us, the variable would turn that test into a silent pass.
+    assert_eq!(
+        parent.parse::<u32>().ok(),
+        Some(std::os::unix::process::parent_id()),
+        "{CHILD_VAR}={value} was not set by this process's parent; unset it"
+    );
+    Some(role.to_string())
+}
+
+/// Every file under `dir` with its bytes, keyed by path relative to `dir`: compare two to prove nothing was written.
+pub fn snapshot(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    fn walk(root: &Path, dir: &Path, out: &mut std::collections::BTreeMap<PathBuf, Vec<u8>>) {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if entry.file_type().unwrap().is_dir() {
+                walk(root, &path, out);
+            } else {
+                out.insert(path.strip_prefix(root).unwrap().to_path_buf(), std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+/// The example repository with only a dev stage (capacity `capacity`) on a free port.
+pub fn dev_only(capacity: u32) -> (Repo, u16) {
+    hello::dev_stage(capacity, "", "")
+}
+
+/// Bakes the hello image with this greeting; returns its digest.
+pub fn bake_greeting(repo: &Repo, greeting: &str) -> String {
+    let text = std::fs::read_to_string(repo.file("images/hello.toml")).unwrap();
+    let start = text.find("GREETING = \"").unwrap() + "GREETING = \"".len();
+    let end = start + text[start..].find('"').unwrap();
+    repo.write("images/hello.toml", &format!("{}{greeting}{}", &text[..start], &text[end..]));
+    repo.run(&["bake", "--json"]).ok().json()["digest"].as_str().unwrap().to_string()
+}
+
+/// The greeting the stage endpoint on `port` answers with; panics when it does not answer 200.
+pub fn greeting(port: u16) -> String {
+    match http_get(port, "/") {
+        Some((200, body)) => body.split(" from ").next().unwrap_or("").to_string(),
+        other => panic!("the endpoint on {port} answered {other:?}"),
+    }
+}
+
+pub fn promote_only(repo: &Repo, digest: &str) {
+    repo.run(&["promote", "--stage", "dev", "--digest", digest, "--no-deploy"]).ok();
+}
+
+/// The local provider's group files of hello's dev stage, by name.
+pub fn group_files(repo: &Repo) -> Vec<serde_json::Value> {
+    let dir = repo.file(".kiln/run/hello/dev/groups");
+    let mut out: Vec<serde_json::Value> = std::fs::read_dir(dir)
+        .map(|d| d.flatten().map(|e| serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap()).collect())
+        .unwrap_or_default();
+    out.sort_by_key(|g| g["name"].as_str().unwrap().to_string());
+    out
+}
+
+pub fn pid_alive(pid: u64) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z ")
+}
+
+/// No orphans: one group runs (the live one, at capacity), at most `keep` more exist and run nothing, and no
+/// deployment is left open.
+pub fn assert_converged(repo: &Repo, capacity: usize, keep: usize) {
+    let status = repo.run(&["status", "--json"]).ok().json();
+    assert!(status["stages"][0]["deploying"].is_null(), "a deployment is still open: {status}");
+    let live_group = status["stages"][0]["live"]["group"].as_str().unwrap().to_string();
+    let groups = group_files(repo);
+    assert!(groups.len() <= 1 + keep, "orphaned groups: {groups:?}");
+    for g in &groups {
+        let alive = g["instances"].as_array().unwrap().iter().filter(|i| pid_alive(i["pid"].as_u64().unwrap())).count();
+        if g["name"] == live_group.as_str() {
+            assert_eq!(alive, capacity, "the live group runs at capacity");
+        } else {
+            assert_eq!(alive, 0, "retired group {} still runs processes", g["name"]);
+        }
+    }
+    repo.run(&["verify"]).ok();
+}
