@@ -28,7 +28,9 @@ use kiln::clock::Clock;
 use kiln::config::{pipeline, LedgerLocation, Pipeline, ProviderKind, Repo};
 use kiln::engine::Context;
 use kiln::ledger::Ledger;
+use kiln::provider::inject::{Faulty, Injector};
 use kiln::provider::local::LocalProvider;
+use kiln::provider::{Fleet, ImageProvider};
 use kiln::Error;
 
 use output::Output;
@@ -171,14 +173,21 @@ impl Ctx {
             ProviderKind::Aws => return Err(Error::NotYet { what: "the aws provider".into() }),
         };
         let progress = progress::for_run(self.global.quiet);
+        // Tests of the binary inject provider failures on purpose (KILN_INJECT); nobody else sets it.
+        let injector = Injector::from_env().map_err(Error::usage)?;
+        let faulty = injector.as_ref().map(|injector| Faulty { images: &local, fleet: &local, injector });
+        let (images, fleet): (&dyn ImageProvider, &dyn Fleet) = match &faulty {
+            Some(faulty) => (faulty, faulty),
+            None => (&local, &local),
+        };
         let context = Context {
             repo: &self.repo,
             pipeline,
             ledger: &ledger,
             clock: &self.clock,
             actor: &self.actor,
-            images: &local,
-            fleet: &local,
+            images,
+            fleet,
             state_dir: self.state_dir(),
             echo: !self.global.quiet && !self.global.json,
             lease_holder: kiln::engine::deploy::holder_id(),

@@ -1,0 +1,212 @@
+//! An in-memory provider for engine tests: images and groups of instances are entries in a map, every group is
+//! healthy as soon as it runs, and traffic goes where `route` last sent it. Wrapped in [`super::inject::Faulty`],
+//! it fails, hangs, reports unhealthy or crashes on any chosen call.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use super::{
+    BakeJob, Fleet, GroupHealth, GroupInfo, ImageProvider, ImageRef, PollCadence, ProviderError, Reproduction, StageRef,
+};
+use crate::config::{Health, Instance, Recipe};
+use crate::digest::Digest;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryGroup {
+    pub digest: Digest,
+    pub capacity: u32,
+    pub running: u32,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    images: BTreeMap<Digest, Option<Instance>>,
+    /// "pipeline/stage" → group → group.
+    groups: BTreeMap<String, BTreeMap<String, MemoryGroup>>,
+    serving: BTreeMap<String, String>,
+    /// Every route, in order: (stage, group).
+    routes: Vec<(String, String)>,
+}
+
+#[derive(Default)]
+pub struct MemoryProvider {
+    state: Mutex<State>,
+}
+
+fn key(stage: StageRef) -> String {
+    format!("{}/{}", stage.pipeline, stage.stage.name)
+}
+
+pub fn test_instance() -> Instance {
+    Instance { command: vec!["/bin/app".into()], env: BTreeMap::new(), health: Health::Tcp, ready_timeout_secs: 5 }
+}
+
+impl MemoryProvider {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers an image that starts instances.
+    pub fn add_image(&self, digest: Digest) {
+        self.state().images.insert(digest, Some(test_instance()));
+    }
+
+    pub fn groups_of(&self, stage: StageRef) -> BTreeMap<String, MemoryGroup> {
+        self.state().groups.get(&key(stage)).cloned().unwrap_or_default()
+    }
+
+    pub fn serving_of(&self, stage: StageRef) -> Option<String> {
+        self.state().serving.get(&key(stage)).cloned()
+    }
+
+    pub fn routes(&self) -> Vec<(String, String)> {
+        self.state().routes.clone()
+    }
+
+    /// Stops one instance of the group, as a crash of that instance would.
+    pub fn kill_instance(&self, stage: StageRef, group: &str) {
+        if let Some(g) = self.state().groups.get_mut(&key(stage)).and_then(|gs| gs.get_mut(group)) {
+            g.running = g.running.saturating_sub(1);
+        }
+    }
+}
+
+fn missing(group: &str) -> ProviderError {
+    ProviderError::Other { provider: "memory", message: format!("group {group} does not exist") }
+}
+
+impl ImageProvider for MemoryProvider {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+    fn build_settings(&self, _recipe: &Recipe) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+    fn has_image(&self, image: &ImageRef) -> bool {
+        self.state().images.contains_key(&image.digest)
+    }
+    fn bake(&self, job: &BakeJob) -> Result<ImageRef, ProviderError> {
+        let digest = Digest::of(format!("memory image of {}", job.recipe_key).as_bytes());
+        self.state().images.insert(digest, job.recipe.instance.clone());
+        Ok(ImageRef { digest, image_ref: format!("memory:{}", digest.short()) })
+    }
+    fn check_reproducible(&self, _chain: &[(BakeJob, Digest)]) -> Result<Reproduction, ProviderError> {
+        Ok(Reproduction::Identical)
+    }
+    fn verify_image(&self, image: &ImageRef) -> Result<(), ProviderError> {
+        if self.has_image(image) {
+            Ok(())
+        } else {
+            Err(ProviderError::MissingImage {
+                provider: "memory",
+                image: image.image_ref.clone(),
+                reason: "not in memory".into(),
+            })
+        }
+    }
+    fn delete_image(&self, image: &ImageRef) -> Result<(), ProviderError> {
+        self.state().images.remove(&image.digest);
+        Ok(())
+    }
+    fn collect_garbage(&self) -> Result<u64, ProviderError> {
+        Ok(0)
+    }
+    fn image_labels(&self, _image: &ImageRef) -> Result<BTreeMap<String, String>, ProviderError> {
+        Ok(BTreeMap::new())
+    }
+    fn instance_of(&self, image: &ImageRef) -> Result<Option<Instance>, ProviderError> {
+        Ok(self.state().images.get(&image.digest).cloned().flatten())
+    }
+}
+
+impl Fleet for MemoryProvider {
+    fn groups(&self, stage: StageRef) -> Result<Vec<GroupInfo>, ProviderError> {
+        Ok(self
+            .groups_of(stage)
+            .into_iter()
+            .map(|(name, g)| GroupInfo { name, digest: g.digest, capacity: g.capacity, running: g.running })
+            .collect())
+    }
+    fn serving(&self, stage: StageRef) -> Result<Option<String>, ProviderError> {
+        Ok(self.serving_of(stage))
+    }
+    fn launch(
+        &self,
+        stage: StageRef,
+        group: &str,
+        image: &ImageRef,
+        capacity: u32,
+    ) -> Result<GroupInfo, ProviderError> {
+        let mut state = self.state();
+        let groups = state.groups.entry(key(stage)).or_default();
+        let entry =
+            groups.entry(group.to_string()).or_insert(MemoryGroup { digest: image.digest, capacity, running: 0 });
+        if entry.digest != image.digest {
+            return Err(ProviderError::Other {
+                provider: "memory",
+                message: format!("group {group} already exists and runs {}", entry.digest.short()),
+            });
+        }
+        entry.capacity = capacity;
+        entry.running = capacity;
+        Ok(GroupInfo { name: group.to_string(), digest: image.digest, capacity, running: capacity })
+    }
+    fn health(&self, stage: StageRef, group: &str) -> Result<GroupHealth, ProviderError> {
+        let g = self.groups_of(stage).get(group).cloned().ok_or_else(|| missing(group))?;
+        let waiting = (g.running..g.capacity).map(|n| format!("{group}-{}", n + 1)).collect();
+        Ok(GroupHealth { total: g.capacity, healthy: g.running.min(g.capacity), waiting, failed: None })
+    }
+    fn log_tail(&self, _stage: StageRef, _group: &str, _instance: &str) -> Option<String> {
+        None
+    }
+    fn poll_cadence(&self) -> PollCadence {
+        PollCadence { first: Duration::from_millis(1), max: Duration::from_millis(5) }
+    }
+    fn route(&self, stage: StageRef, group: &str) -> Result<Duration, ProviderError> {
+        let mut state = self.state();
+        if !state.groups.get(&key(stage)).is_some_and(|gs| gs.contains_key(group)) {
+            return Err(missing(group));
+        }
+        state.serving.insert(key(stage), group.to_string());
+        state.routes.push((key(stage), group.to_string()));
+        Ok(Duration::ZERO)
+    }
+    fn drain_pending(&self, _stage: StageRef, _group: &str) -> Result<u64, ProviderError> {
+        Ok(0)
+    }
+    fn drain_timeout(&self, _stage: StageRef) -> Duration {
+        Duration::from_secs(1)
+    }
+    fn park(&self, stage: StageRef, group: &str) -> Result<(), ProviderError> {
+        if let Some(g) = self.state().groups.get_mut(&key(stage)).and_then(|gs| gs.get_mut(group)) {
+            g.capacity = 0;
+            g.running = 0;
+        }
+        Ok(())
+    }
+    fn destroy(&self, stage: StageRef, group: &str) -> Result<(), ProviderError> {
+        let mut state = self.state();
+        if let Some(groups) = state.groups.get_mut(&key(stage)) {
+            groups.remove(group);
+        }
+        if state.serving.get(&key(stage)).is_some_and(|g| g == group) {
+            state.serving.remove(&key(stage));
+        }
+        Ok(())
+    }
+    fn endpoint(&self, stage: StageRef) -> Option<String> {
+        Some(format!("memory://{}", key(stage)))
+    }
+    fn endpoint_up(&self, _stage: StageRef) -> bool {
+        true
+    }
+    fn stop_stage(&self, stage: StageRef) -> Result<(), ProviderError> {
+        let mut state = self.state();
+        for g in state.groups.entry(key(stage)).or_default().values_mut() {
+            g.capacity = 0;
+            g.running = 0;
+        }
+        Ok(())
+    }
+}
