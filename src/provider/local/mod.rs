@@ -102,7 +102,7 @@ impl LocalProvider {
         match step {
             Provision::Copy { source, to } => {
                 let dest = root.join(to.trim_start_matches('/'));
-                copy_into(&source.absolute, &dest)
+                copy_inputs(&source.relative, &source.absolute, &dest, job.inputs)
                     .map_err(|e| failed(format!("copy {} to {to}", source.relative), e.to_string(), String::new()))
             }
             Provision::Run { script, timeout_secs } => {
@@ -239,7 +239,7 @@ impl ImageProvider for LocalProvider {
         };
         let digest = store.write_image(&ImageSpec { entrypoint, env, labels, layers, diff_ids }).map_err(oci_error)?;
         let image_ref = format!("{}:{}", job.recipe.name, digest.short());
-        store.tag(&image_ref, &digest).map_err(oci_error)?;
+        store.tag_annotated(&image_ref, &digest, &job.annotations).map_err(oci_error)?;
         Ok(ImageRef { digest, image_ref })
     }
 
@@ -252,6 +252,8 @@ impl ImageProvider for LocalProvider {
                 recipe_key: job.recipe_key,
                 parent: parent.clone(),
                 labels: job.labels.clone(),
+                annotations: job.annotations.clone(),
+                inputs: job.inputs,
                 echo_output: job.echo_output,
             };
             let rebuilt = scratch.bake(&rebuild)?;
@@ -327,9 +329,44 @@ fn describe(step: &Provision) -> String {
     }
 }
 
+/// Copies the recipe source `rel` (at `abs`) to `dest`: exactly the entries of `inputs` at or below `rel`, the
+/// files its recipe key was computed from, so nothing git does not track reaches the image.
+fn copy_inputs(
+    rel: &str,
+    abs: &Path,
+    dest: &Path,
+    inputs: &BTreeMap<String, crate::engine::recipe_key::FileInput>,
+) -> std::io::Result<()> {
+    let below = format!("{rel}/");
+    let itself = inputs.get_key_value(rel).map(|(path, _)| path);
+    let descendants = inputs.range(below.clone()..).map(|(path, _)| path).take_while(|path| path.starts_with(&below));
+    // Sorted paths put a directory before everything in it.
+    for path in itself.into_iter().chain(descendants) {
+        let inner = path[rel.len()..].trim_start_matches('/');
+        let (from, to) = if inner.is_empty() {
+            (abs.to_path_buf(), dest.to_path_buf())
+        } else {
+            (abs.join(inner), dest.join(inner))
+        };
+        copy_entry(&from, &to)?;
+    }
+    Ok(())
+}
+
 /// Copies a file, symlink or directory tree to `dest`, merging into existing directories. Copies are writable by
 /// their owner even when the source is read-only, so provision steps can change them.
 pub fn copy_into(source: &Path, dest: &Path) -> std::io::Result<()> {
+    if copy_entry(source, dest)? {
+        for entry in fs::read_dir(source)? {
+            let entry = entry?;
+            copy_into(&entry.path(), &dest.join(entry.file_name()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Copies one file or symlink, or creates one directory (without its contents); true for a directory.
+fn copy_entry(source: &Path, dest: &Path) -> std::io::Result<bool> {
     let meta = fs::symlink_metadata(source)?;
     let kind = meta.file_type();
     if kind.is_symlink() {
@@ -339,15 +376,12 @@ pub fn copy_into(source: &Path, dest: &Path) -> std::io::Result<()> {
         if fs::symlink_metadata(dest).is_ok() {
             fs::remove_file(dest)?;
         }
-        std::os::unix::fs::symlink(fs::read_link(source)?, dest)
+        std::os::unix::fs::symlink(fs::read_link(source)?, dest)?;
+        Ok(false)
     } else if kind.is_dir() {
         fs::create_dir_all(dest)?;
         fs::set_permissions(dest, fs::Permissions::from_mode((meta.permissions().mode() & 0o7777) | 0o700))?;
-        for entry in fs::read_dir(source)? {
-            let entry = entry?;
-            copy_into(&entry.path(), &dest.join(entry.file_name()))?;
-        }
-        Ok(())
+        Ok(true)
     } else {
         if let Some(parent) = dest.parent() {
             fs::create_dir_all(parent)?;
@@ -356,7 +390,8 @@ pub fn copy_into(source: &Path, dest: &Path) -> std::io::Result<()> {
             fs::remove_file(dest)?;
         }
         fs::copy(source, dest)?;
-        fs::set_permissions(dest, fs::Permissions::from_mode((meta.permissions().mode() & 0o7777) | 0o600))
+        fs::set_permissions(dest, fs::Permissions::from_mode((meta.permissions().mode() & 0o7777) | 0o600))?;
+        Ok(false)
     }
 }
 
