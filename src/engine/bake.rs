@@ -83,6 +83,7 @@ pub fn bake(ctx: &Context, options: &BakeOptions) -> Result<BakeReport, Error> {
     let mut baked = Vec::with_capacity(chain.len());
     let mut jobs = Vec::with_capacity(chain.len());
     for recipe in &chain {
+        interruption(&recipe.name)?;
         let files = hasher.recipe_files(recipe, tracked.as_ref())?;
         tracing::debug!(ms = started.elapsed().as_secs_f64() * 1000.0, files = files.len(), recipe = %recipe.name, "inputs hashed");
         let key = KeyInputs {
@@ -144,7 +145,11 @@ pub fn bake(ctx: &Context, options: &BakeOptions) -> Result<BakeReport, Error> {
                     inputs: &files,
                     echo_output: ctx.echo,
                 };
-                let image = ctx.images.bake(&job)?;
+                let image = ctx
+                    .images
+                    .bake(&job)
+                    .map_err(|err| interruption(&recipe.name).err().unwrap_or(Error::from(err)))?;
+                interruption(&recipe.name)?;
                 let seq = record(ctx, recipe.name.clone(), key, &image, parent.as_ref().map(|p| p.digest), &source)?;
                 tracing::info!(recipe = %recipe.name, "baked {} ({})", image.digest, image.image_ref);
                 BakedImage {
@@ -200,6 +205,14 @@ pub fn bake(ctx: &Context, options: &BakeOptions) -> Result<BakeReport, Error> {
         }
     };
     Ok(BakeReport { chain: baked, commit, dirty, files_hashed: hasher.files_hashed(), reproducible })
+}
+
+/// Fails once SIGINT or SIGTERM has arrived (when the CLI catches them), so the bake unwinds and cleans up.
+fn interruption(recipe: &str) -> Result<(), Error> {
+    if crate::process::interrupted() {
+        return Err(Error::Interrupted { during: format!("the bake of recipe `{recipe}`") });
+    }
+    Ok(())
 }
 
 /// Records a `baked` event unless another writer recorded this image for this key meanwhile.

@@ -24,6 +24,35 @@ use oci::{Descriptor, ImageSpec, OciStore};
 pub const INSTANCE_LABEL: &str = "dev.kiln.instance";
 const LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar";
 
+const WORK_DIR_PREFIX: &str = "bake-";
+
+/// A work directory removed (write-protected parts included) when dropped: on success, on failure and on an
+/// interrupt alike.
+struct WorkDir(PathBuf);
+
+impl WorkDir {
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if let Err(err) = remove_tree(&self.0) {
+            tracing::warn!(%err, "could not remove {}; `kiln gc` will", self.0.display());
+        }
+    }
+}
+
+/// The bytes of the files under `path`, best effort.
+fn tree_size(path: &Path) -> u64 {
+    let Ok(meta) = fs::symlink_metadata(path) else { return 0 };
+    if !meta.is_dir() {
+        return meta.len();
+    }
+    fs::read_dir(path).map(|entries| entries.flatten().map(|e| tree_size(&e.path())).sum()).unwrap_or(0)
+}
+
 pub struct LocalProvider {
     state: PathBuf,
     /// Keeps a throwaway state directory alive (for `bake --check`).
@@ -62,10 +91,46 @@ impl LocalProvider {
         OciStore::open(&self.state.join("oci")).map_err(oci_error)
     }
 
-    fn work_dir(&self) -> Result<tempfile::TempDir, ProviderError> {
+    /// A fresh `.kiln/tmp/bake-<pid>-<start time>-…` directory, removed when dropped. Its name says which kiln
+    /// process owns it, so `kiln gc` can remove it once that process is gone without ever racing a running bake.
+    fn work_dir(&self) -> Result<WorkDir, ProviderError> {
         let tmp = self.state.join("tmp");
         fs::create_dir_all(&tmp).map_err(io_error("creating the work directory", &tmp))?;
-        tempfile::Builder::new().prefix("bake-").tempdir_in(&tmp).map_err(io_error("creating the work directory", &tmp))
+        let pid = std::process::id() as i32;
+        let started = crate::process::start_time(pid).unwrap_or(0);
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{WORK_DIR_PREFIX}{pid}-{started}-"))
+            .tempdir_in(&tmp)
+            .map_err(io_error("creating the work directory", &tmp))?;
+        Ok(WorkDir(dir.keep()))
+    }
+
+    /// Removes the work directories in `.kiln/tmp/` whose owning kiln process is gone (killed, or from an older
+    /// kiln that did not name its owner); returns the bytes freed.
+    fn sweep_work_dirs(&self) -> Result<u64, ProviderError> {
+        let tmp = self.state.join("tmp");
+        let entries = match fs::read_dir(&tmp) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(source) => return Err(ProviderError::Io { what: "listing temporary directories", path: tmp, source }),
+        };
+        let mut freed = 0;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(owner) = name.strip_prefix(WORK_DIR_PREFIX) else { continue };
+            let mut fields = owner.split('-');
+            let pid = fields.next().and_then(|f| f.parse::<i32>().ok());
+            let started = fields.next().and_then(|f| f.parse::<u64>().ok());
+            if let (Some(pid), Some(started)) = (pid, started) {
+                if crate::process::alive(pid, started) {
+                    continue;
+                }
+            }
+            let path = entry.path();
+            freed += tree_size(&path);
+            remove_tree(&path).map_err(io_error("removing a stale temporary directory", &path))?;
+        }
+        Ok(freed)
     }
 
     /// The image unpacked, read-only, in `.kiln/unpacked/<hex>/`: instances start from it and children build on it.
@@ -99,6 +164,9 @@ impl LocalProvider {
             reason,
             output_tail,
         };
+        if crate::process::interrupted() {
+            return Err(failed(describe(step), "interrupted".into(), String::new()));
+        }
         match step {
             Provision::Copy { source, to } => {
                 let dest = root.join(to.trim_start_matches('/'));
@@ -296,7 +364,8 @@ impl ImageProvider for LocalProvider {
     }
 
     fn collect_garbage(&self) -> Result<u64, ProviderError> {
-        self.store()?.collect_garbage().map_err(oci_error)
+        let blobs = self.store()?.collect_garbage().map_err(oci_error)?;
+        Ok(blobs + self.sweep_work_dirs()?)
     }
 
     fn image_labels(&self, image: &ImageRef) -> Result<BTreeMap<String, String>, ProviderError> {
