@@ -1,7 +1,6 @@
 //! What the work tree's git repository says about the source being baked: commit, dirtiness, origin, and which
 //! files are tracked (only those are a recipe's inputs).
 
-use std::collections::BTreeSet;
 use std::path::Path;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -49,7 +48,8 @@ fn discover(dir: &Path) -> Result<Option<git2::Repository>, git2::Error> {
 /// these, so a file git ignores or was never told about can neither ship in an image nor change its key.
 #[derive(Debug, Clone, Default)]
 pub struct Tracked {
-    paths: BTreeSet<String>,
+    /// Sorted bytewise, as git's index already is: lookups are binary searches.
+    paths: Vec<String>,
 }
 
 impl Tracked {
@@ -65,28 +65,39 @@ impl Tracked {
             None => return Ok(None),
         };
         let index = repo.index()?;
-        let paths = index
+        let mut paths: Vec<String> = index
             .iter()
             .filter_map(|entry| String::from_utf8(entry.path).ok())
-            .filter_map(|path| path.strip_prefix(&prefix).map(str::to_string))
+            .filter_map(|mut path| {
+                path.starts_with(&prefix).then(|| {
+                    path.drain(..prefix.len());
+                    path
+                })
+            })
             .collect();
+        // Already sorted unless the index holds conflict stages; sorting sorted input is one pass.
+        paths.sort_unstable();
+        paths.dedup();
         Ok(Some(Tracked { paths }))
     }
 
     /// Builds the set from repository-relative paths (for tests).
     pub fn of<I: IntoIterator<Item = S>, S: Into<String>>(paths: I) -> Tracked {
-        Tracked { paths: paths.into_iter().map(Into::into).collect() }
+        let mut paths: Vec<String> = paths.into_iter().map(Into::into).collect();
+        paths.sort_unstable();
+        Tracked { paths }
     }
 
     /// Whether git tracks the file or symlink `rel`.
     pub fn holds_file(&self, rel: &str) -> bool {
-        self.paths.contains(rel)
+        self.paths.binary_search_by(|p| p.as_str().cmp(rel)).is_ok()
     }
 
     /// Whether git tracks anything below the directory `rel` (git tracks no directories of their own).
     pub fn holds_dir(&self, rel: &str) -> bool {
         let below = format!("{rel}/");
-        self.paths.range(below.clone()..).next().is_some_and(|p| p.starts_with(&below))
+        let first = self.paths.partition_point(|p| p.as_str() < below.as_str());
+        self.paths.get(first).is_some_and(|p| p.starts_with(&below))
     }
 }
 
