@@ -83,8 +83,9 @@ pub fn bake(ctx: &Context, options: &BakeOptions) -> Result<BakeReport, Error> {
     let mut baked = Vec::with_capacity(chain.len());
     let mut jobs = Vec::with_capacity(chain.len());
     for recipe in &chain {
-        interruption(&recipe.name)?;
         let files = hasher.recipe_files(recipe, tracked.as_ref())?;
+        // Hashing a large tree takes a while; a Ctrl-C during it must not end in a cache hit and exit 0.
+        interruption(&recipe.name)?;
         tracing::debug!(ms = started.elapsed().as_secs_f64() * 1000.0, files = files.len(), recipe = %recipe.name, "inputs hashed");
         let key = KeyInputs {
             kiln_key_format: KEY_FORMAT,
@@ -188,7 +189,11 @@ pub fn bake(ctx: &Context, options: &BakeOptions) -> Result<BakeReport, Error> {
             };
             check_jobs.push((job, image.digest));
         }
-        match ctx.images.check_reproducible(&check_jobs)? {
+        let rebuilt = ctx.images.check_reproducible(&check_jobs).map_err(|err| {
+            let last = chain.last().map_or("", |r| r.name.as_str());
+            interruption(last).err().unwrap_or(Error::from(err))
+        })?;
+        match rebuilt {
             Reproduction::Identical => reproducible = Some(true),
             Reproduction::Differs { recipe, expected, rebuilt, first_difference } => {
                 return Err(Error::NotReproducible { recipe, expected, rebuilt, first_difference })
