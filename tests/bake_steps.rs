@@ -100,3 +100,25 @@ fn gc_removes_work_directories_whose_kiln_is_gone() {
         std::fs::read_dir(&tmp).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     assert_eq!(left, [live], "only the directory of a running kiln stays");
 }
+
+#[test]
+fn a_command_gates_timeout_bounds_everything_it_started_too() {
+    let repo = tiny_repo(common::free_port());
+    let marker = marker("gate");
+    repo.write(
+        "pipelines/scripts/slow-gate.sh",
+        &format!("#!/bin/sh\nsh -c 'sleep 45; : {marker}' &\necho checking\n"),
+    );
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(repo.file("pipelines/scripts/slow-gate.sh"), std::fs::Permissions::from_mode(0o755))
+        .unwrap();
+    repo.edit(
+        "pipelines/app.toml",
+        "[[stage.gate]]\napprovals = 1\n",
+        "[[stage.gate]]\ncommand = [\"scripts/slow-gate.sh\"]\ntimeout = \"1s\"\n",
+    );
+    let digest = repo.run(&["bake", "--json"]).ok().json()["digest"].as_str().unwrap().to_string();
+    let refused = repo.run(&["promote", "--stage", "dev", "--no-deploy", "--digest", &digest]).expect(3);
+    assert!(refused.stderr.contains("timed out after 1s"), "{}", refused.stderr);
+    assert_eq!(survivors(&marker), Vec::<String>::new(), "a process the gate started outlived it");
+}
