@@ -496,3 +496,41 @@ pub fn remove_tree(dir: &Path) -> std::io::Result<()> {
     writable(dir)?;
     fs::remove_dir_all(dir)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::recipe_key::FileInput;
+
+    #[test]
+    fn a_copy_takes_exactly_the_inputs_below_its_source() {
+        let repo = tempfile::tempdir().unwrap();
+        let source = repo.path().join("files/a");
+        fs::create_dir_all(source.join("sub")).unwrap();
+        for (name, text) in [("kept", "1"), ("sub/kept", "2"), ("notes.swp", "secret"), ("sub/untracked", "3")] {
+            fs::write(source.join(name), text).unwrap();
+        }
+        fs::write(repo.path().join("files/a-sibling"), "not below files/a").unwrap();
+        let file = FileInput::File { sha256: Digest::ZERO, executable: false };
+        let inputs: BTreeMap<String, FileInput> = [
+            ("files/a", FileInput::Dir),
+            ("files/a-sibling", file.clone()),
+            ("files/a/kept", file.clone()),
+            ("files/a/sub", FileInput::Dir),
+            ("files/a/sub/kept", file),
+        ]
+        .into_iter()
+        .map(|(path, input)| (path.to_string(), input))
+        .collect();
+        let dest = repo.path().join("image/etc/a");
+        copy_inputs("files/a", &source, &dest, &inputs).unwrap();
+        let mut copied: Vec<String> = Vec::new();
+        for entry in fs::read_dir(&dest).unwrap().chain(fs::read_dir(dest.join("sub")).unwrap()) {
+            let path = entry.unwrap().path();
+            copied.push(path.strip_prefix(&dest).unwrap().display().to_string());
+        }
+        copied.sort();
+        assert_eq!(copied, ["kept", "sub", "sub/kept"]);
+        assert!(!repo.path().join("image/etc/a-sibling").exists());
+    }
+}
