@@ -90,7 +90,7 @@ pub fn run(command: &mut Command, timeout: Duration, echo: Option<fn(&str)>) -> 
     let deadline = started + timeout;
     let mut child = command.spawn()?;
     let Ok(group) = i32::try_from(child.id()) else {
-        kill_group_of(&mut child);
+        kill_and_reap(&mut child);
         return Err(std::io::Error::other("child process id out of range"));
     };
     let collected = Arc::new(Mutex::new(Collected { hasher: StreamHasher::new(), tail: Vec::new() }));
@@ -136,7 +136,9 @@ pub fn run(command: &mut Command, timeout: Duration, echo: Option<fn(&str)>) -> 
         if Instant::now() >= deadline {
             break Ended::TimedOut;
         }
-        std::thread::sleep(Duration::from_millis(5));
+        // Quick steps end promptly; a long one (or background work outliving its leader, which costs a /proc scan
+        // per poll) is polled less often.
+        std::thread::sleep((started.elapsed() / 20).clamp(Duration::from_millis(5), Duration::from_millis(50)));
     };
     if !matches!(ended, Ended::Done) {
         kill_group(group);
@@ -144,8 +146,9 @@ pub fn run(command: &mut Command, timeout: Duration, echo: Option<fn(&str)>) -> 
     let status = child.wait()?;
     let mut timed_out = matches!(ended, Ended::TimedOut);
     // The group is gone, so the pipes close unless an escaped process holds them; wait for that no longer than the
-    // timeout allows.
-    let readers_deadline = deadline.max(Instant::now() + Duration::from_millis(100));
+    // timeout allows, and hardly at all once the command was stopped.
+    let grace = Instant::now() + Duration::from_millis(100);
+    let readers_deadline = if matches!(ended, Ended::Done) { deadline.max(grace) } else { grace };
     for _ in 0..readers {
         let left = readers_deadline.saturating_duration_since(Instant::now());
         if readers_done.recv_timeout(left).is_err() {
@@ -171,8 +174,8 @@ pub fn run(command: &mut Command, timeout: Duration, echo: Option<fn(&str)>) -> 
     })
 }
 
-/// Kills the group of a child whose id did not fit a pid, then reaps it.
-fn kill_group_of(child: &mut std::process::Child) {
+/// Kills and reaps a child that cannot be handled as a group (its id did not fit a pid).
+fn kill_and_reap(child: &mut std::process::Child) {
     let _ = child.kill();
     let _ = child.wait();
 }
