@@ -67,6 +67,9 @@ pub enum Error {
     NotYet { what: String },
     #[error("{message}")]
     Usage { message: String },
+    /// SIGINT or SIGTERM arrived; what was running has been stopped and cleaned up.
+    #[error("interrupted during {during}; stopped it and removed its temporary files")]
+    Interrupted { during: String },
     #[error("cannot access {path}")]
     Io {
         path: PathBuf,

@@ -75,6 +75,10 @@ fn a_holder_renews_its_lease_while_it_waits() {
     promote_only(&repo, &slow);
 
     let holder = spawn(&repo, "holder", "", &["deploy", "--stage", "dev"]);
+    while repo.run(&["status", "--json"]).ok().json()["stages"][0]["deploying"].is_null() {
+        assert!(common::hello::process_state(holder.id()).is_some(), "the holder exited before it took the lease");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let mut refused = 0;
     while common::hello::process_state(holder.id()).is_some_and(|s| s != 'Z') {
         let other = repo.kiln().env("KILN_ACTOR", "other").args(["deploy", "--stage", "dev"]).output().unwrap();

@@ -142,3 +142,37 @@ fn listing(root: &Path) -> Vec<(String, u32, Option<Vec<u8>>)> {
     walk(root, root, &mut out);
     out
 }
+
+#[test]
+fn index_annotations_leave_the_digest_alone_and_tools_still_read_the_image() {
+    let demo = demo_image();
+    let annotations = [
+        ("org.opencontainers.image.revision".to_string(), "0123456789abcdef0123456789abcdef01234567".to_string()),
+        ("org.opencontainers.image.source".to_string(), "https://example.com/org/repo.git".to_string()),
+    ]
+    .into();
+    demo.store.tag_annotated("demo:annotated", &demo.manifest, &annotations).unwrap();
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(demo.store.root().join("index.json")).unwrap()).unwrap();
+    let entry = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == "demo:annotated")
+        .unwrap();
+    assert_eq!(entry["digest"], demo.manifest.to_string(), "the same manifest, so the same digest");
+    assert_eq!(entry["annotations"]["org.opencontainers.image.source"], "https://example.com/org/repo.git");
+
+    let reference = format!("oci:{}:demo:annotated", demo.store.root().display());
+    let output = check("skopeo", &["inspect", &reference]);
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(json["Digest"], demo.manifest.to_string(), "{json:#}");
+    let bundle = demo.work.join("annotated-bundle");
+    let image = format!("{}:demo:annotated", demo.store.root().display());
+    check("umoci", &["unpack", "--rootless", "--image", &image, bundle.to_str().unwrap()]);
+    assert_eq!(fs::read_to_string(bundle.join("rootfs/etc/app.conf")).unwrap(), "port = 9090\n");
+    // Retagging plainly drops the annotations with the old entry: a name points at one entry.
+    demo.store.tag("demo:annotated", &demo.manifest).unwrap();
+    let index = fs::read_to_string(demo.store.root().join("index.json")).unwrap();
+    assert!(!index.contains("image.revision"), "{index}");
+}

@@ -9,6 +9,7 @@
 //! | 4 | deployment failed; the previous group kept serving |
 //! | 5 | stage busy, or concurrent write conflict after retries |
 //! | 6 | verification failed (tampered ledger, drift) |
+//! | 130 | interrupted (SIGINT or SIGTERM), after cleaning up |
 
 use std::error::Error as _;
 
@@ -27,6 +28,7 @@ pub enum Exit {
     DeployFailed = 4,
     Busy = 5,
     VerifyFailed = 6,
+    Interrupted = 130,
 }
 
 impl From<Exit> for std::process::ExitCode {
@@ -40,7 +42,8 @@ pub fn classify(err: &Error) -> Exit {
         Error::Config(_) | Error::Digest(_) | Error::Clock(_) | Error::Usage { .. } => Exit::Invalid,
         Error::Ledger(LedgerError::Tampered { .. }) => Exit::VerifyFailed,
         Error::Ledger(LedgerError::Contended { .. }) => Exit::Busy,
-        Error::DirtyTree { .. } => Exit::Invalid,
+        Error::DirtyTree { .. } | Error::Key(kiln::engine::recipe_key::KeyError::Untracked { .. }) => Exit::Invalid,
+        Error::Interrupted { .. } => Exit::Interrupted,
         Error::Refused { .. } | Error::RefusedAsShown { .. } => Exit::Refused,
         Error::Busy { .. } | Error::TakenOver { .. } => Exit::Busy,
         Error::DeployFailed { .. } => Exit::DeployFailed,

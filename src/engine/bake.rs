@@ -75,13 +75,17 @@ pub fn bake(ctx: &Context, options: &BakeOptions) -> Result<BakeReport, Error> {
         Ok(found)
     };
     let started = std::time::Instant::now();
+    let tracked = crate::git::Tracked::load(ctx.repo.root())?;
+    tracing::debug!(ms = started.elapsed().as_secs_f64() * 1000.0, "git index read");
     let mut hasher = FileHasher::open(Some(ctx.state_dir.join("cache").join("stat.json")));
     tracing::debug!(ms = started.elapsed().as_secs_f64() * 1000.0, "stat cache loaded");
     let mut parent: Option<ImageRef> = None;
     let mut baked = Vec::with_capacity(chain.len());
     let mut jobs = Vec::with_capacity(chain.len());
     for recipe in &chain {
-        let files = hasher.recipe_files(recipe)?;
+        let files = hasher.recipe_files(recipe, tracked.as_ref())?;
+        // Hashing a large tree takes a while; a Ctrl-C during it must not end in a cache hit and exit 0.
+        interruption(&recipe.name)?;
         tracing::debug!(ms = started.elapsed().as_secs_f64() * 1000.0, files = files.len(), recipe = %recipe.name, "inputs hashed");
         let key = KeyInputs {
             kiln_key_format: KEY_FORMAT,
@@ -90,7 +94,7 @@ pub fn bake(ctx: &Context, options: &BakeOptions) -> Result<BakeReport, Error> {
             parent_digest: parent.as_ref().map(|p| p.digest),
             provider: ctx.images.name(),
             provider_settings: ctx.images.build_settings(recipe),
-            files,
+            files: &files,
         }
         .digest();
         tracing::debug!(ms = started.elapsed().as_secs_f64() * 1000.0, "recipe key computed");
@@ -120,11 +124,14 @@ pub fn bake(ctx: &Context, options: &BakeOptions) -> Result<BakeReport, Error> {
                     (LABEL_TITLE.to_string(), recipe.name.clone()),
                     (LABEL_RECIPE_KEY.to_string(), key.to_string()),
                 ]);
+                // The commit and origin stay out of the image: inside it they would give every commit its own
+                // digest for the same recipe key, and every child a new key.
+                let mut annotations = BTreeMap::new();
                 if let Some(commit) = &source.commit {
-                    labels.insert(LABEL_REVISION.into(), commit.clone());
+                    annotations.insert(LABEL_REVISION.to_string(), commit.clone());
                 }
                 if let Some(origin) = &source.origin {
-                    labels.insert(LABEL_SOURCE.into(), origin.clone());
+                    annotations.insert(LABEL_SOURCE.to_string(), origin.clone());
                 }
                 if let Some(p) = &parent {
                     labels.insert(LABEL_PARENT.into(), p.digest.to_string());
@@ -135,9 +142,15 @@ pub fn bake(ctx: &Context, options: &BakeOptions) -> Result<BakeReport, Error> {
                     recipe_key: key,
                     parent: parent.clone(),
                     labels: labels.clone(),
+                    annotations,
+                    inputs: &files,
                     echo_output: ctx.echo,
                 };
-                let image = ctx.images.bake(&job)?;
+                let image = ctx
+                    .images
+                    .bake(&job)
+                    .map_err(|err| interruption(&recipe.name).err().unwrap_or(Error::from(err)))?;
+                interruption(&recipe.name)?;
                 let seq = record(ctx, recipe.name.clone(), key, &image, parent.as_ref().map(|p| p.digest), &source)?;
                 tracing::info!(recipe = %recipe.name, "baked {} ({})", image.digest, image.image_ref);
                 BakedImage {
@@ -152,7 +165,7 @@ pub fn bake(ctx: &Context, options: &BakeOptions) -> Result<BakeReport, Error> {
             }
         };
         parent = Some(ImageRef { digest: this.digest, image_ref: this.image_ref.clone() });
-        jobs.push((recipe, key));
+        jobs.push((recipe, key, files));
         baked.push(this);
     }
     hasher.save();
@@ -162,13 +175,25 @@ pub fn bake(ctx: &Context, options: &BakeOptions) -> Result<BakeReport, Error> {
     if options.check {
         // Rebuild with the labels each image was recorded with, so only the build itself can differ.
         let mut check_jobs = Vec::with_capacity(jobs.len());
-        for ((recipe, key), image) in jobs.iter().zip(&baked) {
+        for ((recipe, key, files), image) in jobs.iter().zip(&baked) {
             let image_ref = ImageRef { digest: image.digest, image_ref: image.image_ref.clone() };
             let labels = ctx.images.image_labels(&image_ref)?;
-            let job = BakeJob { recipe, recipe_key: *key, parent: None, labels, echo_output: ctx.echo };
+            let job = BakeJob {
+                recipe,
+                recipe_key: *key,
+                parent: None,
+                labels,
+                annotations: BTreeMap::new(),
+                inputs: files,
+                echo_output: ctx.echo,
+            };
             check_jobs.push((job, image.digest));
         }
-        match ctx.images.check_reproducible(&check_jobs)? {
+        let rebuilt = ctx.images.check_reproducible(&check_jobs).map_err(|err| {
+            let last = chain.last().map_or("", |r| r.name.as_str());
+            interruption(last).err().unwrap_or(Error::from(err))
+        })?;
+        match rebuilt {
             Reproduction::Identical => reproducible = Some(true),
             Reproduction::Differs { recipe, expected, rebuilt, first_difference } => {
                 return Err(Error::NotReproducible { recipe, expected, rebuilt, first_difference })
@@ -185,6 +210,14 @@ pub fn bake(ctx: &Context, options: &BakeOptions) -> Result<BakeReport, Error> {
         }
     };
     Ok(BakeReport { chain: baked, commit, dirty, files_hashed: hasher.files_hashed(), reproducible })
+}
+
+/// Fails once SIGINT or SIGTERM has arrived (when the CLI catches them), so the bake unwinds and cleans up.
+fn interruption(recipe: &str) -> Result<(), Error> {
+    if crate::process::interrupted() {
+        return Err(Error::Interrupted { during: format!("the bake of recipe `{recipe}`") });
+    }
+    Ok(())
 }
 
 /// Records a `baked` event unless another writer recorded this image for this key meanwhile.

@@ -1,7 +1,7 @@
 //! Garbage collection: delete the images no stage can roll back to, keeping everything a stage runs, ran recently
 //! or could return to, everything that ever reached the last stage (prod), the newest bake of each recipe, and the
 //! ancestors of all of those. What is deleted is recorded first, so the ledger never points at an image it does
-//! not know is gone.
+//! not know is gone. The provider then frees what no image uses, leftovers of killed bakes included.
 
 use std::collections::BTreeSet;
 
@@ -56,8 +56,13 @@ pub fn collect(ctx: &Context, dry_run: bool) -> Result<GcReport, Error> {
         .filter(|image| ctx.images.has_image(image))
         .collect();
     let kept = images.len() - doomed.len();
-    if dry_run || doomed.is_empty() {
+    if dry_run {
         return Ok(GcReport { deleted: doomed, kept, bytes_freed: 0, dry_run, seq: None });
+    }
+    if doomed.is_empty() {
+        // Nothing to record, but the provider may still hold leftovers of killed bakes.
+        let bytes_freed = ctx.images.collect_garbage()?;
+        return Ok(GcReport { deleted: doomed, kept, bytes_freed, dry_run, seq: None });
     }
     let digests: Vec<Digest> = doomed.iter().map(|i| i.digest).collect();
     let (_, stored) = ctx.ledger.append::<(), Error>(ctx.actor, ctx.clock, |view| {

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{Provision, Recipe};
 use crate::digest::{canonical_json, Digest, StreamHasher};
+use crate::git::Tracked;
 
 /// Bump when the key's inputs or encoding change: old keys then miss the cache instead of matching wrongly.
 pub const KEY_FORMAT: u32 = 1;
@@ -27,6 +28,8 @@ pub enum KeyError {
     },
     #[error("{path} is a {kind}, which a recipe cannot copy")]
     Unsupported { path: PathBuf, kind: &'static str },
+    #[error("{path} is not tracked by git, so the commit cannot reproduce an image made from it; `git add` it (and bake with --allow-dirty until it is committed)")]
+    Untracked { path: String },
 }
 
 /// One input file as it enters the key: content hash and the mode bits that survive into the image.
@@ -52,12 +55,12 @@ pub struct KeyInputs<'a> {
     /// the sha256 of one `path \0 kind \0 value \0` record per file (sorted by path): tens of thousands of files
     /// would otherwise make the canonical JSON the slowest part of a cache hit.
     #[serde(serialize_with = "serialize_files")]
-    pub files: BTreeMap<String, FileInput>,
+    pub files: &'a BTreeMap<String, FileInput>,
 }
 
-fn serialize_files<S: serde::Serializer>(files: &BTreeMap<String, FileInput>, s: S) -> Result<S::Ok, S::Error> {
+fn serialize_files<S: serde::Serializer>(files: &&BTreeMap<String, FileInput>, s: S) -> Result<S::Ok, S::Error> {
     let mut hasher = StreamHasher::new();
-    for (path, input) in files {
+    for (path, input) in *files {
         hasher.update(path.as_bytes());
         hasher.update(b"\0");
         match input {
@@ -206,15 +209,29 @@ impl FileHasher {
         self.hashed
     }
 
-    /// Every file under the provision steps' sources, keyed by repository-relative path.
-    pub fn recipe_files(&mut self, recipe: &Recipe) -> Result<BTreeMap<String, FileInput>, KeyError> {
+    /// Every file under the provision steps' sources, keyed by repository-relative path. With `tracked` (the
+    /// repository is a git work tree), only what git tracks: a source git does not track is an error, and below a
+    /// copied directory untracked and ignored files are left out.
+    pub fn recipe_files(
+        &mut self,
+        recipe: &Recipe,
+        tracked: Option<&Tracked>,
+    ) -> Result<BTreeMap<String, FileInput>, KeyError> {
         let mut found: Vec<Found> = Vec::new();
         for step in &recipe.provision {
-            match step {
-                Provision::Copy { source, .. } => found.extend(walk_tree(&source.relative, &source.absolute, None)?),
-                Provision::Run { script, .. } => found.extend(walk_tree(&script.relative, &script.absolute, None)?),
-                Provision::Shell { .. } => {}
+            let source = match step {
+                Provision::Copy { source, .. } => source,
+                Provision::Run { script, .. } => script,
+                Provision::Shell { .. } => continue,
+            };
+            let walked = walk_tree(&source.relative, &source.absolute, None, tracked)?;
+            if let (Some(tracked), Some((rel, _, meta))) = (tracked, walked.first()) {
+                let held = if meta.is_dir() { tracked.holds_dir(rel) } else { tracked.holds_file(rel) };
+                if !held {
+                    return Err(KeyError::Untracked { path: rel.clone() });
+                }
             }
+            found.extend(walked);
         }
         self.hash_paths(found)
     }
@@ -294,9 +311,15 @@ impl FileHasher {
 /// One input path: repository-relative, absolute, and its lstat.
 type Found = (String, PathBuf, fs::Metadata);
 
-/// Collects `abs` and, for a directory, everything below it, sorted; symlinks are not followed. Each path is
-/// stat'ed once (a directory entry's metadata comes from its parent's listing), subdirectories in parallel.
-fn walk_tree(rel: &str, abs: &Path, meta: Option<fs::Metadata>) -> Result<Vec<Found>, KeyError> {
+/// Collects `abs` and, for a directory, everything below it that `tracked` holds (everything without it), sorted;
+/// symlinks are not followed. Each path is stat'ed once (a directory entry's metadata comes from its parent's
+/// listing), subdirectories in parallel; an untracked directory is not entered at all.
+fn walk_tree(
+    rel: &str,
+    abs: &Path,
+    meta: Option<fs::Metadata>,
+    tracked: Option<&Tracked>,
+) -> Result<Vec<Found>, KeyError> {
     let read_error = |source| KeyError::Read { path: abs.to_path_buf(), source };
     let meta = match meta {
         Some(meta) => meta,
@@ -315,19 +338,31 @@ fn walk_tree(rel: &str, abs: &Path, meta: Option<fs::Metadata>) -> Result<Vec<Fo
     let mut items: Vec<Result<Vec<Found>, KeyError>> = Vec::new();
     let mut subdirs = Vec::new();
     for (index, entry) in entries.iter().enumerate() {
-        let path = entry.path();
         let name = entry.file_name().to_string_lossy().into_owned();
+        let child = format!("{rel}/{name}");
+        // git's index answers from memory, so the untracked are skipped before they cost a stat.
+        let is_dir_hint = entry.file_type().is_ok_and(|t| t.is_dir());
+        if let Some(tracked) = tracked {
+            let held = if is_dir_hint { tracked.holds_dir(&child) } else { tracked.holds_file(&child) };
+            if !held {
+                items.push(Ok(Vec::new()));
+                continue;
+            }
+        }
+        let path = entry.path();
         let meta = entry.metadata().map_err(|source| KeyError::Read { path: path.clone(), source })?;
         if meta.is_dir() {
-            subdirs.push((index, format!("{rel}/{name}"), path, meta));
+            subdirs.push((index, child, path, meta));
             items.push(Ok(Vec::new()));
         } else {
             check_kind(&path, &meta)?;
-            items.push(Ok(vec![(format!("{rel}/{name}"), path, meta)]));
+            items.push(Ok(vec![(child, path, meta)]));
         }
     }
-    let walked: Vec<(usize, Result<Vec<Found>, KeyError>)> =
-        subdirs.into_par_iter().map(|(index, rel, path, meta)| (index, walk_tree(&rel, &path, Some(meta)))).collect();
+    let walked: Vec<(usize, Result<Vec<Found>, KeyError>)> = subdirs
+        .into_par_iter()
+        .map(|(index, rel, path, meta)| (index, walk_tree(&rel, &path, Some(meta), tracked)))
+        .collect();
     for (index, result) in walked {
         items[index] = result;
     }
@@ -358,7 +393,8 @@ mod tests {
         let old = SystemTime::now() - std::time::Duration::from_secs(10);
         fs::File::options().write(true).open(&file).unwrap().set_modified(old).unwrap();
         let cache = dir.path().join("stat.json");
-        let recipe_file = |hasher: &mut FileHasher| hasher.hash_paths(walk_tree("a", &file, None).unwrap()).unwrap();
+        let recipe_file =
+            |hasher: &mut FileHasher| hasher.hash_paths(walk_tree("a", &file, None, None).unwrap()).unwrap();
         let mut first = FileHasher::open(Some(cache.clone()));
         let a = recipe_file(&mut first);
         assert_eq!(first.files_hashed(), 1);

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{Instance, Recipe};
 use crate::digest::Digest;
+use crate::engine::recipe_key::FileInput;
 
 /// A built image: its digest (the identity kiln promotes) and how the provider finds it (a local OCI ref, an AMI).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -26,8 +27,15 @@ pub struct BakeJob<'a> {
     pub recipe: &'a Recipe,
     pub recipe_key: Digest,
     pub parent: Option<ImageRef>,
-    /// Labels recorded in the image (revision, source, recipe key, parent).
+    /// Labels recorded in the image config (title, recipe key, parent): covered by the image digest, so only
+    /// what the recipe key determines.
     pub labels: BTreeMap<String, String>,
+    /// Where the image came from (revision, source): recorded beside the image (local: its descriptor in the OCI
+    /// index), never inside it, so the same recipe key gives the same digest at every commit.
+    pub annotations: BTreeMap<String, String>,
+    /// The input files the recipe key was computed from, by repository-relative path: a `copy` copies exactly
+    /// these, so what git does not track never reaches the image.
+    pub inputs: &'a BTreeMap<String, FileInput>,
     /// Where a provision step's output goes as it runs (stderr for a person, nowhere with --quiet).
     pub echo_output: bool,
 }

@@ -33,8 +33,12 @@ pub enum FleetError {
     EmptyCommand { name: String },
     #[error("instance {name}: `{program}` leaves the image root")]
     OutsideRoot { name: String, program: String },
-    #[error("instance {name}: `{program}` is not on PATH")]
-    NotOnPath { name: String, program: String },
+    #[error(
+        "instance {name}: `{program}` is not on the host's PATH (local instances are host processes: a bare name is \
+         looked up on the host's PATH, a path names a file inside the image){}",
+        in_image.as_deref().map(|p| format!("; the image has `{p}`: use that path")).unwrap_or_default()
+    )]
+    NotOnPath { name: String, program: String, in_image: Option<String> },
     #[error("instance {name}: cannot create {}: {source}", path.display())]
     Prepare { name: String, path: PathBuf, source: io::Error },
     #[error("instance {name}: cannot start {}: {source}", program.display())]
@@ -60,7 +64,8 @@ pub struct InstanceSpec {
     pub name: String,
     /// Unpacked image root, read-only.
     pub root: PathBuf,
-    /// `command[0]` is a path inside the image, or a bare name looked up on PATH.
+    /// `command[0]` is a path inside the image, or a bare name looked up on the host's PATH: a local instance is a
+    /// host process (no chroot), so that is where a bare name is found when it runs.
     pub command: Vec<String>,
     /// Added to a clean environment that keeps only PATH and HOME; PORT and KILN_INSTANCE are set on top.
     pub env: BTreeMap<String, String>,
@@ -101,7 +106,11 @@ pub fn start(spec: &InstanceSpec) -> Result<InstanceHandle, FleetError> {
     let program =
         resolve_program(&spec.root, first, env.get("PATH").map(OsString::as_os_str)).map_err(|e| match e {
             Resolve::OutsideRoot => FleetError::OutsideRoot { name: name.clone(), program: first.clone() },
-            Resolve::NotOnPath => FleetError::NotOnPath { name: name.clone(), program: first.clone() },
+            Resolve::NotOnPath => FleetError::NotOnPath {
+                name: name.clone(),
+                program: first.clone(),
+                in_image: found_in_image(&spec.root, first),
+            },
         })?;
 
     let prepare = |path: &Path, source| FleetError::Prepare { name: name.clone(), path: path.to_path_buf(), source };
@@ -164,6 +173,14 @@ fn resolve_program(root: &Path, program: &str, path_var: Option<&std::ffi::OsStr
             std::fs::metadata(candidate).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
         })
         .ok_or(Resolve::NotOnPath)
+}
+
+/// Where the image itself carries a bare-named program, for the hint of a failed lookup.
+fn found_in_image(root: &Path, program: &str) -> Option<String> {
+    ["/usr/local/bin", "/usr/bin", "/bin", "/usr/local/sbin", "/usr/sbin", "/sbin", "/opt/bin"]
+        .iter()
+        .map(|dir| format!("{dir}/{program}"))
+        .find(|inside| root.join(inside.trim_start_matches('/')).is_file())
 }
 
 #[derive(Debug, PartialEq)]

@@ -24,6 +24,35 @@ use oci::{Descriptor, ImageSpec, OciStore};
 pub const INSTANCE_LABEL: &str = "dev.kiln.instance";
 const LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar";
 
+const WORK_DIR_PREFIX: &str = "bake-";
+
+/// A work directory removed (write-protected parts included) when dropped: on success, on failure and on an
+/// interrupt alike.
+struct WorkDir(PathBuf);
+
+impl WorkDir {
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if let Err(err) = remove_tree(&self.0) {
+            tracing::warn!(%err, "could not remove {}; `kiln gc` will", self.0.display());
+        }
+    }
+}
+
+/// The bytes of the files under `path`, best effort.
+fn tree_size(path: &Path) -> u64 {
+    let Ok(meta) = fs::symlink_metadata(path) else { return 0 };
+    if !meta.is_dir() {
+        return meta.len();
+    }
+    fs::read_dir(path).map(|entries| entries.flatten().map(|e| tree_size(&e.path())).sum()).unwrap_or(0)
+}
+
 pub struct LocalProvider {
     state: PathBuf,
     /// Keeps a throwaway state directory alive (for `bake --check`).
@@ -62,10 +91,46 @@ impl LocalProvider {
         OciStore::open(&self.state.join("oci")).map_err(oci_error)
     }
 
-    fn work_dir(&self) -> Result<tempfile::TempDir, ProviderError> {
+    /// A fresh `.kiln/tmp/bake-<pid>-<start time>-…` directory, removed when dropped. Its name says which kiln
+    /// process owns it, so `kiln gc` can remove it once that process is gone without ever racing a running bake.
+    fn work_dir(&self) -> Result<WorkDir, ProviderError> {
         let tmp = self.state.join("tmp");
         fs::create_dir_all(&tmp).map_err(io_error("creating the work directory", &tmp))?;
-        tempfile::Builder::new().prefix("bake-").tempdir_in(&tmp).map_err(io_error("creating the work directory", &tmp))
+        let pid = std::process::id() as i32;
+        let started = crate::process::start_time(pid).unwrap_or(0);
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{WORK_DIR_PREFIX}{pid}-{started}-"))
+            .tempdir_in(&tmp)
+            .map_err(io_error("creating the work directory", &tmp))?;
+        Ok(WorkDir(dir.keep()))
+    }
+
+    /// Removes the work directories in `.kiln/tmp/` whose owning kiln process is gone (killed, or from an older
+    /// kiln that did not name its owner); returns the bytes freed.
+    fn sweep_work_dirs(&self) -> Result<u64, ProviderError> {
+        let tmp = self.state.join("tmp");
+        let entries = match fs::read_dir(&tmp) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(source) => return Err(ProviderError::Io { what: "listing temporary directories", path: tmp, source }),
+        };
+        let mut freed = 0;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(owner) = name.strip_prefix(WORK_DIR_PREFIX) else { continue };
+            let mut fields = owner.split('-');
+            let pid = fields.next().and_then(|f| f.parse::<i32>().ok());
+            let started = fields.next().and_then(|f| f.parse::<u64>().ok());
+            if let (Some(pid), Some(started)) = (pid, started) {
+                if crate::process::alive(pid, started) {
+                    continue;
+                }
+            }
+            let path = entry.path();
+            freed += tree_size(&path);
+            remove_tree(&path).map_err(io_error("removing a stale temporary directory", &path))?;
+        }
+        Ok(freed)
     }
 
     /// The image unpacked, read-only, in `.kiln/unpacked/<hex>/`: instances start from it and children build on it.
@@ -99,10 +164,13 @@ impl LocalProvider {
             reason,
             output_tail,
         };
+        if crate::process::interrupted() {
+            return Err(failed(describe(step), "interrupted".into(), String::new()));
+        }
         match step {
             Provision::Copy { source, to } => {
                 let dest = root.join(to.trim_start_matches('/'));
-                copy_into(&source.absolute, &dest)
+                copy_inputs(&source.relative, &source.absolute, &dest, job.inputs)
                     .map_err(|e| failed(format!("copy {} to {to}", source.relative), e.to_string(), String::new()))
             }
             Provision::Run { script, timeout_secs } => {
@@ -239,7 +307,7 @@ impl ImageProvider for LocalProvider {
         };
         let digest = store.write_image(&ImageSpec { entrypoint, env, labels, layers, diff_ids }).map_err(oci_error)?;
         let image_ref = format!("{}:{}", job.recipe.name, digest.short());
-        store.tag(&image_ref, &digest).map_err(oci_error)?;
+        store.tag_annotated(&image_ref, &digest, &job.annotations).map_err(oci_error)?;
         Ok(ImageRef { digest, image_ref })
     }
 
@@ -252,6 +320,8 @@ impl ImageProvider for LocalProvider {
                 recipe_key: job.recipe_key,
                 parent: parent.clone(),
                 labels: job.labels.clone(),
+                annotations: job.annotations.clone(),
+                inputs: job.inputs,
                 echo_output: job.echo_output,
             };
             let rebuilt = scratch.bake(&rebuild)?;
@@ -294,7 +364,8 @@ impl ImageProvider for LocalProvider {
     }
 
     fn collect_garbage(&self) -> Result<u64, ProviderError> {
-        self.store()?.collect_garbage().map_err(oci_error)
+        let blobs = self.store()?.collect_garbage().map_err(oci_error)?;
+        Ok(blobs + self.sweep_work_dirs()?)
     }
 
     fn image_labels(&self, image: &ImageRef) -> Result<BTreeMap<String, String>, ProviderError> {
@@ -327,9 +398,44 @@ fn describe(step: &Provision) -> String {
     }
 }
 
+/// Copies the recipe source `rel` (at `abs`) to `dest`: exactly the entries of `inputs` at or below `rel`, the
+/// files its recipe key was computed from, so nothing git does not track reaches the image.
+fn copy_inputs(
+    rel: &str,
+    abs: &Path,
+    dest: &Path,
+    inputs: &BTreeMap<String, crate::engine::recipe_key::FileInput>,
+) -> std::io::Result<()> {
+    let below = format!("{rel}/");
+    let itself = inputs.get_key_value(rel).map(|(path, _)| path);
+    let descendants = inputs.range(below.clone()..).map(|(path, _)| path).take_while(|path| path.starts_with(&below));
+    // Sorted paths put a directory before everything in it.
+    for path in itself.into_iter().chain(descendants) {
+        let inner = path[rel.len()..].trim_start_matches('/');
+        let (from, to) = if inner.is_empty() {
+            (abs.to_path_buf(), dest.to_path_buf())
+        } else {
+            (abs.join(inner), dest.join(inner))
+        };
+        copy_entry(&from, &to)?;
+    }
+    Ok(())
+}
+
 /// Copies a file, symlink or directory tree to `dest`, merging into existing directories. Copies are writable by
 /// their owner even when the source is read-only, so provision steps can change them.
 pub fn copy_into(source: &Path, dest: &Path) -> std::io::Result<()> {
+    if copy_entry(source, dest)? {
+        for entry in fs::read_dir(source)? {
+            let entry = entry?;
+            copy_into(&entry.path(), &dest.join(entry.file_name()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Copies one file or symlink, or creates one directory (without its contents); true for a directory.
+fn copy_entry(source: &Path, dest: &Path) -> std::io::Result<bool> {
     let meta = fs::symlink_metadata(source)?;
     let kind = meta.file_type();
     if kind.is_symlink() {
@@ -339,15 +445,12 @@ pub fn copy_into(source: &Path, dest: &Path) -> std::io::Result<()> {
         if fs::symlink_metadata(dest).is_ok() {
             fs::remove_file(dest)?;
         }
-        std::os::unix::fs::symlink(fs::read_link(source)?, dest)
+        std::os::unix::fs::symlink(fs::read_link(source)?, dest)?;
+        Ok(false)
     } else if kind.is_dir() {
         fs::create_dir_all(dest)?;
         fs::set_permissions(dest, fs::Permissions::from_mode((meta.permissions().mode() & 0o7777) | 0o700))?;
-        for entry in fs::read_dir(source)? {
-            let entry = entry?;
-            copy_into(&entry.path(), &dest.join(entry.file_name()))?;
-        }
-        Ok(())
+        Ok(true)
     } else {
         if let Some(parent) = dest.parent() {
             fs::create_dir_all(parent)?;
@@ -356,7 +459,8 @@ pub fn copy_into(source: &Path, dest: &Path) -> std::io::Result<()> {
             fs::remove_file(dest)?;
         }
         fs::copy(source, dest)?;
-        fs::set_permissions(dest, fs::Permissions::from_mode((meta.permissions().mode() & 0o7777) | 0o600))
+        fs::set_permissions(dest, fs::Permissions::from_mode((meta.permissions().mode() & 0o7777) | 0o600))?;
+        Ok(false)
     }
 }
 
@@ -391,4 +495,42 @@ pub fn remove_tree(dir: &Path) -> std::io::Result<()> {
     }
     writable(dir)?;
     fs::remove_dir_all(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::recipe_key::FileInput;
+
+    #[test]
+    fn a_copy_takes_exactly_the_inputs_below_its_source() {
+        let repo = tempfile::tempdir().unwrap();
+        let source = repo.path().join("files/a");
+        fs::create_dir_all(source.join("sub")).unwrap();
+        for (name, text) in [("kept", "1"), ("sub/kept", "2"), ("notes.swp", "secret"), ("sub/untracked", "3")] {
+            fs::write(source.join(name), text).unwrap();
+        }
+        fs::write(repo.path().join("files/a-sibling"), "not below files/a").unwrap();
+        let file = FileInput::File { sha256: Digest::ZERO, executable: false };
+        let inputs: BTreeMap<String, FileInput> = [
+            ("files/a", FileInput::Dir),
+            ("files/a-sibling", file.clone()),
+            ("files/a/kept", file.clone()),
+            ("files/a/sub", FileInput::Dir),
+            ("files/a/sub/kept", file),
+        ]
+        .into_iter()
+        .map(|(path, input)| (path.to_string(), input))
+        .collect();
+        let dest = repo.path().join("image/etc/a");
+        copy_inputs("files/a", &source, &dest, &inputs).unwrap();
+        let mut copied: Vec<String> = Vec::new();
+        for entry in fs::read_dir(&dest).unwrap().chain(fs::read_dir(dest.join("sub")).unwrap()) {
+            let path = entry.unwrap().path();
+            copied.push(path.strip_prefix(&dest).unwrap().display().to_string());
+        }
+        copied.sort();
+        assert_eq!(copied, ["kept", "sub", "sub/kept"]);
+        assert!(!repo.path().join("image/etc/a-sibling").exists());
+    }
 }

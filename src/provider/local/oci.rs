@@ -502,6 +502,17 @@ impl OciStore {
     /// Points `ref_name` (e.g. `hello:3f2a9c1b0e7d`, `hello:latest`) at a manifest in index.json, replacing an
     /// existing entry of that name. The manifest must be in the store.
     pub fn tag(&self, ref_name: &str, manifest: &Digest) -> Result<(), OciError> {
+        self.tag_annotated(ref_name, manifest, &BTreeMap::new())
+    }
+
+    /// [`OciStore::tag`], with `annotations` on the index entry beside the ref name. They sit outside the
+    /// manifest, so they say where an image came from without changing its digest.
+    pub fn tag_annotated(
+        &self,
+        ref_name: &str,
+        manifest: &Digest,
+        annotations: &BTreeMap<String, String>,
+    ) -> Result<(), OciError> {
         validate_ref(ref_name).map_err(|reason| OciError::InvalidRef { name: ref_name.to_string(), reason })?;
         // Parsing proves the blob is present, intact and really a manifest before anything points at it.
         self.manifest(manifest)?;
@@ -511,7 +522,11 @@ impl OciStore {
             media_type: MEDIA_TYPE_MANIFEST.to_string(),
             digest: *manifest,
             size,
-            annotations: BTreeMap::from([(REF_NAME_ANNOTATION.to_string(), ref_name.to_string())]),
+            annotations: annotations
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .chain([(REF_NAME_ANNOTATION.to_string(), ref_name.to_string())])
+                .collect(),
         };
         let entry =
             serde_json::to_value(&descriptor).map_err(|source| OciError::Encode { what: "descriptor", source })?;
