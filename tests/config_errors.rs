@@ -189,6 +189,51 @@ const EDITS: &[(&str, &str, &str, &str)] = &[
         "images/hello.toml:17:17: instance.ready-timeout: `thirty` is not a duration",
     ),
     (R, "[instance]", "[aws]\nbase-ami = \"img-1\"\n[instance]", "aws.base-ami: `img-1` is not an AMI id"),
+    // every duration is bounded: 1s to 365 days, so a later sum with the clock cannot overflow
+    (
+        P,
+        "capacity = 3",
+        "capacity = 3\nlease = \"10000y\"",
+        "pipelines/hello.toml:25:9: stage[2].lease: `10000y` is longer than 365 days",
+    ),
+    (P, "capacity = 3", "capacity = 3\nlease = \"0s\"", "stage[2].lease: `0s` is shorter than 1s"),
+    (
+        P,
+        "capacity = 3",
+        "capacity = 3\nready-timeout = \"400d\"",
+        "pipelines/hello.toml:25:17: stage[2].ready-timeout: `400d` is longer than 365 days",
+    ),
+    (
+        P,
+        "soak = \"10m\"",
+        "soak = \"9999999y\"",
+        "pipelines/hello.toml:20:8: stage[1].gate[0].soak: `9999999y` is longer than 365 days",
+    ),
+    (P, "soak = \"10m\"", "soak = \"100ms\"", "stage[1].gate[0].soak: `100ms` is shorter than 1s"),
+    (
+        P,
+        "timeout = \"1m\"",
+        "timeout = \"2y\"",
+        "pipelines/hello.toml:13:11: stage[0].gate[0].timeout: `2y` is longer than 365 days",
+    ),
+    (
+        R,
+        "timeout = \"5m\"",
+        "timeout = \"10000y\"",
+        "images/hello.toml:11:11: provision[1].timeout: `10000y` is longer than 365 days",
+    ),
+    (
+        R,
+        "ready-timeout = \"30s\"",
+        "ready-timeout = \"1000000000000000000000s\"",
+        "images/hello.toml:17:17: instance.ready-timeout: `1000000000000000000000s` is not a duration",
+    ),
+    (
+        R,
+        "ready-timeout = \"30s\"",
+        "ready-timeout = \"0s\"",
+        "images/hello.toml:17:17: instance.ready-timeout: `0s` is shorter than 1s",
+    ),
 ];
 
 fn assert_refused(repo: &Repo, args: &[&str], fragment: &str, what: &str) {
@@ -263,6 +308,14 @@ fn bad_global_input_is_refused() {
     assert_eq!(run.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&run.stderr).contains("KILN_NOW=`yesterday` is not an RFC 3339 time"));
     repo.run(&["no-such-command"]).expect(2);
+    for (pinned, message) in [
+        ("9999-12-31T23:59:59Z", "KILN_NOW=`9999-12-31T23:59:59Z` is outside the years 2000 to 2999"),
+        ("1970-01-01T00:00:00Z", "KILN_NOW=`1970-01-01T00:00:00Z` is outside the years 2000 to 2999"),
+    ] {
+        let run = repo.kiln().args(["log"]).env("KILN_NOW", pinned).output().unwrap();
+        assert_eq!(run.status.code(), Some(2), "KILN_NOW={pinned}");
+        assert!(String::from_utf8_lossy(&run.stderr).contains(message), "KILN_NOW={pinned}");
+    }
 }
 
 #[test]

@@ -176,10 +176,23 @@ impl Source {
     }
 }
 
-/// Durations as people write them: "30s", "10m", "1h", "1h 30m".
+/// The shortest duration any key accepts: kiln counts soak, leases and timeouts in whole seconds.
+pub const MIN_DURATION: Duration = Duration::from_secs(1);
+/// The longest duration any key accepts. Leases and soaks are added to the clock and written as RFC 3339 times, so
+/// an unbounded one ("10000y") would overflow the year 9999 and crash a later command instead of failing here.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Durations as people write them: "30s", "10m", "1h", "1h 30m"; between [`MIN_DURATION`] and [`MAX_DURATION`].
 pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text.trim())
-        .map_err(|e| format!("`{text}` is not a duration ({e}); write e.g. \"30s\", \"10m\" or \"1h\""))
+    let duration = humantime::parse_duration(text.trim())
+        .map_err(|e| format!("`{text}` is not a duration ({e}); write e.g. \"30s\", \"10m\" or \"1h\""))?;
+    if duration < MIN_DURATION {
+        return Err(format!("`{text}` is shorter than 1s, the shortest duration kiln accepts"));
+    }
+    if duration > MAX_DURATION {
+        return Err(format!("`{text}` is longer than 365 days, the longest duration kiln accepts"));
+    }
+    Ok(duration)
 }
 
 /// Names of recipes and pipelines become file names, group names and parameter paths.
@@ -230,6 +243,12 @@ mod tests {
         assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
         assert!(parse_duration("ten minutes").is_err());
         assert!(parse_duration("").is_err());
+        assert_eq!(parse_duration("365d").unwrap(), MAX_DURATION);
+        assert!(parse_duration("366d").unwrap_err().contains("longer than 365 days"));
+        assert!(parse_duration("10000y").unwrap_err().contains("longer than 365 days"));
+        assert!(parse_duration("0s").unwrap_err().contains("shorter than 1s"));
+        assert!(parse_duration("500ms").unwrap_err().contains("shorter than 1s"));
+        assert!(parse_duration("99999999999999999999999y").is_err(), "overflow is an error, not a panic");
     }
 
     #[test]
