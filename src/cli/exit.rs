@@ -91,6 +91,35 @@ pub fn chain(err: &Error) -> Vec<String> {
     lines
 }
 
+/// Prints what clap rejected: help and version as clap prints them (exit 0), anything else as clap words it on
+/// stderr plus, with --json, the same failure document as [`report`] on stdout (exit 2).
+pub fn report_usage(err: clap::Error, json: bool) -> Exit {
+    if !err.use_stderr() {
+        // --help and --version: plain text on stdout, never a JSON document.
+        let _ = err.print();
+        return Exit::Ok;
+    }
+    let _ = err.print();
+    if json {
+        // clap's first paragraph is the error; required arguments are listed on the lines under it.
+        let rendered = err.render().to_string();
+        let first: Vec<&str> =
+            rendered.lines().skip_while(|l| l.trim().is_empty()).take_while(|l| !l.trim().is_empty()).collect();
+        let error = first.iter().map(|l| l.trim()).collect::<Vec<_>>().join(" ");
+        let error = error.strip_prefix("error: ").unwrap_or(&error).trim();
+        let doc = serde_json::json!({
+            "ok": false,
+            "exit_code": Exit::Invalid as u8,
+            "error": if error.is_empty() { "invalid arguments" } else { error },
+            "causes": [],
+            "hint": "run `kiln --help` or `kiln <command> --help`",
+            "details": serde_json::Value::Null,
+        });
+        println!("{doc:#}");
+    }
+    Exit::Invalid
+}
+
 /// Prints the error to stderr (and, with --json, a document to stdout); returns the exit code.
 pub fn report(err: &Error, json: bool) -> Exit {
     let exit = classify(err);
