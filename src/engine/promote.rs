@@ -7,6 +7,7 @@ use super::gate::{self, CommandContext};
 use super::Context;
 use crate::config::{Gate, Stage};
 use crate::digest::{Digest, DigestQuery};
+use crate::ledger::view::ImageRecord;
 use crate::ledger::{Decision, EventBody, GateVerdict, View};
 use crate::provider::ImageRef;
 use crate::Error;
@@ -56,6 +57,22 @@ pub fn resolve_digest(view: &View, typed: &str) -> Result<Digest, Error> {
     Ok(view.resolve(&query)?)
 }
 
+/// The ledger's record of `digest`, which must be an image of the pipeline's own recipe: a pipeline promotes (and
+/// is approved for) only what its `image = …` bakes, never a parent layer or another pipeline's image.
+pub fn own_image(ctx: &Context, view: &View, digest: &Digest) -> Result<ImageRecord, Error> {
+    let record = view.image(digest).ok_or_else(|| Error::usage(format!("{digest} is not an image in this ledger")))?;
+    if record.recipe != ctx.pipeline.image {
+        return Err(Error::usage(format!(
+            "{} is an image of recipe `{}`, but pipeline `{}` promotes only images of its `image = \"{}\"`",
+            digest.short(),
+            record.recipe,
+            ctx.pipeline.name,
+            ctx.pipeline.image
+        )));
+    }
+    Ok(record)
+}
+
 /// The default candidate: what is live in the previous stage (else promoted there); for the first stage, the
 /// newest bake of the pipeline's recipe.
 fn default_digest(ctx: &Context, view: &View, stage: &Stage) -> Result<Digest, Error> {
@@ -95,7 +112,7 @@ pub fn promote(ctx: &Context, options: &PromoteOptions) -> Result<PromoteReport,
         Some(typed) => resolve_digest(&view, typed)?,
         None => default_digest(ctx, &view, stage)?,
     };
-    let record = view.image(&digest).ok_or_else(|| Error::usage(format!("{digest} is not an image in this ledger")))?;
+    let record = own_image(ctx, &view, &digest)?;
     let image = ImageRef { digest, image_ref: record.image_ref.clone() };
     drop(view);
 
