@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use crate::actor::BadActor;
 use crate::clock::BadTime;
 use crate::config::ConfigError;
 use crate::digest::Digest;
@@ -21,6 +22,8 @@ pub enum Error {
     Digest(#[from] DigestError),
     #[error(transparent)]
     Clock(#[from] BadTime),
+    #[error(transparent)]
+    Actor(#[from] BadActor),
     #[error(transparent)]
     Provider(#[from] ProviderError),
     #[error(transparent)]

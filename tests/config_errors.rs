@@ -189,6 +189,25 @@ const EDITS: &[(&str, &str, &str, &str)] = &[
         "images/hello.toml:17:17: instance.ready-timeout: `thirty` is not a duration",
     ),
     (R, "[instance]", "[aws]\nbase-ami = \"img-1\"\n[instance]", "aws.base-ami: `img-1` is not an AMI id"),
+    // approvals gate keys
+    (
+        P,
+        "soak = \"10m\"",
+        "soak = \"10m\"\ndistinct-from-promoter = true",
+        "pipelines/hello.toml:21:26: stage[1].gate[0].distinct-from-promoter: `distinct-from-promoter` goes with `approvals`",
+    ),
+    (
+        P,
+        "approvals = 1",
+        "approvals = 1\ndistinct-from-promoter = \"yes\"",
+        "stage[2].gate[0].distinct-from-promoter: invalid type: string \"yes\", expected a boolean",
+    ),
+    (
+        P,
+        "approvals = 1",
+        "approvals = 1\napprovers = [\"ana\", \"eve\\nmallory\"]",
+        "pipelines/hello.toml:28:21: stage[2].gate[0].approvers[1]: `eve\\nmallory` is not a valid actor name: it contains the control character",
+    ),
     // every duration is bounded: 1s to 365 days, so a later sum with the clock cannot overflow
     (
         P,

@@ -37,7 +37,7 @@ impl From<Exit> for std::process::ExitCode {
 
 pub fn classify(err: &Error) -> Exit {
     match err {
-        Error::Config(_) | Error::Digest(_) | Error::Clock(_) | Error::Usage { .. } => Exit::Invalid,
+        Error::Config(_) | Error::Digest(_) | Error::Clock(_) | Error::Actor(_) | Error::Usage { .. } => Exit::Invalid,
         Error::Ledger(LedgerError::Tampered { .. }) => Exit::VerifyFailed,
         Error::Ledger(LedgerError::Contended { .. }) => Exit::Busy,
         Error::DirtyTree { .. } => Exit::Invalid,
@@ -70,6 +70,10 @@ fn hint(err: &Error) -> Option<String> {
             Some("run `kiln verify` to check the whole chain; restore the ledger from a copy you trust".into())
         }
         Error::Ledger(LedgerError::Contended { .. }) => Some("other writers were busy; retry the command".into()),
+        Error::Actor(_) => Some(format!(
+            "set KILN_ACTOR to a name of at most {} characters without control characters",
+            kiln::actor::MAX_LEN
+        )),
         Error::NotYet { .. } => {
             Some("pipelines with provider = \"aws\" and s3:// ledgers come with the AWS provider".into())
         }

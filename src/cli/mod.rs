@@ -128,7 +128,7 @@ impl Ctx {
             global,
             repo,
             clock,
-            actor: kiln::actor::current(),
+            actor: kiln::actor::current()?,
             pipeline: OnceCell::new(),
         })
     }

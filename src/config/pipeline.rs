@@ -64,7 +64,8 @@ struct GateToml {
     command: Option<Spanned<Vec<String>>>,
     timeout: Option<Spanned<String>>,
     approvals: Option<Spanned<u32>>,
-    approvers: Option<Spanned<Vec<String>>>,
+    approvers: Option<Spanned<Vec<Spanned<String>>>>,
+    distinct_from_promoter: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -127,9 +128,21 @@ pub enum StageDeploy {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Gate {
-    Soak { duration: Duration, written: String },
-    Command { argv: Vec<String>, program: CommandProgram, timeout: Duration },
-    Approvals { count: u32, approvers: Vec<String> },
+    Soak {
+        duration: Duration,
+        written: String,
+    },
+    Command {
+        argv: Vec<String>,
+        program: CommandProgram,
+        timeout: Duration,
+    },
+    /// `distinct_from_promoter`: an approval by the actor who runs the promotion does not count.
+    Approvals {
+        count: u32,
+        approvers: Vec<String>,
+        distinct_from_promoter: bool,
+    },
 }
 
 /// A command gate's program: a repository script (the argument has a `/`) or a program looked up on `PATH`.
@@ -393,6 +406,13 @@ fn validate_gate(repo: &Repo, source: &Source, field: &str, gate: Spanned<GateTo
     if let (Some(approvers), None) = (&gate.approvers, &gate.approvals) {
         return Err(source.error(approvers.span(), format!("{field}.approvers"), "`approvers` goes with `approvals`"));
     }
+    if let (Some(distinct), None) = (&gate.distinct_from_promoter, &gate.approvals) {
+        return Err(source.error(
+            distinct.span(),
+            format!("{field}.distinct-from-promoter"),
+            "`distinct-from-promoter` goes with `approvals`",
+        ));
+    }
     if let (Some(timeout), None) = (&gate.timeout, &gate.command) {
         return Err(source.error(timeout.span(), format!("{field}.timeout"), "`timeout` goes with `command`"));
     }
@@ -434,7 +454,17 @@ fn validate_gate(repo: &Repo, source: &Source, field: &str, gate: Spanned<GateTo
             "approvals must be at least 1 (remove the gate to need none)",
         ));
     }
-    let approvers = gate.approvers.map(Spanned::into_inner).unwrap_or_default();
+    let mut approvers = Vec::new();
+    for (index, approver) in gate.approvers.map(Spanned::into_inner).unwrap_or_default().into_iter().enumerate() {
+        let name = crate::actor::check(approver.get_ref()).map_err(|reason| {
+            source.error(
+                approver.span(),
+                format!("{field}.approvers[{index}]"),
+                format!("`{}` is not a valid actor name: {reason}", approver.get_ref().escape_debug()),
+            )
+        })?;
+        approvers.push(name);
+    }
     if !approvers.is_empty() && (approvers.len() as u32) < *approvals.get_ref() {
         return Err(source.error(
             approvals.span(),
@@ -442,5 +472,6 @@ fn validate_gate(repo: &Repo, source: &Source, field: &str, gate: Spanned<GateTo
             format!("needs {} approvals but only {} approvers are allowed", approvals.get_ref(), approvers.len()),
         ));
     }
-    Ok(Gate::Approvals { count: *approvals.get_ref(), approvers })
+    let distinct_from_promoter = gate.distinct_from_promoter.is_some_and(|d| *d.get_ref());
+    Ok(Gate::Approvals { count: *approvals.get_ref(), approvers, distinct_from_promoter })
 }

@@ -142,7 +142,7 @@ pub fn promote(ctx: &Context, options: &PromoteOptions) -> Result<PromoteReport,
     let (report, stored) = ctx.ledger.append::<PromoteReport, Error>(ctx.actor, ctx.clock, |view| {
         let gates = ordered_verdicts(
             stage,
-            gate::ledger_verdicts(ctx.pipeline, stage, &digest, view, ctx.clock),
+            gate::ledger_verdicts(ctx.pipeline, stage, &digest, view, ctx.clock, ctx.actor),
             &commands,
             &content,
         );
