@@ -43,6 +43,14 @@ const EDITS: &[(&str, &str, &str, &str)] = &[
     (P, "name = \"test\"", "name = \"dev\"", "pipelines/hello.toml:16:8: stage[1].name: stage `dev` is defined twice"),
     (P, "name = \"test\"", "name = \"Test\"", "stage[1].name: `Test` is not a stage name"),
     (P, "image = \"hello\"", "image = \"nope\"", "pipelines/hello.toml:2:9: image: recipe `nope` does not exist"),
+    (
+        P,
+        "image = \"hello\"",
+        "image = \"a b\"",
+        "pipelines/hello.toml:2:9: image: `a b` is not a valid recipe name: it contains a space; use letters, digits",
+    ),
+    (P, "image = \"hello\"", "image = \"../hello\"", "image: `../hello` is not a valid recipe name: it contains `/`"),
+    (P, "image = \"hello\"", "image = \"\"", "image: `` is not a valid recipe name: it is empty"),
     (P, "provider = \"local\"", "provider = \"gcp\"", "pipelines/hello.toml:3:12: provider: unknown provider `gcp`"),
     (
         P,
@@ -109,6 +117,13 @@ const EDITS: &[(&str, &str, &str, &str)] = &[
         "pipelines/hello.toml:13:11: stage[0].gate[0].timeout: `soon` is not a duration",
     ),
     // recipe semantics
+    (
+        R,
+        "parent = \"base\"",
+        "parent = \".base\"",
+        "images/hello.toml:2:10: parent: `.base` is not a valid recipe name: it starts with `.`",
+    ),
+    (R, "parent = \"base\"", "parent = \"ba se\"", "parent: `ba se` is not a valid recipe name: it contains a space"),
     (R, "parent = \"base\"", "parent = \"nope\"", "images/hello.toml:2:1: parent: parent recipe `nope` does not exist"),
     (
         R,
@@ -301,7 +316,12 @@ fn pipeline_choice_errors() {
         "no pipeline named `nope` (pipelines/nope.toml does not exist); available: hello",
         "unknown pipeline",
     );
-    assert_refused(&repo, &["bake", "--pipeline", "../x"], "`../x` is not a valid pipeline name", "bad name");
+    assert_refused(
+        &repo,
+        &["bake", "--pipeline", "../x"],
+        "`../x` is not a valid pipeline name: it contains `/`",
+        "bad name",
+    );
     std::fs::copy(repo.file(P), repo.file("pipelines/other.toml")).unwrap();
     assert_refused(
         &repo,

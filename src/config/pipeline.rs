@@ -8,7 +8,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
-use super::{check_name, parse_duration, toml_stems, ConfigError, Repo, RepoPath, Source, IMAGES_DIR, PIPELINES_DIR};
+use super::{
+    check_name, name_problem, parse_duration, toml_stems, ConfigError, Repo, RepoPath, Source, IMAGES_DIR,
+    PIPELINES_DIR,
+};
 
 const DEFAULT_LEDGER: &str = ".kiln/ledger";
 const DEFAULT_GATE_TIMEOUT: Duration = Duration::from_secs(600);
@@ -234,7 +237,14 @@ pub fn load(repo: &Repo, name: &str) -> Result<Pipeline, ConfigError> {
 fn validate(repo: &Repo, source: &Source, name: &str, raw: PipelineToml) -> Result<Pipeline, ConfigError> {
     let file = repo.resolve(&source.absolute, &format!("{name}.toml")).map_err(|m| source.error(0..0, "(file)", m))?;
     let image = raw.image.get_ref().clone();
-    if check_name("recipe", &image).is_err() || !repo.root().join(IMAGES_DIR).join(format!("{image}.toml")).is_file() {
+    if let Some(problem) = name_problem(&image) {
+        return Err(source.error(
+            raw.image.span(),
+            "image",
+            format!("`{}` is not a valid recipe name: {problem}", image.escape_debug()),
+        ));
+    }
+    if !repo.root().join(IMAGES_DIR).join(format!("{image}.toml")).is_file() {
         let available = toml_stems(&repo.root().join(IMAGES_DIR));
         let hint = if available.is_empty() { String::new() } else { format!("; recipes: {}", available.join(", ")) };
         return Err(source.error(

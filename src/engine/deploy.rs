@@ -228,6 +228,7 @@ fn settle_open(ctx: &Context, stage: &Stage) -> Result<Option<String>, Error> {
 
 fn refused_revoked(stage: &Stage, digest: Digest, reason: String) -> Error {
     Error::Refused {
+        action: crate::error::Refusal::Deployment,
         stage: stage.name.clone(),
         digest: Some(digest),
         gates: vec![GateVerdict {

@@ -7,6 +7,7 @@ use super::gate::{self, CommandContext};
 use super::Context;
 use crate::config::{Gate, Stage};
 use crate::digest::{Digest, DigestQuery};
+use crate::error::Refusal;
 use crate::ledger::view::ImageRecord;
 use crate::ledger::{Decision, EventBody, GateVerdict, View};
 use crate::provider::ImageRef;
@@ -26,6 +27,17 @@ pub enum Outcome {
     Promoted,
     AlreadyPromoted,
     Planned,
+}
+
+/// As people read it in logs and messages; the same words as the JSON `outcome`.
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Outcome::Promoted => "promoted",
+            Outcome::AlreadyPromoted => "already promoted",
+            Outcome::Planned => "planned",
+        })
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -75,7 +87,7 @@ pub fn own_image(ctx: &Context, view: &View, digest: &Digest) -> Result<ImageRec
 
 /// The default candidate: what is live in the previous stage (else promoted there); for the first stage, the
 /// newest bake of the pipeline's recipe.
-fn default_digest(ctx: &Context, view: &View, stage: &Stage) -> Result<Digest, Error> {
+pub fn default_digest(ctx: &Context, view: &View, stage: &Stage) -> Result<Digest, Error> {
     let index = ctx.pipeline.stage_index(&stage.name).unwrap_or(0);
     match index.checked_sub(1).map(|i| &ctx.pipeline.stages[i]) {
         None => view.heads.newest.get(&ctx.pipeline.image).copied().ok_or_else(|| {
@@ -88,6 +100,7 @@ fn default_digest(ctx: &Context, view: &View, stage: &Stage) -> Result<Digest, E
             let there = view.stage(&ctx.pipeline.name, &previous.name);
             there.and_then(|s| s.live.as_ref().map(|l| l.digest).or(s.promoted.as_ref().map(|p| p.digest))).ok_or_else(
                 || Error::Refused {
+                    action: Refusal::Promotion,
                     stage: stage.name.clone(),
                     digest: None,
                     gates: vec![GateVerdict {
@@ -181,7 +194,12 @@ pub fn promote(ctx: &Context, options: &PromoteOptions) -> Result<PromoteReport,
         Ok(Decision::Append(Box::new(body), report(Outcome::Promoted)))
     })?;
     if !options.plan && !report.would_pass {
-        return Err(Error::Refused { stage: stage.name.clone(), digest: Some(digest), gates: report.gates });
+        return Err(Error::Refused {
+            action: Refusal::Promotion,
+            stage: stage.name.clone(),
+            digest: Some(digest),
+            gates: report.gates,
+        });
     }
     let seq = stored.filter(|_| report.outcome == Outcome::Promoted).map(|s| s.event.seq);
     Ok(PromoteReport { seq, ..report })
