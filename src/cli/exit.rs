@@ -5,7 +5,7 @@
 //! | 0 | ok |
 //! | 1 | runtime or provider failure |
 //! | 2 | invalid usage, config or input |
-//! | 3 | a gate refused the promotion |
+//! | 3 | a gate refused (a promotion, or the deployment of a revoked digest) |
 //! | 4 | deployment failed; the previous group kept serving |
 //! | 5 | stage busy, or concurrent write conflict after retries |
 //! | 6 | verification failed (tampered ledger, drift) |
