@@ -73,11 +73,12 @@ pub struct DigestQuery {
 }
 
 impl DigestQuery {
+    /// Uppercase hex is accepted (some tools print digests that way) and normalised to lowercase.
     pub fn parse(input: &str) -> Result<Self, DigestError> {
-        let hex_prefix = input.strip_prefix("sha256:").unwrap_or(input);
+        let hex_prefix = input.strip_prefix("sha256:").unwrap_or(input).to_ascii_lowercase();
         let malformed = |reason| DigestError::Malformed { input: input.to_string(), reason };
-        if !hex_prefix.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
-            return Err(malformed("only lowercase hex characters are allowed"));
+        if !hex_prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(malformed("only hex characters (0-9, a-f) are allowed"));
         }
         if hex_prefix.len() < MIN_PREFIX {
             return Err(malformed("too short"));
@@ -85,7 +86,7 @@ impl DigestQuery {
         if hex_prefix.len() > 64 {
             return Err(malformed("longer than 64 hex characters"));
         }
-        Ok(DigestQuery { input: input.to_string(), hex_prefix: hex_prefix.to_string() })
+        Ok(DigestQuery { input: input.to_string(), hex_prefix })
     }
 
     pub fn input(&self) -> &str {
@@ -220,7 +221,9 @@ mod tests {
             Err(DigestError::NotFound { .. })
         ));
         assert!(DigestQuery::parse("abcdef").is_err(), "shorter than 12 is refused");
-        assert!(DigestQuery::parse("ABCDEF012345").is_err(), "uppercase is refused");
+        assert_eq!(DigestQuery::parse("ABCDEF0123450").unwrap().resolve(&known).unwrap(), a, "uppercase is normalised");
+        assert_eq!(DigestQuery::parse(&format!("sha256:{}", "F".repeat(64))).unwrap().resolve(&known).unwrap(), c);
+        assert!(DigestQuery::parse("ABCDEF01234G").is_err(), "non-hex is refused");
     }
 
     #[test]

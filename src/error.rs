@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use crate::actor::BadActor;
 use crate::clock::BadTime;
 use crate::config::ConfigError;
 use crate::digest::Digest;
@@ -22,6 +23,8 @@ pub enum Error {
     #[error(transparent)]
     Clock(#[from] BadTime),
     #[error(transparent)]
+    Actor(#[from] BadActor),
+    #[error(transparent)]
     Provider(#[from] ProviderError),
     #[error(transparent)]
     Key(#[from] KeyError),
@@ -34,8 +37,8 @@ pub enum Error {
     DirtyTree { paths: Vec<String> },
     #[error("recipe `{recipe}` does not reproduce: recorded {expected}, rebuilt {rebuilt}; first difference: {}", first_difference.as_deref().unwrap_or("unknown"))]
     NotReproducible { recipe: String, expected: Digest, rebuilt: Digest, first_difference: Option<String> },
-    #[error("promotion of {} to {stage} refused:{}", digest.map(|d| d.short()).unwrap_or_else(|| "nothing".into()), failing(gates))]
-    Refused { stage: String, digest: Option<Digest>, gates: Vec<GateVerdict> },
+    #[error("{}", refused(*action, stage, digest.as_ref(), gates))]
+    Refused { action: Refusal, stage: String, digest: Option<Digest>, gates: Vec<GateVerdict> },
     #[error("stage {stage} is busy: deployment {deploy_id} by {holder} holds its lease until {until}")]
     Busy { stage: String, holder: String, until: String, deploy_id: String },
     #[error(
@@ -78,6 +81,34 @@ pub enum Error {
     },
 }
 
+/// What a gate refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Refusal {
+    Promotion,
+    Deployment,
+    Rollback,
+}
+
+impl Refusal {
+    pub fn noun(self) -> &'static str {
+        match self {
+            Refusal::Promotion => "promotion",
+            Refusal::Deployment => "deployment",
+            Refusal::Rollback => "rollback",
+        }
+    }
+}
+
+fn refused(action: Refusal, stage: &str, digest: Option<&Digest>, gates: &[GateVerdict]) -> String {
+    let noun = action.noun();
+    match digest {
+        Some(digest) => format!("{noun} of {} to {stage} refused:{}", digest.short(), failing(gates)),
+        // No candidate digest (nothing upstream): say so instead of naming "nothing" as if it were an image.
+        None => format!("{noun} to {stage} refused, there is no image to take there:{}", failing(gates)),
+    }
+}
+
 fn failing(gates: &[GateVerdict]) -> String {
     gates.iter().filter(|g| !g.passed).map(|g| format!("\n  - {}: {}", g.gate, g.detail)).collect()
 }
@@ -96,9 +127,9 @@ impl Error {
     /// Structured details for `--json` error documents.
     pub fn json_details(&self) -> Option<serde_json::Value> {
         match self {
-            Error::Refused { stage, digest, gates } => {
-                Some(serde_json::json!({ "stage": stage, "digest": digest, "gates": gates }))
-            }
+            Error::Refused { action, stage, digest, gates } => Some(serde_json::json!({
+                "refused": action, "stage": stage, "digest": digest, "gates": gates_json(gates),
+            })),
             Error::NotReproducible { recipe, expected, rebuilt, first_difference } => Some(serde_json::json!({
                 "recipe": recipe, "expected": expected, "rebuilt": rebuilt, "first_difference": first_difference,
             })),
@@ -115,4 +146,13 @@ impl Error {
         let path = path.into();
         move |source| Error::Io { path, source }
     }
+}
+
+/// Gate verdicts as `--json` output shows them: `evidence` is always present, `null` when there is none. (The
+/// ledger's encoding omits a null evidence, and changing it would change the hashes of recorded events.)
+pub fn gates_json(gates: &[GateVerdict]) -> serde_json::Value {
+    gates
+        .iter()
+        .map(|g| serde_json::json!({ "gate": g.gate, "passed": g.passed, "detail": g.detail, "evidence": g.evidence }))
+        .collect()
 }

@@ -49,7 +49,7 @@ fn run_bakes_promotes_and_deploys_dev_then_stops_at_the_soak_of_test() {
 
     // Run again: the image is reused, dev is already up to date, and the summary says where it stopped and why.
     let again = repo.run(&["run"]).ok();
-    assert!(again.stdout.starts_with(&format!("reused {digest}")), "{}", again.stdout);
+    assert!(again.stdout.starts_with(&format!("cached {digest}")), "{}", again.stdout);
     let dev = rows(&again.stdout, "dev");
     assert!(dev.len() == 1 && dev[0].ends_with("up to date"), "{}", again.stdout);
     assert!(dev[0].contains(&format!("http://127.0.0.1:{}", ports[0])), "{}", again.stdout);
@@ -60,7 +60,7 @@ fn run_bakes_promotes_and_deploys_dev_then_stops_at_the_soak_of_test() {
     let log = repo.run(&["log", "--json", "--limit", "100"]).ok().json();
     let new = &log["events"].as_array().unwrap()[..log["events"].as_array().unwrap().len() - events.len()];
     let kinds: Vec<&str> = new.iter().map(|e| e["kind"].as_str().unwrap()).collect();
-    assert_eq!(kinds, ["refused"], "a run with nothing to do records only the new refusal: {log}");
+    assert!(kinds.is_empty(), "a run with nothing to do, waiting on the same gate, records nothing: {log}");
 }
 
 /// A `tiny_repo` whose provisioning appends a line per run to `$HOME/provision-runs` (HOME is the repository).

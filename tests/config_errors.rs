@@ -43,6 +43,14 @@ const EDITS: &[(&str, &str, &str, &str)] = &[
     (P, "name = \"test\"", "name = \"dev\"", "pipelines/hello.toml:16:8: stage[1].name: stage `dev` is defined twice"),
     (P, "name = \"test\"", "name = \"Test\"", "stage[1].name: `Test` is not a stage name"),
     (P, "image = \"hello\"", "image = \"nope\"", "pipelines/hello.toml:2:9: image: recipe `nope` does not exist"),
+    (
+        P,
+        "image = \"hello\"",
+        "image = \"a b\"",
+        "pipelines/hello.toml:2:9: image: `a b` is not a valid recipe name: it contains a space; use letters, digits",
+    ),
+    (P, "image = \"hello\"", "image = \"../hello\"", "image: `../hello` is not a valid recipe name: it contains `/`"),
+    (P, "image = \"hello\"", "image = \"\"", "image: `` is not a valid recipe name: it is empty"),
     (P, "provider = \"local\"", "provider = \"gcp\"", "pipelines/hello.toml:3:12: provider: unknown provider `gcp`"),
     (
         P,
@@ -109,6 +117,13 @@ const EDITS: &[(&str, &str, &str, &str)] = &[
         "pipelines/hello.toml:13:11: stage[0].gate[0].timeout: `soon` is not a duration",
     ),
     // recipe semantics
+    (
+        R,
+        "parent = \"base\"",
+        "parent = \".base\"",
+        "images/hello.toml:2:10: parent: `.base` is not a valid recipe name: it starts with `.`",
+    ),
+    (R, "parent = \"base\"", "parent = \"ba se\"", "parent: `ba se` is not a valid recipe name: it contains a space"),
     (R, "parent = \"base\"", "parent = \"nope\"", "images/hello.toml:2:1: parent: parent recipe `nope` does not exist"),
     (
         R,
@@ -189,6 +204,70 @@ const EDITS: &[(&str, &str, &str, &str)] = &[
         "images/hello.toml:17:17: instance.ready-timeout: `thirty` is not a duration",
     ),
     (R, "[instance]", "[aws]\nbase-ami = \"img-1\"\n[instance]", "aws.base-ami: `img-1` is not an AMI id"),
+    // approvals gate keys
+    (
+        P,
+        "soak = \"10m\"",
+        "soak = \"10m\"\ndistinct-from-promoter = true",
+        "pipelines/hello.toml:21:26: stage[1].gate[0].distinct-from-promoter: `distinct-from-promoter` goes with `approvals`",
+    ),
+    (
+        P,
+        "approvals = 1",
+        "approvals = 1\ndistinct-from-promoter = \"yes\"",
+        "stage[2].gate[0].distinct-from-promoter: invalid type: string \"yes\", expected a boolean",
+    ),
+    (
+        P,
+        "approvals = 1",
+        "approvals = 1\napprovers = [\"ana\", \"eve\\nmallory\"]",
+        "pipelines/hello.toml:28:21: stage[2].gate[0].approvers[1]: `eve\\nmallory` is not a valid actor name: it contains the control character",
+    ),
+    // every duration is bounded: 1s to 365 days, so a later sum with the clock cannot overflow
+    (
+        P,
+        "capacity = 3",
+        "capacity = 3\nlease = \"10000y\"",
+        "pipelines/hello.toml:25:9: stage[2].lease: `10000y` is longer than 365 days",
+    ),
+    (P, "capacity = 3", "capacity = 3\nlease = \"0s\"", "stage[2].lease: `0s` is shorter than 1s"),
+    (
+        P,
+        "capacity = 3",
+        "capacity = 3\nready-timeout = \"400d\"",
+        "pipelines/hello.toml:25:17: stage[2].ready-timeout: `400d` is longer than 365 days",
+    ),
+    (
+        P,
+        "soak = \"10m\"",
+        "soak = \"9999999y\"",
+        "pipelines/hello.toml:20:8: stage[1].gate[0].soak: `9999999y` is longer than 365 days",
+    ),
+    (P, "soak = \"10m\"", "soak = \"100ms\"", "stage[1].gate[0].soak: `100ms` is shorter than 1s"),
+    (
+        P,
+        "timeout = \"1m\"",
+        "timeout = \"2y\"",
+        "pipelines/hello.toml:13:11: stage[0].gate[0].timeout: `2y` is longer than 365 days",
+    ),
+    (
+        R,
+        "timeout = \"5m\"",
+        "timeout = \"10000y\"",
+        "images/hello.toml:11:11: provision[1].timeout: `10000y` is longer than 365 days",
+    ),
+    (
+        R,
+        "ready-timeout = \"30s\"",
+        "ready-timeout = \"1000000000000000000000s\"",
+        "images/hello.toml:17:17: instance.ready-timeout: `1000000000000000000000s` is not a duration",
+    ),
+    (
+        R,
+        "ready-timeout = \"30s\"",
+        "ready-timeout = \"0s\"",
+        "images/hello.toml:17:17: instance.ready-timeout: `0s` is shorter than 1s",
+    ),
 ];
 
 fn assert_refused(repo: &Repo, args: &[&str], fragment: &str, what: &str) {
@@ -237,7 +316,12 @@ fn pipeline_choice_errors() {
         "no pipeline named `nope` (pipelines/nope.toml does not exist); available: hello",
         "unknown pipeline",
     );
-    assert_refused(&repo, &["bake", "--pipeline", "../x"], "`../x` is not a valid pipeline name", "bad name");
+    assert_refused(
+        &repo,
+        &["bake", "--pipeline", "../x"],
+        "`../x` is not a valid pipeline name: it contains `/`",
+        "bad name",
+    );
     std::fs::copy(repo.file(P), repo.file("pipelines/other.toml")).unwrap();
     assert_refused(
         &repo,
@@ -263,6 +347,14 @@ fn bad_global_input_is_refused() {
     assert_eq!(run.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&run.stderr).contains("KILN_NOW=`yesterday` is not an RFC 3339 time"));
     repo.run(&["no-such-command"]).expect(2);
+    for (pinned, message) in [
+        ("9999-12-31T23:59:59Z", "KILN_NOW=`9999-12-31T23:59:59Z` is outside the years 2000 to 2999"),
+        ("1970-01-01T00:00:00Z", "KILN_NOW=`1970-01-01T00:00:00Z` is outside the years 2000 to 2999"),
+    ] {
+        let run = repo.kiln().args(["log"]).env("KILN_NOW", pinned).output().unwrap();
+        assert_eq!(run.status.code(), Some(2), "KILN_NOW={pinned}");
+        assert!(String::from_utf8_lossy(&run.stderr).contains(message), "KILN_NOW={pinned}");
+    }
 }
 
 #[test]

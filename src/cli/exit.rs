@@ -5,7 +5,7 @@
 //! | 0 | ok |
 //! | 1 | runtime or provider failure |
 //! | 2 | invalid usage, config or input |
-//! | 3 | a gate refused the promotion |
+//! | 3 | a gate refused (a promotion, or the deployment of a revoked digest) |
 //! | 4 | deployment failed; the previous group kept serving |
 //! | 5 | stage busy, or concurrent write conflict after retries |
 //! | 6 | verification failed (tampered ledger, drift) |
@@ -39,7 +39,7 @@ impl From<Exit> for std::process::ExitCode {
 
 pub fn classify(err: &Error) -> Exit {
     match err {
-        Error::Config(_) | Error::Digest(_) | Error::Clock(_) | Error::Usage { .. } => Exit::Invalid,
+        Error::Config(_) | Error::Digest(_) | Error::Clock(_) | Error::Actor(_) | Error::Usage { .. } => Exit::Invalid,
         Error::Ledger(LedgerError::Tampered { .. }) => Exit::VerifyFailed,
         Error::Ledger(LedgerError::Contended { .. }) => Exit::Busy,
         Error::DirtyTree { .. } | Error::Key(kiln::engine::recipe_key::KeyError::Untracked { .. }) => Exit::Invalid,
@@ -73,6 +73,10 @@ fn hint(err: &Error) -> Option<String> {
             Some("run `kiln verify` to check the whole chain; restore the ledger from a copy you trust".into())
         }
         Error::Ledger(LedgerError::Contended { .. }) => Some("other writers were busy; retry the command".into()),
+        Error::Actor(_) => Some(format!(
+            "set KILN_ACTOR to a name of at most {} characters without control characters",
+            kiln::actor::MAX_LEN
+        )),
         Error::NotYet { .. } => {
             Some("pipelines with provider = \"aws\" and s3:// ledgers come with the AWS provider".into())
         }
@@ -92,6 +96,35 @@ pub fn chain(err: &Error) -> Vec<String> {
         source = cause.source();
     }
     lines
+}
+
+/// Prints what clap rejected: help and version as clap prints them (exit 0), anything else as clap words it on
+/// stderr plus, with --json, the same failure document as [`report`] on stdout (exit 2).
+pub fn report_usage(err: clap::Error, json: bool) -> Exit {
+    if !err.use_stderr() {
+        // --help and --version: plain text on stdout, never a JSON document.
+        let _ = err.print();
+        return Exit::Ok;
+    }
+    let _ = err.print();
+    if json {
+        // clap's first paragraph is the error; required arguments are listed on the lines under it.
+        let rendered = err.render().to_string();
+        let first: Vec<&str> =
+            rendered.lines().skip_while(|l| l.trim().is_empty()).take_while(|l| !l.trim().is_empty()).collect();
+        let error = first.iter().map(|l| l.trim()).collect::<Vec<_>>().join(" ");
+        let error = error.strip_prefix("error: ").unwrap_or(&error).trim();
+        let doc = serde_json::json!({
+            "ok": false,
+            "exit_code": Exit::Invalid as u8,
+            "error": if error.is_empty() { "invalid arguments" } else { error },
+            "causes": [],
+            "hint": "run `kiln --help` or `kiln <command> --help`",
+            "details": serde_json::Value::Null,
+        });
+        println!("{doc:#}");
+    }
+    Exit::Invalid
 }
 
 /// Prints the error to stderr (and, with --json, a document to stdout); returns the exit code.

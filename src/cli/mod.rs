@@ -21,6 +21,7 @@ mod verify;
 
 use std::cell::OnceCell;
 use std::path::PathBuf;
+use std::time::{Duration, UNIX_EPOCH};
 
 use clap::{Args, Parser, Subcommand};
 
@@ -124,13 +125,13 @@ impl Ctx {
             None => std::env::current_dir().map_err(Error::io("the current directory"))?,
         };
         let repo = Repo::discover(&start).map_err(Error::io(start))?;
-        let clock = Clock::from_env()?;
+        let clock = pinned_clock()?;
         Ok(Ctx {
             out: Output { json: global.json },
             global,
             repo,
             clock,
-            actor: kiln::actor::current(),
+            actor: kiln::actor::current()?,
             pipeline: OnceCell::new(),
         })
     }
@@ -206,6 +207,27 @@ impl Ctx {
     }
 }
 
+/// `KILN_NOW` must lie in the years 2000 to 2999: kiln adds leases and soaks (up to a year) to it and writes the
+/// result as an RFC 3339 time, which cannot go past the year 9999.
+const PINNED_CLOCK_RANGE: std::ops::Range<Duration> =
+    Duration::from_secs(946_684_800)..Duration::from_secs(32_503_680_000);
+
+/// The clock, with `KILN_NOW` range-checked when it pins one.
+fn pinned_clock() -> Result<Clock, Error> {
+    let clock = Clock::from_env()?;
+    let Some(value) = std::env::var(kiln::clock::NOW_VAR).ok().filter(|v| !v.is_empty()) else {
+        return Ok(clock);
+    };
+    let since_epoch = clock.now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    if !PINNED_CLOCK_RANGE.contains(&since_epoch) {
+        return Err(Error::usage(format!(
+            "{}=`{value}` is outside the years 2000 to 2999 that kiln accepts for a pinned clock",
+            kiln::clock::NOW_VAR
+        )));
+    }
+    Ok(clock)
+}
+
 fn init_logging(global: &GlobalArgs) {
     let default = match (global.quiet, global.verbose) {
         (true, _) => "error",
@@ -225,7 +247,10 @@ fn init_logging(global: &GlobalArgs) {
 }
 
 pub fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => return exit::report_usage(without_hidden_subcommands(err), json_requested()).into(),
+    };
     init_logging(&cli.global);
     let json = cli.global.json;
     let result = Ctx::new(cli.global).and_then(|ctx| match cli.command {
@@ -249,4 +274,28 @@ pub fn main() -> std::process::ExitCode {
         Ok(()) => exit::Exit::Ok.into(),
         Err(err) => exit::report(&err, json).into(),
     }
+}
+
+/// Whether `--json` was given, read from the raw arguments: when clap rejects them there is no parsed `Cli`, and a
+/// CI job reading stdout still needs its document. Arguments after `--` are operands, not options.
+fn json_requested() -> bool {
+    std::env::args_os().skip(1).take_while(|a| a != "--").any(|a| a == "--json")
+}
+
+/// clap lists and suggests hidden subcommands in its errors ("[subcommands: …, proxy-serve]", "tip: a similar
+/// subcommand exists: 'proxy-serve'"); users must not be pointed at internal ones.
+fn without_hidden_subcommands(mut err: clap::Error) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue};
+    use clap::CommandFactory;
+    let hidden: Vec<String> =
+        Cli::command().get_subcommands().filter(|c| c.is_hide_set()).map(|c| c.get_name().to_string()).collect();
+    for kind in [ContextKind::ValidSubcommand, ContextKind::SuggestedSubcommand] {
+        let kept = match err.get(kind) {
+            Some(ContextValue::Strings(names)) => names.iter().filter(|n| !hidden.contains(n)).cloned().collect(),
+            Some(ContextValue::String(name)) if hidden.contains(name) => Vec::new(),
+            _ => continue,
+        };
+        err.insert(kind, ContextValue::Strings(kept));
+    }
+    err
 }

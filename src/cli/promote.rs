@@ -39,7 +39,7 @@ pub fn run(ctx: &Ctx, args: PromoteArgs) -> Result<(), kiln::Error> {
         "outcome": report.outcome,
         "seq": report.seq,
         "would_pass": report.would_pass,
-        "gates": report.gates,
+        "gates": kiln::error::gates_json(&report.gates),
         "deployment": deployed,
     });
     ctx.out.emit(&doc, || {

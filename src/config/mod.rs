@@ -29,8 +29,8 @@ pub enum ConfigError {
     },
     #[error("no {kind} named `{name}` ({file} does not exist){}", available_suffix(available))]
     NotFound { kind: &'static str, name: String, file: PathBuf, available: Vec<String> },
-    #[error("`{name}` is not a valid {kind} name: use letters, digits, `-`, `_` and `.`")]
-    BadName { kind: &'static str, name: String },
+    #[error("`{}` is not a valid {kind} name: {problem}", name.escape_debug())]
+    BadName { kind: &'static str, name: String, problem: String },
     #[error("{dir}/ holds {} pipelines ({}): choose one with --pipeline", available.len(), available.join(", "))]
     AmbiguousPipeline { dir: PathBuf, available: Vec<String> },
     #[error("no pipeline found: {dir}/ holds no *.toml file")]
@@ -176,22 +176,49 @@ impl Source {
     }
 }
 
-/// Durations as people write them: "30s", "10m", "1h", "1h 30m".
+/// The shortest duration any key accepts: kiln counts soak, leases and timeouts in whole seconds.
+pub const MIN_DURATION: Duration = Duration::from_secs(1);
+/// The longest duration any key accepts. Leases and soaks are added to the clock and written as RFC 3339 times, so
+/// an unbounded one ("10000y") would overflow the year 9999 and crash a later command instead of failing here.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Durations as people write them: "30s", "10m", "1h", "1h 30m"; between [`MIN_DURATION`] and [`MAX_DURATION`].
 pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text.trim())
-        .map_err(|e| format!("`{text}` is not a duration ({e}); write e.g. \"30s\", \"10m\" or \"1h\""))
+    let duration = humantime::parse_duration(text.trim())
+        .map_err(|e| format!("`{text}` is not a duration ({e}); write e.g. \"30s\", \"10m\" or \"1h\""))?;
+    if duration < MIN_DURATION {
+        return Err(format!("`{text}` is shorter than 1s, the shortest duration kiln accepts"));
+    }
+    if duration > MAX_DURATION {
+        return Err(format!("`{text}` is longer than 365 days, the longest duration kiln accepts"));
+    }
+    Ok(duration)
 }
 
 /// Names of recipes and pipelines become file names, group names and parameter paths.
 pub(crate) fn check_name(kind: &'static str, name: &str) -> Result<(), ConfigError> {
-    let ok = !name.is_empty()
-        && !name.starts_with('.')
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
-    if ok {
-        Ok(())
-    } else {
-        Err(ConfigError::BadName { kind, name: name.to_string() })
+    match name_problem(name) {
+        None => Ok(()),
+        Some(problem) => Err(ConfigError::BadName { kind, name: name.to_string(), problem }),
     }
+}
+
+/// What makes `name` unusable as a recipe or pipeline name, said so a user can fix it.
+pub(crate) fn name_problem(name: &str) -> Option<String> {
+    const ALLOWED: &str = "use letters, digits, `-`, `_` and `.`";
+    if name.is_empty() {
+        return Some(format!("it is empty; {ALLOWED}"));
+    }
+    if let Some(bad) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))) {
+        let shown = match bad {
+            ' ' => "a space".to_string(),
+            c if c.is_control() || c.is_whitespace() => format!("the character {}", c.escape_unicode()),
+            c => format!("`{c}`"),
+        };
+        return Some(format!("it contains {shown}; {ALLOWED}"));
+    }
+    // A leading dot would make the file hidden (`.x.toml`) and `..` a parent directory.
+    name.starts_with('.').then(|| "it starts with `.`; a name may contain `.` but not start with it".to_string())
 }
 
 /// The `*.toml` stems in `dir`, sorted.
@@ -230,6 +257,28 @@ mod tests {
         assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
         assert!(parse_duration("ten minutes").is_err());
         assert!(parse_duration("").is_err());
+        assert_eq!(parse_duration("365d").unwrap(), MAX_DURATION);
+        assert!(parse_duration("366d").unwrap_err().contains("longer than 365 days"));
+        assert!(parse_duration("10000y").unwrap_err().contains("longer than 365 days"));
+        assert!(parse_duration("0s").unwrap_err().contains("shorter than 1s"));
+        assert!(parse_duration("500ms").unwrap_err().contains("shorter than 1s"));
+        assert!(parse_duration("99999999999999999999999y").is_err(), "overflow is an error, not a panic");
+    }
+
+    #[test]
+    fn name_problems_say_what_is_wrong() {
+        assert_eq!(name_problem("hello-2.x_y"), None);
+        for (bad, problem) in [
+            ("a b", "it contains a space"),
+            ("a/b", "it contains `/`"),
+            ("", "it is empty"),
+            (".hidden", "it starts with `.`"),
+            ("tab\there", "it contains the character \\u{9}"),
+            ("über", "it contains `ü`"),
+        ] {
+            let found = name_problem(bad).unwrap_or_default();
+            assert!(found.starts_with(problem), "{bad:?}: {found}");
+        }
     }
 
     #[test]

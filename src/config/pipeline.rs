@@ -8,7 +8,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
-use super::{check_name, parse_duration, toml_stems, ConfigError, Repo, RepoPath, Source, IMAGES_DIR, PIPELINES_DIR};
+use super::{
+    check_name, name_problem, parse_duration, toml_stems, ConfigError, Repo, RepoPath, Source, IMAGES_DIR,
+    PIPELINES_DIR,
+};
 
 const DEFAULT_LEDGER: &str = ".kiln/ledger";
 const DEFAULT_GATE_TIMEOUT: Duration = Duration::from_secs(600);
@@ -80,7 +83,8 @@ struct GateToml {
     command: Option<Spanned<Vec<String>>>,
     timeout: Option<Spanned<String>>,
     approvals: Option<Spanned<u32>>,
-    approvers: Option<Spanned<Vec<String>>>,
+    approvers: Option<Spanned<Vec<Spanned<String>>>>,
+    distinct_from_promoter: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -155,9 +159,21 @@ pub enum StageDeploy {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Gate {
-    Soak { duration: Duration, written: String },
-    Command { argv: Vec<String>, program: CommandProgram, timeout: Duration },
-    Approvals { count: u32, approvers: Vec<String> },
+    Soak {
+        duration: Duration,
+        written: String,
+    },
+    Command {
+        argv: Vec<String>,
+        program: CommandProgram,
+        timeout: Duration,
+    },
+    /// `distinct_from_promoter`: an approval by the actor who runs the promotion does not count.
+    Approvals {
+        count: u32,
+        approvers: Vec<String>,
+        distinct_from_promoter: bool,
+    },
 }
 
 /// A command gate's program: a repository script (the argument has a `/`) or a program looked up on `PATH`.
@@ -249,7 +265,14 @@ pub fn load(repo: &Repo, name: &str) -> Result<Pipeline, ConfigError> {
 fn validate(repo: &Repo, source: &Source, name: &str, raw: PipelineToml) -> Result<Pipeline, ConfigError> {
     let file = repo.resolve(&source.absolute, &format!("{name}.toml")).map_err(|m| source.error(0..0, "(file)", m))?;
     let image = raw.image.get_ref().clone();
-    if check_name("recipe", &image).is_err() || !repo.root().join(IMAGES_DIR).join(format!("{image}.toml")).is_file() {
+    if let Some(problem) = name_problem(&image) {
+        return Err(source.error(
+            raw.image.span(),
+            "image",
+            format!("`{}` is not a valid recipe name: {problem}", image.escape_debug()),
+        ));
+    }
+    if !repo.root().join(IMAGES_DIR).join(format!("{image}.toml")).is_file() {
         let available = toml_stems(&repo.root().join(IMAGES_DIR));
         let hint = if available.is_empty() { String::new() } else { format!("; recipes: {}", available.join(", ")) };
         return Err(source.error(
@@ -513,6 +536,13 @@ fn validate_gate(repo: &Repo, source: &Source, field: &str, gate: Spanned<GateTo
     if let (Some(approvers), None) = (&gate.approvers, &gate.approvals) {
         return Err(source.error(approvers.span(), format!("{field}.approvers"), "`approvers` goes with `approvals`"));
     }
+    if let (Some(distinct), None) = (&gate.distinct_from_promoter, &gate.approvals) {
+        return Err(source.error(
+            distinct.span(),
+            format!("{field}.distinct-from-promoter"),
+            "`distinct-from-promoter` goes with `approvals`",
+        ));
+    }
     if let (Some(timeout), None) = (&gate.timeout, &gate.command) {
         return Err(source.error(timeout.span(), format!("{field}.timeout"), "`timeout` goes with `command`"));
     }
@@ -539,7 +569,17 @@ fn validate_gate(repo: &Repo, source: &Source, field: &str, gate: Spanned<GateTo
             "approvals must be at least 1 (remove the gate to need none)",
         ));
     }
-    let approvers = gate.approvers.map(Spanned::into_inner).unwrap_or_default();
+    let mut approvers = Vec::new();
+    for (index, approver) in gate.approvers.map(Spanned::into_inner).unwrap_or_default().into_iter().enumerate() {
+        let name = crate::actor::check(approver.get_ref()).map_err(|reason| {
+            source.error(
+                approver.span(),
+                format!("{field}.approvers[{index}]"),
+                format!("`{}` is not a valid actor name: {reason}", approver.get_ref().escape_debug()),
+            )
+        })?;
+        approvers.push(name);
+    }
     if !approvers.is_empty() && (approvers.len() as u32) < *approvals.get_ref() {
         return Err(source.error(
             approvals.span(),
@@ -547,5 +587,6 @@ fn validate_gate(repo: &Repo, source: &Source, field: &str, gate: Spanned<GateTo
             format!("needs {} approvals but only {} approvers are allowed", approvals.get_ref(), approvers.len()),
         ));
     }
-    Ok(Gate::Approvals { count: *approvals.get_ref(), approvers })
+    let distinct_from_promoter = gate.distinct_from_promoter.is_some_and(|d| *d.get_ref());
+    Ok(Gate::Approvals { count: *approvals.get_ref(), approvers, distinct_from_promoter })
 }

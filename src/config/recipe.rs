@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
-use super::{check_name, parse_duration, toml_stems, ConfigError, Repo, RepoPath, Source, IMAGES_DIR};
+use super::{check_name, name_problem, parse_duration, toml_stems, ConfigError, Repo, RepoPath, Source, IMAGES_DIR};
 
 const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(600);
 const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -212,11 +212,11 @@ fn validate(repo: &Repo, source: &Source, name: &str, raw: RecipeToml) -> Result
     let file = repo.resolve(&source.absolute, &format!("{name}.toml")).map_err(|m| source.error(0..0, "(file)", m))?;
     let parent = match raw.parent {
         Some(parent) => {
-            if check_name("recipe", parent.get_ref()).is_err() {
+            if let Some(problem) = name_problem(parent.get_ref()) {
                 return Err(source.error(
                     parent.span(),
                     "parent",
-                    format!("`{}` is not a recipe name", parent.get_ref()),
+                    format!("`{}` is not a valid recipe name: {problem}", parent.get_ref().escape_debug()),
                 ));
             }
             if parent.get_ref() == name {

@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use super::promote::{resolve_digest, stage};
+use super::promote::{own_image, resolve_digest, stage};
 use super::Context;
 use crate::config::Gate;
 use crate::digest::Digest;
@@ -52,7 +52,10 @@ pub fn approve(
             names.join(", ")
         )));
     }
-    let digest = resolve_digest(&ctx.ledger.view()?, typed_digest)?;
+    let view = ctx.ledger.view()?;
+    let digest = resolve_digest(&view, typed_digest)?;
+    own_image(ctx, &view, &digest)?;
+    drop(view);
     let (recorded, stored) = ctx.ledger.append::<bool, Error>(ctx.actor, ctx.clock, |view| {
         if let Some(revocation) = view.revocation(&digest) {
             return Err(Error::usage(format!(

@@ -21,6 +21,7 @@ use crate::ledger::event::RollbackRecord;
 use crate::ledger::view::{group_version, OpenDeploy, RENEWAL_STEP, TAKEOVER_STEP};
 use crate::ledger::{Decision, EventBody, GateVerdict, View};
 use crate::provider::{ImageRef, ProviderError, StageRef, Unhealthy};
+use crate::error::Refusal;
 use crate::Error;
 
 /// How far back `kiln` looks for the takeover that closed its deployment, to name who took over.
@@ -393,8 +394,12 @@ fn settle_open(ctx: &Context, stage: &Stage) -> Result<Option<String>, Error> {
     }
 }
 
-fn refused_revoked(stage: &Stage, digest: Digest, reason: String) -> Error {
+fn refused_revoked(stage: &Stage, want: &Want, digest: Digest, reason: String) -> Error {
     Error::Refused {
+        action: match want {
+            Want::Promoted => Refusal::Deployment,
+            Want::Rollback { .. } => Refusal::Rollback,
+        },
         stage: stage.name.clone(),
         digest: Some(digest),
         gates: vec![GateVerdict {
@@ -419,7 +424,7 @@ fn choose(ctx: &Context, view: &View, stage: &Stage, want: &Want) -> Result<(Dig
                 ))
             })?;
             if let Some(revocation) = view.revocation(&digest) {
-                return Err(refused_revoked(stage, digest, revocation.reason));
+                return Err(refused_revoked(stage, want, digest, revocation.reason));
             }
             Ok((digest, None))
         }
@@ -438,7 +443,7 @@ fn choose(ctx: &Context, view: &View, stage: &Stage, want: &Want) -> Result<(Dig
             }
             if let Some(revocation) = view.revocation(&digest) {
                 if !force {
-                    return Err(refused_revoked(stage, digest, revocation.reason));
+                    return Err(refused_revoked(stage, want, digest, revocation.reason));
                 }
             }
             Ok((digest, Some(RollbackRecord { reason: reason.clone(), forced: *force })))

@@ -16,12 +16,14 @@ use crate::process;
 const EVIDENCE_TAIL: usize = 2048;
 
 /// Judges the ledger gates of `stage` for `digest` against `view`: not-revoked, upstream, soak, approvals.
+/// `promoter` is the actor recording the promotion.
 pub fn ledger_verdicts(
     pipeline: &Pipeline,
     stage: &Stage,
     digest: &Digest,
     view: &View,
     clock: &Clock,
+    promoter: &str,
 ) -> Vec<GateVerdict> {
     let mut verdicts = vec![not_revoked(digest, view)];
     let index = pipeline.stage_index(&stage.name).unwrap_or(0);
@@ -34,8 +36,9 @@ pub fn ledger_verdicts(
             Gate::Soak { duration, written } => {
                 verdicts.push(soak(pipeline, previous, digest, view, clock, *duration, written))
             }
-            Gate::Approvals { count, approvers } => {
-                verdicts.push(approvals(pipeline, stage, digest, view, *count, approvers))
+            Gate::Approvals { count, approvers, distinct_from_promoter } => {
+                let excluded = distinct_from_promoter.then_some(promoter);
+                verdicts.push(approvals(pipeline, stage, digest, view, *count, approvers, excluded))
             }
             Gate::Command { .. } => {}
         }
@@ -176,6 +179,7 @@ fn soak(
     }
 }
 
+/// `excluded` is the promoter when the gate has `distinct-from-promoter`: their own approval does not count.
 fn approvals(
     pipeline: &Pipeline,
     stage: &Stage,
@@ -183,21 +187,35 @@ fn approvals(
     view: &View,
     count: u32,
     approvers: &[String],
+    excluded: Option<&str>,
 ) -> GateVerdict {
     let given = view.image_stage(&pipeline.name, &stage.name, digest).approvals;
     let counted: Vec<(&String, u64)> = given
         .iter()
         .filter(|(actor, _)| approvers.is_empty() || approvers.contains(actor))
+        .filter(|(actor, _)| excluded != Some(actor.as_str()))
         .map(|(a, m)| (a, m.seq))
         .collect();
     let passed = counted.len() as u32 >= count;
     let names: Vec<&str> = counted.iter().map(|(a, _)| a.as_str()).collect();
     let by = if names.is_empty() { String::new() } else { format!(" ({})", names.join(", ")) };
+    let not_counted = match excluded {
+        Some(promoter) if given.contains_key(promoter) => {
+            format!("; {promoter} approved but is promoting, and approvers must differ from the promoter")
+        }
+        _ => String::new(),
+    };
+    let mut evidence = serde_json::json!({
+        "approvals": counted.iter().map(|(a, seq)| serde_json::json!({"actor": a, "seq": seq})).collect::<Vec<_>>(),
+    });
+    if let Some(promoter) = excluded {
+        evidence["promoter"] = serde_json::json!(promoter);
+    }
     GateVerdict {
         gate: format!("approvals {count}"),
         passed,
-        detail: format!("{} of {count}{by}", counted.len()),
-        evidence: serde_json::json!({ "approvals": counted.iter().map(|(a, seq)| serde_json::json!({"actor": a, "seq": seq})).collect::<Vec<_>>() }),
+        detail: format!("{} of {count}{by}{not_counted}", counted.len()),
+        evidence,
     }
 }
 

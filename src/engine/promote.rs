@@ -7,6 +7,8 @@ use super::gate::{self, CommandContext};
 use super::Context;
 use crate::config::{Gate, Stage};
 use crate::digest::{Digest, DigestQuery};
+use crate::error::Refusal;
+use crate::ledger::view::ImageRecord;
 use crate::ledger::{Decision, EventBody, GateVerdict, View};
 use crate::provider::{ImageRef, StageRef};
 use crate::Error;
@@ -25,6 +27,17 @@ pub enum Outcome {
     Promoted,
     AlreadyPromoted,
     Planned,
+}
+
+/// As people read it in logs and messages; the same words as the JSON `outcome`.
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Outcome::Promoted => "promoted",
+            Outcome::AlreadyPromoted => "already promoted",
+            Outcome::Planned => "planned",
+        })
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -62,9 +75,25 @@ pub fn resolve_digest(view: &View, typed: &str) -> Result<Digest, Error> {
     Ok(view.resolve(&query)?)
 }
 
+/// The ledger's record of `digest`, which must be an image of the pipeline's own recipe: a pipeline promotes (and
+/// is approved for) only what its `image = …` bakes, never a parent layer or another pipeline's image.
+pub fn own_image(ctx: &Context, view: &View, digest: &Digest) -> Result<ImageRecord, Error> {
+    let record = view.image(digest).ok_or_else(|| Error::usage(format!("{digest} is not an image in this ledger")))?;
+    if record.recipe != ctx.pipeline.image {
+        return Err(Error::usage(format!(
+            "{} is an image of recipe `{}`, but pipeline `{}` promotes only images of its `image = \"{}\"`",
+            digest.short(),
+            record.recipe,
+            ctx.pipeline.name,
+            ctx.pipeline.image
+        )));
+    }
+    Ok(record)
+}
+
 /// The default candidate: what is live in the previous stage (else promoted there); for the first stage, the
 /// newest bake of the pipeline's recipe.
-fn default_digest(ctx: &Context, view: &View, stage: &Stage) -> Result<Digest, Error> {
+pub fn default_digest(ctx: &Context, view: &View, stage: &Stage) -> Result<Digest, Error> {
     let index = ctx.pipeline.stage_index(&stage.name).unwrap_or(0);
     match index.checked_sub(1).map(|i| &ctx.pipeline.stages[i]) {
         None => view.heads.newest.get(&ctx.pipeline.image).copied().ok_or_else(|| {
@@ -77,6 +106,7 @@ fn default_digest(ctx: &Context, view: &View, stage: &Stage) -> Result<Digest, E
             let there = view.stage(&ctx.pipeline.name, &previous.name);
             there.and_then(|s| s.live.as_ref().map(|l| l.digest).or(s.promoted.as_ref().map(|p| p.digest))).ok_or_else(
                 || Error::Refused {
+                    action: Refusal::Promotion,
                     stage: stage.name.clone(),
                     digest: None,
                     gates: vec![GateVerdict {
@@ -101,7 +131,7 @@ pub fn promote(ctx: &Context, options: &PromoteOptions) -> Result<PromoteReport,
         Some(typed) => resolve_digest(&view, typed)?,
         None => default_digest(ctx, &view, stage)?,
     };
-    let record = view.image(&digest).ok_or_else(|| Error::usage(format!("{digest} is not an image in this ledger")))?;
+    let record = own_image(ctx, &view, &digest)?;
     let image = ImageRef { digest, image_ref: record.image_ref.clone() };
     drop(view);
 
@@ -133,7 +163,7 @@ pub fn promote(ctx: &Context, options: &PromoteOptions) -> Result<PromoteReport,
     let (report, stored) = ctx.ledger.append::<PromoteReport, Error>(ctx.actor, ctx.clock, |view| {
         let gates = ordered_verdicts(
             stage,
-            gate::ledger_verdicts(ctx.pipeline, stage, &digest, view, ctx.clock),
+            gate::ledger_verdicts(ctx.pipeline, stage, &digest, view, ctx.clock, ctx.actor),
             &commands,
             &content,
         );
@@ -172,7 +202,12 @@ pub fn promote(ctx: &Context, options: &PromoteOptions) -> Result<PromoteReport,
         Ok(Decision::Append(Box::new(body), report(Outcome::Promoted)))
     })?;
     if !options.plan && !report.would_pass {
-        return Err(Error::Refused { stage: stage.name.clone(), digest: Some(digest), gates: report.gates });
+        return Err(Error::Refused {
+            action: Refusal::Promotion,
+            stage: stage.name.clone(),
+            digest: Some(digest),
+            gates: report.gates,
+        });
     }
     let seq = stored.filter(|_| report.outcome == Outcome::Promoted).map(|s| s.event.seq);
     Ok(PromoteReport { seq, ..report })
