@@ -43,6 +43,14 @@ pub enum LedgerError {
     Tampered { location: String, seq: u64, reason: String },
     #[error("ledger {location}: gave up after {attempts} attempts, other writers kept appending first")]
     Contended { location: String, attempts: u32 },
+    #[error("ledger {location}: cannot tell whether {key} was written: the write failed ({write}) and reading it back failed too")]
+    OutcomeUnknown {
+        location: String,
+        key: String,
+        write: StoreError,
+        #[source]
+        read: StoreError,
+    },
     #[error("encoding an event")]
     Encode(#[from] serde_json::Error),
 }
@@ -232,7 +240,13 @@ impl Ledger {
             };
             let (bytes, hash) = event::encode(&event).map_err(LedgerError::from)?;
             crate::fault::point("ledger:before-create");
-            match self.store.create(&event_key(event.seq), &bytes).map_err(LedgerError::from)? {
+            let key = event_key(event.seq);
+            let created = match self.store.create(&key, &bytes) {
+                Ok(Created::Yes) => Created::Yes,
+                Ok(Created::AlreadyExists) => self.read_back(&key, &bytes, None)?,
+                Err(err) => self.read_back(&key, &bytes, Some(err))?,
+            };
+            match created {
                 Created::Yes => {
                     crate::fault::point("ledger:after-create");
                     let stored = StoredEvent { event, hash };
@@ -247,6 +261,39 @@ impl Ledger {
             }
         }
         Err(LedgerError::Contended { location: self.location(), attempts: MAX_ATTEMPTS }.into())
+    }
+
+    /// Settles a create whose answer does not say whether our bytes are at `key`: a store that reports
+    /// `AlreadyExists` for its own retried write (an S3 PUT retried after a lost 200 answers 412), or an error
+    /// after the write may have landed (the file store's directory fsync failing after the link). The bytes at
+    /// `key` decide: ours means our write happened; someone else's means another writer won.
+    fn read_back(&self, key: &str, ours: &[u8], create_error: Option<StoreError>) -> Result<Created, LedgerError> {
+        let found = match self.store.get(key) {
+            Ok(found) => found,
+            Err(read_error) => {
+                return Err(match create_error {
+                    Some(write) => LedgerError::OutcomeUnknown {
+                        location: self.location(),
+                        key: key.to_string(),
+                        write,
+                        read: read_error,
+                    },
+                    None => read_error.into(),
+                })
+            }
+        };
+        match (found, create_error) {
+            (Some(theirs), _) if theirs == ours => {
+                tracing::debug!(key, "the create did not say so, but our event is there");
+                Ok(Created::Yes)
+            }
+            (Some(_), _) => Ok(Created::AlreadyExists),
+            // Nothing landed: the write failed, and saying so is all that is left.
+            (None, Some(write)) => Err(write.into()),
+            // Reported to exist yet absent (a store that is slow to show writes): catch up and try again, as
+            // after any lost race; the attempts are bounded.
+            (None, None) => Ok(Created::AlreadyExists),
+        }
     }
 
     /// Events newest first, from `from` (inclusive) down, that `keep` accepts, at most `limit`.
@@ -511,6 +558,160 @@ mod tests {
         // Heads older than the shards: every later event is replayed onto records that already hold it.
         std::fs::write(dir.path().join("cache/heads.json"), old_heads).unwrap();
         assert!(snapshot(&ledger) == truth, "the view differs from the one before");
+    }
+
+    /// How [`LyingStore`] answers a create.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Lie {
+        /// Writes, then reports an error (a directory fsync failing after the link).
+        WriteThenFail,
+        /// Writes, then reports AlreadyExists (an S3 PUT retried after a lost 200, answered 412).
+        WriteThenExists,
+        /// Writes nothing and reports an error.
+        FailWithoutWriting,
+        /// Writes nothing, reports an error, and reading back fails too.
+        FailAndUnreadable,
+    }
+
+    /// A file store whose creates of event `lie_at` answer wrongly, once.
+    struct LyingStore {
+        inner: file::FileStore,
+        lie: Lie,
+        lie_at: String,
+        lied: std::sync::atomic::AtomicBool,
+        creates: std::sync::atomic::AtomicU32,
+    }
+
+    impl LyingStore {
+        fn ledger(dir: &Path, lie: Lie, lie_at: u64) -> (Ledger, std::sync::Arc<LyingStore>) {
+            let store = std::sync::Arc::new(LyingStore {
+                inner: file::FileStore::new(dir),
+                lie,
+                lie_at: event_key(lie_at),
+                lied: Default::default(),
+                creates: Default::default(),
+            });
+            (Ledger::new(Box::new(SharedStore(store.clone())), Some(dir.join("cache"))), store)
+        }
+
+        fn failure(&self, key: &str) -> StoreError {
+            StoreError::Backend { location: self.location(), message: format!("injected failure at {key}") }
+        }
+    }
+
+    impl Store for LyingStore {
+        fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+            let after_the_lie = self.lied.load(std::sync::atomic::Ordering::SeqCst);
+            if self.lie == Lie::FailAndUnreadable && key == self.lie_at && after_the_lie {
+                return Err(self.failure(key));
+            }
+            self.inner.get(key)
+        }
+        fn create(&self, key: &str, bytes: &[u8]) -> Result<Created, StoreError> {
+            self.creates.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if key != self.lie_at || self.lied.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                return self.inner.create(key, bytes);
+            }
+            match self.lie {
+                Lie::WriteThenFail => {
+                    self.inner.create(key, bytes)?;
+                    Err(self.failure(key))
+                }
+                Lie::WriteThenExists => {
+                    self.inner.create(key, bytes)?;
+                    Ok(Created::AlreadyExists)
+                }
+                Lie::FailWithoutWriting | Lie::FailAndUnreadable => Err(self.failure(key)),
+            }
+        }
+        fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+            self.inner.list(prefix)
+        }
+        fn location(&self) -> String {
+            self.inner.location()
+        }
+    }
+
+    struct SharedStore(std::sync::Arc<LyingStore>);
+
+    impl Store for SharedStore {
+        fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+            self.0.get(key)
+        }
+        fn create(&self, key: &str, bytes: &[u8]) -> Result<Created, StoreError> {
+            self.0.create(key, bytes)
+        }
+        fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+            self.0.list(prefix)
+        }
+        fn location(&self) -> String {
+            self.0.location()
+        }
+    }
+
+    fn try_append(ledger: &Ledger, body: EventBody) -> Result<Option<StoredEvent>, LedgerError> {
+        ledger
+            .append::<(), LedgerError>("t", &Clock::system(), |_| Ok(Decision::Append(Box::new(body.clone()), ())))
+            .map(|(_, stored)| stored)
+    }
+
+    #[test]
+    fn a_write_that_landed_counts_once_whatever_the_store_answered() {
+        for lie in [Lie::WriteThenFail, Lie::WriteThenExists] {
+            let dir = tempfile::tempdir().unwrap();
+            let (ledger, store) = LyingStore::ledger(dir.path(), lie, 2);
+            append(&ledger, baked(0, None));
+            let stored = try_append(&ledger, approve(0)).unwrap().expect("the append reports its event");
+            assert_eq!(stored.event.seq, 2);
+            try_append(&ledger, approve(1)).unwrap();
+            // Before reading back, the landed write was retried as seq 3: the approval was recorded twice.
+            assert_eq!(ledger.verify().unwrap().events, 3, "the approval was written once");
+            assert_eq!(store.creates.load(std::sync::atomic::Ordering::SeqCst), 3, "no create was retried");
+            let approvals: Vec<_> =
+                ledger.newest_first(3, 10, |e| matches!(e.event.body, EventBody::Approved { .. })).unwrap();
+            assert_eq!(approvals.len(), 2);
+        }
+    }
+
+    #[test]
+    fn another_writers_event_at_the_key_is_a_lost_race() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open_dir(dir.path());
+        append(&ledger, baked(0, None));
+        let rival = Ledger::open_dir(dir.path());
+        let decided_at = std::cell::RefCell::new(Vec::new());
+        let (_, stored) = ledger
+            .append::<(), LedgerError>("t", &Clock::system(), |v| {
+                // The rival takes seq 2 between our decision and our create.
+                if decided_at.borrow().is_empty() {
+                    append(&rival, approve(7));
+                }
+                decided_at.borrow_mut().push(v.seq());
+                Ok(Decision::Append(Box::new(approve(0)), ()))
+            })
+            .unwrap();
+        assert_eq!(stored.unwrap().event.seq, 3);
+        assert_eq!(*decided_at.borrow(), vec![1, 2], "decided again after the lost race");
+        assert_eq!(ledger.verify().unwrap().events, 3);
+    }
+
+    #[test]
+    fn a_write_that_did_not_land_fails_with_the_stores_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ledger, _) = LyingStore::ledger(dir.path(), Lie::FailWithoutWriting, 1);
+        let err = try_append(&ledger, baked(0, None)).unwrap_err();
+        assert!(matches!(err, LedgerError::Store(_)), "{err:?}");
+        assert!(err.to_string().contains("injected failure at events/000000000001.json"), "{err}");
+        assert_eq!(ledger.verify().unwrap().events, 0);
+    }
+
+    #[test]
+    fn a_write_that_cannot_be_read_back_says_its_outcome_is_unknown() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ledger, _) = LyingStore::ledger(dir.path(), Lie::FailAndUnreadable, 1);
+        let err = try_append(&ledger, baked(0, None)).unwrap_err();
+        assert!(matches!(err, LedgerError::OutcomeUnknown { .. }), "{err:?}");
+        assert!(err.to_string().contains("cannot tell whether events/000000000001.json was written"), "{err}");
     }
 
     #[test]
