@@ -47,9 +47,9 @@ pub enum LedgerError {
     OutcomeUnknown {
         location: String,
         key: String,
-        write: StoreError,
+        write: Box<StoreError>,
         #[source]
-        read: StoreError,
+        read: Box<StoreError>,
     },
     #[error("encoding an event")]
     Encode(#[from] serde_json::Error),
@@ -275,8 +275,8 @@ impl Ledger {
                     Some(write) => LedgerError::OutcomeUnknown {
                         location: self.location(),
                         key: key.to_string(),
-                        write,
-                        read: read_error,
+                        write: Box::new(write),
+                        read: Box::new(read_error),
                     },
                     None => read_error.into(),
                 })
