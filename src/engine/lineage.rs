@@ -118,6 +118,10 @@ pub fn lineage(ctx: &Context, target: &str) -> Result<Lineage, Error> {
         }
     });
     let stages = stage_history(ctx.ledger, &ctx.pipeline.stage_names(), &ctx.pipeline.name, &record)?;
+    // A damaged cache shard that could not be rebuilt leaves answers incomplete: fail rather than show them.
+    if let Some(err) = view.take_failure() {
+        return Err(err.into());
+    }
     Ok(Lineage { image: ImageSummary::of(digest, &record), parents, revoked, stages })
 }
 
@@ -257,6 +261,9 @@ pub fn status(ctx: &Context) -> Result<Vec<StageStatus>, Error> {
             deploying,
             warnings,
         });
+    }
+    if let Some(err) = view.take_failure() {
+        return Err(err.into());
     }
     Ok(out)
 }

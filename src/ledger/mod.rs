@@ -7,6 +7,7 @@ pub mod store;
 pub mod view;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rayon::prelude::*;
@@ -16,6 +17,7 @@ use crate::digest::Digest;
 pub use event::{Event, EventBody, GateVerdict, StoredEvent};
 pub use store::{Created, Store, StoreError};
 pub use view::{Heads, View};
+use view::{Rebuild, ShardFiles};
 
 const EVENTS_PREFIX: &str = "events/";
 const MAX_ATTEMPTS: u32 = 200;
@@ -51,6 +53,8 @@ pub enum LedgerError {
         #[source]
         read: Box<StoreError>,
     },
+    #[error("the view cache cannot be used and there is no ledger to rebuild it from: {reason}")]
+    CacheUnusable { reason: String },
     #[error("encoding an event")]
     Encode(#[from] serde_json::Error),
 }
@@ -62,8 +66,9 @@ pub struct VerifyReport {
     pub head: Option<Digest>,
 }
 
+#[derive(Clone)]
 pub struct Ledger {
-    store: Box<dyn Store>,
+    store: Arc<dyn Store>,
     cache_dir: Option<PathBuf>,
 }
 
@@ -78,7 +83,7 @@ pub enum Decision<T> {
 impl Ledger {
     /// A ledger in `store`, with its view cache in `cache_dir` (none: no cache, every read replays the chain).
     pub fn new(store: Box<dyn Store>, cache_dir: Option<PathBuf>) -> Ledger {
-        Ledger { store, cache_dir }
+        Ledger { store: Arc::from(store), cache_dir }
     }
 
     /// A file ledger in `dir`, with its view cache beside the events.
@@ -112,6 +117,9 @@ impl Ledger {
     pub fn view(&self) -> Result<View, LedgerError> {
         let (mut view, cached_seq) = self.cached_view()?;
         self.catch_up(&mut view)?;
+        if let Some(err) = view.take_failure() {
+            return Err(err);
+        }
         self.maybe_save_cache(&view, cached_seq);
         Ok(view)
     }
@@ -120,9 +128,13 @@ impl Ledger {
     fn cached_view(&self) -> Result<(View, u64), LedgerError> {
         let index_dir = self.cache_file(INDEX_DIR);
         match self.load_heads() {
-            Some(heads) if self.heads_match_chain(&heads)? => {
+            Some((heads, shards)) if self.heads_match_chain(&heads)? => {
                 let seq = heads.seq;
-                Ok((View::from_heads(heads, index_dir, false), seq))
+                let view = match index_dir {
+                    Some(dir) => View::cached(heads, shards, dir, self.rebuilder()),
+                    None => View::from_heads(heads, None, true),
+                };
+                Ok((view, seq))
             }
             stale => {
                 if stale.is_some() {
@@ -157,10 +169,31 @@ impl Ledger {
         Ok(())
     }
 
-    fn load_heads(&self) -> Option<Heads> {
+    /// How a view loaded from the cache replaces its index when a shard fails its check.
+    fn rebuilder(&self) -> Rebuild {
+        let ledger = self.clone();
+        Rebuild(Arc::new(move |upto| ledger.replay(upto)))
+    }
+
+    /// A complete view of events 1..=`upto`, read from the store, and saved as the new cache.
+    fn replay(&self, upto: u64) -> Result<View, LedgerError> {
+        let mut view = View::empty(self.cache_file(INDEX_DIR), true);
+        while view.seq() < upto {
+            let seq = view.seq() + 1;
+            let next = self.read(seq)?.ok_or_else(|| self.tampered(seq, "the event is missing"))?;
+            if next.event.prev != view.hash() {
+                return Err(self.tampered(seq, "its prev does not match the hash of the event before it"));
+            }
+            view.apply(&next);
+        }
+        self.save_cache(&view);
+        Ok(view)
+    }
+
+    fn load_heads(&self) -> Option<(Heads, ShardFiles)> {
         let bytes = std::fs::read(self.cache_file(HEADS_FILE)?).ok()?;
-        match serde_json::from_slice::<Heads>(&bytes) {
-            Ok(heads) if heads.format == view::VIEW_FORMAT => Some(heads),
+        match serde_json::from_slice::<HeadsFile>(&bytes) {
+            Ok(file) if file.heads.format == view::VIEW_FORMAT => Some((file.heads, file.shards)),
             _ => None,
         }
     }
@@ -194,21 +227,42 @@ impl Ledger {
         }
     }
 
-    /// Saves the changed index shards, then the heads that cover them, under a lock so two savers do not
-    /// interleave. Best effort: the cache only accelerates reads.
+    /// Saves the changed index shards, then the heads that name them, then removes shard files that neither
+    /// these heads nor the ones they replace name; all under a lock so two savers do not interleave. Readers
+    /// take no lock: the files their heads name stay until two saves later. Best effort: the cache only
+    /// accelerates reads, and if any shard cannot be written the heads are left as they were.
     fn save_cache(&self, view: &View) {
-        let (Some(heads_path), Some(lock_path)) = (self.cache_file(HEADS_FILE), self.cache_file(LOCK_FILE)) else {
+        self.save_cache_with(view, crate::fsutil::replace_file)
+    }
+
+    fn save_cache_with(&self, view: &View, write_shard: impl Fn(&Path, &[u8]) -> std::io::Result<()>) {
+        let (Some(heads_path), Some(lock_path), Some(index_dir)) =
+            (self.cache_file(HEADS_FILE), self.cache_file(LOCK_FILE), self.cache_file(INDEX_DIR))
+        else {
             return;
         };
         let Some(_lock) = CacheLock::try_take(&lock_path) else { return };
-        if self.load_heads().is_some_and(|on_disk| on_disk.seq > view.seq()) {
+        let previous = self.load_heads();
+        if previous.as_ref().is_some_and(|(on_disk, _)| on_disk.seq > view.seq()) {
             return;
         }
-        view.save_index(write_atomically);
-        match serde_json::to_vec(&view.heads) {
-            Ok(bytes) => write_atomically(&heads_path, &bytes),
-            Err(err) => tracing::debug!(%err, "could not encode the view cache"),
+        let shards = match view.save_index(&index_dir, write_shard) {
+            Ok(shards) => shards,
+            Err(err) => {
+                tracing::debug!(%err, "could not write a view cache shard; the cached heads stay as they were");
+                return;
+            }
+        };
+        let file = HeadsFile { heads: view.heads.clone(), shards };
+        let saved = serde_json::to_vec(&file)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| crate::fsutil::replace_file(&heads_path, &bytes));
+        if let Err(err) = saved {
+            tracing::debug!(%err, "could not write the view cache heads");
+            return;
         }
+        let kept = previous.map(|(_, shards)| shards).unwrap_or_default();
+        remove_unnamed_shards(&index_dir, &[&file.shards, &kept]);
     }
 
     /// Appends one event decided against the current head. If another writer appended first, the view is
@@ -224,7 +278,15 @@ impl Ledger {
         for _ in 0..MAX_ATTEMPTS {
             // Decide against the true head: catch up with whatever other writers appended meanwhile.
             self.catch_up(&mut view)?;
-            let (body, result) = match decide(&view)? {
+            if let Some(err) = view.take_failure() {
+                return Err(err.into());
+            }
+            let decided = decide(&view);
+            // A decision made while the index could not be rebuilt was made on missing facts: record nothing.
+            if let Some(err) = view.take_failure() {
+                return Err(err.into());
+            }
+            let (body, result) = match decided? {
                 Decision::Skip(result) => {
                     self.maybe_save_cache(&view, cached_seq);
                     return Ok((result, None));
@@ -363,7 +425,7 @@ impl Ledger {
             }
             start = end;
         }
-        let seen = [self.load_seen(), self.load_heads().map(|h| (h.seq, h.hash))];
+        let seen = [self.load_seen(), self.load_heads().map(|(h, _)| (h.seq, h.hash))];
         for (seen_seq, seen_hash) in seen.into_iter().flatten() {
             if seen_seq > last {
                 return Err(self.tampered(last + 1, format!("the ledger ends at seq {last} but seq {seen_seq} was seen before (events removed from the end)")));
@@ -396,6 +458,25 @@ impl CacheLock {
         // SAFETY: flock on a file descriptor we own; no memory is shared with the kernel.
         let taken = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
         taken.then_some(CacheLock { _held: file })
+    }
+}
+
+/// `cache/heads.json`: the heads and the shard files that hold the index as of the same seq.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct HeadsFile {
+    heads: Heads,
+    shards: ShardFiles,
+}
+
+/// Removes index files that no heads in `named` refers to: shards replaced two saves ago, or left by a save that
+/// failed half way.
+fn remove_unnamed_shards(index_dir: &Path, named: &[&ShardFiles]) {
+    let Ok(entries) = std::fs::read_dir(index_dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".json") && !named.iter().any(|files| view::is_named_shard(&name, files)) {
+            let _ = std::fs::remove_file(entry.path());
+        }
     }
 }
 
@@ -441,6 +522,7 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::digest::DigestQuery;
 
     fn approve(n: u64) -> EventBody {
         EventBody::Approved { pipeline: "p".into(), stage: "prod".into(), digest: image(n), note: None }
@@ -712,6 +794,124 @@ mod tests {
         let err = try_append(&ledger, baked(0, None)).unwrap_err();
         assert!(matches!(err, LedgerError::OutcomeUnknown { .. }), "{err:?}");
         assert!(err.to_string().contains("cannot tell whether events/000000000001.json was written"), "{err}");
+    }
+
+    /// The truth a view cache must agree with: the same ledger read with no cache at all.
+    fn uncached_snapshot(dir: &Path) -> (Heads, Vec<(Digest, view::ImageRecord)>) {
+        snapshot(&Ledger::new(Box::new(file::FileStore::new(dir)), None))
+    }
+
+    fn heads_file(dir: &Path) -> HeadsFile {
+        serde_json::from_slice(&std::fs::read(dir.join("cache/heads.json")).unwrap()).unwrap()
+    }
+
+    /// The shard file that holds `digest`'s record, as the saved heads name it.
+    fn shard_path_of(dir: &Path, digest: &Digest) -> PathBuf {
+        let shard = digest.as_bytes()[0];
+        let named = heads_file(dir).shards[&view::shard_name(shard)];
+        dir.join(format!("cache/index/{}-{}.json", view::shard_name(shard), named.hex()))
+    }
+
+    fn copy_tree(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_dir() {
+                copy_tree(&entry.path(), &to.join(entry.file_name()));
+            } else {
+                std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+            }
+        }
+    }
+
+    /// Every way a shard file can go bad, applied to the shard of one image that has a parent, children,
+    /// approvals and a revocation to answer about.
+    #[test]
+    fn a_bad_shard_is_never_answered_from() {
+        type Damage = fn(&Path, &Path);
+        let damages: [(&str, Damage); 6] = [
+            ("deleted", |_, shard| std::fs::remove_file(shard).unwrap()),
+            ("truncated", |_, shard| {
+                let bytes = std::fs::read(shard).unwrap();
+                std::fs::write(shard, &bytes[..bytes.len() / 2]).unwrap()
+            }),
+            ("emptied", |_, shard| std::fs::write(shard, b"").unwrap()),
+            ("valid JSON, other content", |_, shard| std::fs::write(shard, br#"{"images":{},"keys":{}}"#).unwrap()),
+            ("one byte flipped", |_, shard| {
+                let mut bytes = std::fs::read(shard).unwrap();
+                let at = bytes.len() / 2;
+                bytes[at] ^= 0x01;
+                std::fs::write(shard, bytes).unwrap()
+            }),
+            ("whole index deleted", |dir, _| std::fs::remove_dir_all(dir.join("cache/index")).unwrap()),
+        ];
+        let template = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open_dir(template.path());
+        fill(&ledger, 40);
+        let revoke = EventBody::Revoked { digest: image(3), reason: "bad".into(), descendants: vec![] };
+        append(&ledger, revoke);
+        ledger.save_cache(&ledger.view().unwrap());
+        let truth = uncached_snapshot(template.path());
+        for (damage, apply) in damages {
+            let dir = tempfile::tempdir().unwrap();
+            copy_tree(template.path(), dir.path());
+            apply(dir.path(), &shard_path_of(dir.path(), &image(5)));
+
+            // Each query on a freshly loaded view, so each one is the first to touch the damaged shard.
+            let fresh = || Ledger::open_dir(dir.path()).view().unwrap();
+            let query = DigestQuery::parse(&image(5).short()).unwrap();
+            assert_eq!(fresh().resolve(&query).ok(), Some(image(5)), "{damage}: resolve");
+            assert!(fresh().image(&image(5)).is_some(), "{damage}: image");
+            assert_eq!(fresh().image_for_key(&Digest::of(b"key 5")), Some(image(5)), "{damage}: recipe key");
+            assert_eq!(fresh().approvers("p", "prod", &image(5)).len(), 1, "{damage}: approvals");
+            assert!(fresh().revocation(&image(5)).is_some(), "{damage}: revoked through its ancestor");
+            assert_eq!(fresh().descendants(&image(4)).len(), 35, "{damage}: descendants");
+            assert!(snapshot(&Ledger::open_dir(dir.path())) == truth, "{damage}: the view differs from no cache");
+            // The rebuilt cache was saved: the next reader trusts it again, without replaying.
+            let next = Ledger::open_dir(dir.path()).view().unwrap();
+            assert!(!next.is_complete(), "{damage}: the rebuilt cache was not saved");
+            assert!(next.image(&image(5)).is_some() && !next.is_complete(), "{damage}: the saved shard is bad");
+        }
+    }
+
+    /// A shard found bad while catching up (folding in events past the cached heads) is rebuilt up to the
+    /// event being folded, so that event and the ones after it are not lost or applied twice.
+    #[test]
+    fn a_bad_shard_found_while_catching_up_is_rebuilt_to_that_point() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open_dir(dir.path());
+        fill(&ledger, 40);
+        ledger.save_cache(&ledger.view().unwrap());
+        std::fs::remove_file(shard_path_of(dir.path(), &image(5))).unwrap();
+        // Written with no cache, so the cached heads lag behind these and they are folded in on the next read.
+        let behind = Ledger::new(Box::new(file::FileStore::new(dir.path())), None);
+        // A child of the image in the damaged shard: folding it changes its own shard, then its parent's.
+        assert_ne!(image(100).as_bytes()[0], image(5).as_bytes()[0]);
+        append(&behind, baked(100, Some(5)));
+        append(&behind, approve(100));
+        let view = Ledger::open_dir(dir.path()).view().unwrap();
+        assert!(view.is_complete(), "the damaged shard was not noticed");
+        assert!((view.heads.clone(), view.images()) == uncached_snapshot(dir.path()), "the view differs from no cache");
+    }
+
+    #[test]
+    fn heads_are_not_saved_when_a_shard_write_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open_dir(dir.path());
+        fill(&ledger, 1);
+        let saved_before = std::fs::read(dir.path().join("cache/heads.json")).unwrap();
+        fill_range(&ledger, 1..10);
+        let writes = std::sync::atomic::AtomicU32::new(0);
+        ledger.save_cache_with(&ledger.view().unwrap(), |path, bytes| {
+            if writes.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+                return Err(std::io::Error::other("disk full"));
+            }
+            crate::fsutil::replace_file(path, bytes)
+        });
+        assert_eq!(writes.load(std::sync::atomic::Ordering::SeqCst), 2, "the second shard write failed");
+        let saved_after = std::fs::read(dir.path().join("cache/heads.json")).unwrap();
+        assert_eq!(saved_after, saved_before, "heads were saved over a shard that was not");
+        assert!(snapshot(&Ledger::open_dir(dir.path())) == uncached_snapshot(dir.path()));
     }
 
     #[test]
