@@ -6,6 +6,7 @@ use serde::Serialize;
 use super::gate::endpoint;
 use super::promote::resolve_digest;
 use super::Context;
+use crate::clock::ClockRecord;
 use crate::digest::Digest;
 use crate::ledger::view::{ImageRecord, Live, OpenDeploy};
 use crate::ledger::{EventBody, GateVerdict, Ledger, View};
@@ -47,6 +48,9 @@ pub struct Step {
     pub seq: u64,
     pub time: String,
     pub actor: String,
+    /// Set when the event was written under a pinned clock (`KILN_NOW`): `time` was chosen, not read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clock: Option<ClockRecord>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -138,7 +142,8 @@ fn stage_history(
     for seq in &record.events {
         let Some(stored) = ledger.read(*seq)? else { continue };
         let event = stored.event;
-        let at = Step { seq: event.seq, time: event.time.clone(), actor: event.actor.clone() };
+        let at =
+            Step { seq: event.seq, time: event.time.clone(), actor: event.actor.clone(), clock: event.clock.clone() };
         let Some(stage) = event.body.stage().and_then(|s| stages.iter_mut().find(|x| x.stage == s)) else { continue };
         match event.body {
             EventBody::Promoted { pipeline: p, gates, .. } if p == pipeline => {

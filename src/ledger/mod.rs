@@ -27,6 +27,9 @@ const HEADS_FILE: &str = "heads.json";
 const INDEX_DIR: &str = "index";
 const SEEN_FILE: &str = "seen.json";
 const LOCK_FILE: &str = "lock";
+/// How far an event's real time may fall behind the one before it: clocks of machines sharing a ledger (CI runners,
+/// laptops) disagree by seconds, rarely minutes. Beyond this, `verify` reports time running backwards.
+pub const CLOCK_SKEW_TOLERANCE: Duration = Duration::from_secs(5 * 60);
 
 pub fn event_key(seq: u64) -> String {
     format!("{EVENTS_PREFIX}{seq:012}.json")
@@ -64,6 +67,8 @@ pub enum LedgerError {
 pub struct VerifyReport {
     pub events: u64,
     pub head: Option<Digest>,
+    /// Events written under a pinned clock (`KILN_NOW`): their `time` is whatever the writer chose.
+    pub pinned_clock: Vec<u64>,
 }
 
 #[derive(Clone)]
@@ -298,6 +303,7 @@ impl Ledger {
                 prev: view.hash(),
                 time: clock.stamp(),
                 actor: actor.to_string(),
+                clock: clock.record(),
                 body: *body,
             };
             let (bytes, hash) = event::encode(&event).map_err(LedgerError::from)?;
@@ -393,6 +399,8 @@ impl Ledger {
             }
         }
         let mut prev_hash = Digest::ZERO;
+        let mut prev_time: Option<std::time::SystemTime> = None;
+        let mut pinned_clock = Vec::new();
         let mut start = 1;
         while start <= last {
             let end = (start + VERIFY_CHUNK).min(last + 1);
@@ -405,12 +413,20 @@ impl Ledger {
                         Err(e) => return Err((seq, format!("cannot be read: {e}"))),
                     };
                     let (header, hash) = event::decode_header(&bytes).map_err(|e| (seq, e.to_string()))?;
-                    Ok(ChainLink { recorded_seq: header.seq, prev: header.prev, hash })
+                    let real_time = crate::clock::parse(header.real_time())
+                        .ok_or_else(|| (seq, format!("its time `{}` is not an RFC 3339 time", header.real_time())))?;
+                    Ok(ChainLink {
+                        recorded_seq: header.seq,
+                        prev: header.prev,
+                        hash,
+                        real_time,
+                        pinned: header.pinned(),
+                    })
                 })
                 .collect();
             for (offset, result) in checked.into_iter().enumerate() {
                 let seq = start + offset as u64;
-                let ChainLink { recorded_seq, prev, hash } =
+                let ChainLink { recorded_seq, prev, hash, real_time, pinned } =
                     result.map_err(|(seq, reason)| self.tampered(seq, reason))?;
                 if recorded_seq != seq {
                     return Err(self.tampered(
@@ -422,6 +438,22 @@ impl Ledger {
                     return Err(self.tampered(seq, "its prev does not match the hash of the event before it (an event was inserted, removed or rewritten)"));
                 }
                 prev_hash = hash;
+                if let Some(behind) = prev_time.and_then(|before| before.duration_since(real_time).ok()) {
+                    if behind > CLOCK_SKEW_TOLERANCE {
+                        return Err(self.tampered(seq, format!(
+                            "time runs backwards: it was written at {}, {} before seq {} (at {}), more than the {} allowed for clock skew between machines",
+                            crate::clock::format(real_time),
+                            humantime::format_duration(Duration::from_secs(behind.as_secs())),
+                            seq - 1,
+                            prev_time.map(crate::clock::format).unwrap_or_default(),
+                            humantime::format_duration(CLOCK_SKEW_TOLERANCE),
+                        )));
+                    }
+                }
+                prev_time = Some(real_time);
+                if pinned {
+                    pinned_clock.push(seq);
+                }
             }
             start = end;
         }
@@ -434,7 +466,7 @@ impl Ledger {
                 return Err(self.tampered(seen_seq, "the event differs from the one seen before (rewritten)"));
             }
         }
-        Ok(VerifyReport { events: last, head: (last > 0).then_some(prev_hash) })
+        Ok(VerifyReport { events: last, head: (last > 0).then_some(prev_hash), pinned_clock })
     }
 }
 
@@ -443,6 +475,9 @@ struct ChainLink {
     recorded_seq: u64,
     prev: Digest,
     hash: Digest,
+    /// When it was really written: the recorded real time for a pinned clock, else its `time`.
+    real_time: std::time::SystemTime,
+    pinned: bool,
 }
 
 /// An exclusive, non-blocking `flock` on the cache directory, released on drop.
@@ -912,6 +947,91 @@ mod tests {
         let saved_after = std::fs::read(dir.path().join("cache/heads.json")).unwrap();
         assert_eq!(saved_after, saved_before, "heads were saved over a shard that was not");
         assert!(snapshot(&Ledger::open_dir(dir.path())) == uncached_snapshot(dir.path()));
+    }
+
+    /// A ledger of approvals written at these times, each `(time, real time if the clock was pinned)`.
+    fn forge(dir: &Path, times: &[(&str, Option<&str>)]) -> Ledger {
+        let store = file::FileStore::new(dir);
+        let mut prev = Digest::ZERO;
+        for (i, (time, real_time)) in times.iter().enumerate() {
+            let event = Event {
+                seq: i as u64 + 1,
+                prev,
+                time: time.to_string(),
+                actor: "t".into(),
+                clock: real_time.map(|r| crate::clock::ClockRecord { pinned: true, real_time: r.into() }),
+                body: approve(i as u64),
+            };
+            let (bytes, hash) = event::encode(&event).unwrap();
+            assert_eq!(store.create(&event_key(event.seq), &bytes).unwrap(), Created::Yes);
+            prev = hash;
+        }
+        Ledger::open_dir(dir)
+    }
+
+    #[test]
+    fn verify_names_the_event_where_time_runs_backwards_beyond_clock_skew() {
+        type Times<'a> = &'a [(&'a str, Option<&'a str>)];
+        /// The pinned seqs verify lists, or what its error says.
+        type Verdict<'a> = Result<Vec<u64>, &'a str>;
+        let cases: [(&str, Times, Verdict); 6] = [
+            ("forward", &[("2026-11-28T12:00:00Z", None), ("2026-11-28T12:01:00Z", None)], Ok(vec![])),
+            (
+                "4m back: skew between machines",
+                &[("2026-11-28T12:00:00Z", None), ("2026-11-28T11:56:00Z", None), ("2026-11-28T12:02:00Z", None)],
+                Ok(vec![]),
+            ),
+            (
+                "10m back",
+                &[("2026-11-28T12:00:00Z", None), ("2026-11-28T12:01:00Z", None), ("2026-11-28T11:51:00Z", None)],
+                Err("damaged at seq 3: time runs backwards: it was written at 2026-11-28T11:51:00.000Z, 10m before seq 2 (at 2026-11-28T12:01:00.000Z), more than the 5m allowed"),
+            ),
+            (
+                "pinned a year back, really written in order",
+                &[("2026-11-28T12:00:00Z", None), ("2025-01-01T00:00:00Z", Some("2026-11-28T12:01:00Z"))],
+                Ok(vec![2]),
+            ),
+            (
+                "pinned, and the real time runs backwards",
+                &[("2026-11-28T12:00:00Z", None), ("2026-11-28T12:30:00Z", Some("2026-11-28T11:00:00Z"))],
+                Err("damaged at seq 2: time runs backwards: it was written at 2026-11-28T11:00:00.000Z, 1h before seq 1"),
+            ),
+            (
+                "an unpinned event after one pinned in the future",
+                &[("2030-01-01T00:00:00Z", Some("2026-11-28T12:00:00Z")), ("2026-11-28T12:00:01Z", None)],
+                Ok(vec![1]),
+            ),
+        ];
+        for (case, times, expected) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let verified = forge(dir.path(), times).verify();
+            match (verified, expected) {
+                (Ok(report), Ok(pinned)) => assert_eq!(report.pinned_clock, pinned, "{case}"),
+                (Err(err), Err(message)) => {
+                    assert!(matches!(err, LedgerError::Tampered { .. }), "{case}: {err:?}");
+                    assert!(err.to_string().contains(message), "{case}: {err}");
+                }
+                (got, _) => panic!("{case}: {got:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn events_written_under_a_pinned_clock_record_the_real_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open_dir(dir.path());
+        append(&ledger, baked(0, None));
+        let pinned = Clock::fixed(crate::clock::parse("2020-01-01T00:00:00Z").unwrap());
+        let body = approve(0);
+        let (_, stored) = ledger
+            .append::<(), LedgerError>("t", &pinned, |_| Ok(Decision::Append(Box::new(body.clone()), ())))
+            .unwrap();
+        let event = stored.unwrap().event;
+        assert_eq!(event.time, "2020-01-01T00:00:00.000Z");
+        let record = event.clock.clone().expect("the pinned clock is recorded");
+        assert!(record.pinned && record.real_time.starts_with("20") && record.real_time != event.time);
+        assert_eq!(ledger.read(1).unwrap().unwrap().event.clock, None, "a real clock records nothing");
+        assert_eq!(ledger.verify().unwrap().pinned_clock, vec![2]);
     }
 
     #[test]

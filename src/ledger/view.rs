@@ -477,7 +477,8 @@ impl View {
                     keep_first(&mut r.stages.entry(key).or_default().promoted, mark(digest))
                 });
             }
-            EventBody::Refused { .. } => {}
+            // Noted on the image so `kiln log --digest` finds refusals without scanning the ledger.
+            EventBody::Refused { digest, .. } => self.touch_image(digest, seq, |_| {}),
             EventBody::Collected { digests, .. } => {
                 for digest in digests {
                     self.touch_image(digest, seq, |r| r.deleted = true);
