@@ -145,10 +145,8 @@ impl Ledger {
                 if stale.is_some() {
                     tracing::warn!(ledger = %self.location(), "view cache disagrees with the ledger; rebuilding it");
                 }
-                // Rebuilding replays every event into memory, so old shards on disk must not be read.
-                if let Some(dir) = &index_dir {
-                    let _ = std::fs::remove_dir_all(dir);
-                }
+                // Rebuilding replays every event into memory and reads no shard from disk; the stale shard files
+                // are removed by the next save, under the cache lock.
                 Ok((View::empty(index_dir, true), 0))
             }
         }
