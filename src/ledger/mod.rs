@@ -927,6 +927,26 @@ mod tests {
         assert!((view.heads.clone(), view.images()) == uncached_snapshot(dir.path()), "the view differs from no cache");
     }
 
+    /// When the ledger itself cannot be replayed (here: an event is gone), a decision that needed the bad shard
+    /// is not recorded; the append fails with the ledger's error instead.
+    #[test]
+    fn nothing_is_decided_on_a_bad_shard_that_cannot_be_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open_dir(dir.path());
+        fill(&ledger, 40);
+        ledger.save_cache(&ledger.view().unwrap());
+        std::fs::remove_file(shard_path_of(dir.path(), &image(5))).unwrap();
+        std::fs::remove_file(dir.path().join(event_key(1))).unwrap();
+        let ledger = Ledger::open_dir(dir.path());
+        let result = ledger.append::<(), LedgerError>("t", &Clock::system(), |view| {
+            assert_eq!(view.image(&image(5)), None, "answers from nothing, not from the bad shard");
+            Ok(Decision::Append(Box::new(approve(5)), ()))
+        });
+        let err = result.unwrap_err();
+        assert!(err.to_string().contains("damaged at seq 1: the event is missing"), "{err}");
+        assert_eq!(ledger.read(82).unwrap(), None, "nothing was appended");
+    }
+
     #[test]
     fn heads_are_not_saved_when_a_shard_write_fails() {
         let dir = tempfile::tempdir().unwrap();
