@@ -63,17 +63,31 @@ fn damages() -> Vec<(&'static str, Damage)> {
     ]
 }
 
-/// What the read commands answer: the record as `status`, `lineage`, `images` and `log` show it.
-fn answers(repo: &Repo, app: &str, base: &str) -> Vec<(String, String)> {
-    let queries: [&[&str]; 6] = [
+/// What the commands that only read answer (exit code and stdout): the record as `status`, `lineage`, `images` and
+/// `log` show it, and the gates' verdicts as `promote --plan` judges them.
+/// With `no_cache`, each command runs with the view cache deleted first.
+fn answers(repo: &Repo, app: &str, base: &str, no_cache: bool) -> Vec<(String, i32, String)> {
+    let queries: [&[&str]; 9] = [
         &["status", "--json"],
         &["lineage", app, "--json"],
         &["lineage", base, "--json"],
         &["lineage", "dev", "--json"],
         &["images", "--json"],
         &["log", "--json", "--limit", "100"],
+        &["log", "--json", "--digest", app],
+        &["promote", "--stage", "dev", "--digest", app, "--plan", "--json"],
+        &["promote", "--stage", "dev", "--digest", base, "--plan", "--json"],
     ];
-    queries.iter().map(|q| (q.join(" "), repo.run(q).ok().stdout)).collect()
+    queries
+        .iter()
+        .map(|q| {
+            if no_cache {
+                let _ = std::fs::remove_dir_all(repo.file(CACHE));
+            }
+            let run = repo.run(q);
+            (q.join(" "), run.code, run.stdout)
+        })
+        .collect()
 }
 
 #[test]
@@ -87,15 +101,20 @@ fn every_command_answers_as_with_no_cache_whatever_happened_to_the_shards() {
     copy_dir(&repo.file(CACHE), pristine.path());
     assert!(!shard_files(&repo).is_empty(), "the view cache saved no index shards");
 
-    std::fs::remove_dir_all(repo.file(CACHE)).unwrap();
-    let truth = answers(&repo, &app, &base);
+    let truth = answers(&repo, &app, &base, true);
+    let codes: Vec<i32> = truth.iter().map(|(_, code, _)| *code).collect();
+    assert_eq!(codes, [0, 0, 0, 0, 0, 0, 0, 0, 3], "{truth:#?}");
 
     for (damage, apply) in damages() {
         std::fs::remove_dir_all(repo.file(CACHE)).unwrap();
         copy_dir(pristine.path(), &repo.file(CACHE));
         apply(&repo.file(INDEX));
-        for ((query, expected), (_, got)) in truth.iter().zip(answers(&repo, &app, &base)) {
-            assert_eq!(&got, expected, "{damage}: `kiln {query}` answered differently from no cache");
+        for ((query, code, expected), (_, got_code, got)) in truth.iter().zip(answers(&repo, &app, &base, false)) {
+            assert_eq!(
+                (got_code, &got),
+                (*code, expected),
+                "{damage}: `kiln {query}` answered differently from no cache"
+            );
         }
         // The gates judge from the same view: the approval counts, and a revoked base refuses its child.
         std::fs::remove_dir_all(repo.file(CACHE)).unwrap();
