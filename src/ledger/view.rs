@@ -603,6 +603,18 @@ impl View {
             write(&shard_file(dir, shard, &digest), &bytes)?;
             files.insert(shard_name(shard), digest);
         }
+        // Shards this view never changed are named as the heads it was loaded from named them. Those files may
+        // have been removed by saves made since; heads must not name a file that is gone.
+        for (name, digest) in &files {
+            let Some(shard) = u8::from_str_radix(name, 16).ok() else { continue };
+            let path = shard_file(dir, shard, digest);
+            if !path.exists() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("{} was removed by a newer save", path.display()),
+                ));
+            }
+        }
         index.dirty.clear();
         index.expected = files.clone();
         Ok(files)
