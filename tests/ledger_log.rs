@@ -65,8 +65,10 @@ fn log_shows_steps_rollbacks_and_pinned_clocks_and_filters_by_digest() {
     }
     let deploy_ids: Vec<&str> = events.iter().filter_map(|e| e["deploy_id"].as_str()).collect();
     for event in events {
+        // A deployment that replaces it (here the rollback) ends its live period: that is about it too.
         let about_second = event["digest"] == second.as_str()
-            || (event["kind"] == "deploy-step" && deploy_ids.contains(&event["deploy_id"].as_str().unwrap()));
+            || (event["kind"] == "deploy-step" && deploy_ids.contains(&event["deploy_id"].as_str().unwrap()))
+            || event["kind"] == "deploy-finished";
         assert!(about_second, "not about {second}: {event}");
     }
     let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();

@@ -163,7 +163,7 @@ struct Index {
     complete: bool,
     /// What each shard file on disk must hash to, per the heads this view was loaded from.
     expected: ShardFiles,
-    /// The last event folded in, which is how far a rebuild must replay.
+    /// The event being folded in, else the last one folded in: how far a rebuild must replay.
     seq: u64,
     rebuild: Option<Rebuild>,
     /// Why a needed rebuild failed; queries then answer from nothing rather than from a bad shard.
@@ -223,19 +223,6 @@ pub(crate) fn shard_name(shard: u8) -> String {
 
 fn shard_file(dir: &Path, shard: u8, digest: &Digest) -> PathBuf {
     dir.join(format!("{}-{}.json", shard_name(shard), digest.hex()))
-}
-
-/// The index shards an event changes when folded in.
-fn shards_touched(body: &EventBody) -> Vec<u8> {
-    let mut digests: Vec<&Digest> = body.digest().into_iter().collect();
-    match body {
-        EventBody::Baked { recipe_key, parent, .. } => {
-            digests.extend([Some(recipe_key), parent.as_ref()].into_iter().flatten())
-        }
-        EventBody::Collected { digests: collected, .. } => digests.extend(collected),
-        _ => {}
-    }
-    digests.into_iter().map(shard_of).collect()
 }
 
 impl Index {
@@ -423,16 +410,14 @@ impl View {
         }
     }
 
-    /// Folds one event in. The caller has checked that it follows `self.seq()` and chains to `self.hash()`.
+    /// Folds one event in. The caller has checked that it follows `self.seq()` and chains to `self.hash()`, and
+    /// the event is in the store (a rebuild may replay it).
     pub fn apply(&mut self, stored: &StoredEvent) {
         let event = &stored.event;
         let seq = event.seq;
-        // Every shard this event changes is loaded before any is changed: a bad shard rebuilds the index as of
-        // the event before this one, which would drop whatever this event had already changed.
-        let index = self.index.get_mut();
-        for shard in shards_touched(&event.body) {
-            index.load(shard);
-        }
+        // A bad shard found while folding this event in rebuilds the index up to and including it (it is in the
+        // store already), so the changes it made before are not lost; the ones after are idempotent.
+        self.index.get_mut().seq = seq;
         let mark =
             |digest: &Digest| Mark { digest: *digest, seq, time: event.time.clone(), actor: event.actor.clone() };
         match &event.body {
@@ -575,7 +560,6 @@ impl View {
         }
         self.heads.seq = seq;
         self.heads.hash = stored.hash;
-        self.index.get_mut().seq = seq;
     }
 
     /// Writes the changed index shards, each to a new file named by its content, and returns what heads saved
