@@ -126,7 +126,7 @@ fn generate(dir: &Path, events: u64) {
                 minute % 60,
                 seq % 60
             );
-            let event = Event { seq, prev, time, actor: "ci".into(), body };
+            let event = Event { seq, prev, time, actor: "ci".into(), clock: None, body };
             let (bytes, hash) = encode(&event).unwrap();
             prev = hash;
             batch.push((seq, bytes));

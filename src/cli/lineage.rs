@@ -3,7 +3,7 @@
 
 use clap::Args;
 
-use kiln::engine::lineage::{self, ImageSummary, Lineage};
+use kiln::engine::lineage::{self, ImageSummary, Lineage, Step};
 
 use super::Ctx;
 
@@ -62,10 +62,22 @@ fn text(l: &Lineage) -> String {
         out.push_str(&format!("stage {}\n", s.stage));
         for a in &s.approvals {
             let note = a.note.as_deref().map(|n| format!(": {n}")).unwrap_or_default();
-            out.push_str(&format!("    approved by {} at {} (seq {}){note}\n", a.at.actor, a.at.time, a.at.seq));
+            out.push_str(&format!(
+                "    approved by {} at {} (seq {}){}{note}\n",
+                a.at.actor,
+                a.at.time,
+                a.at.seq,
+                pinned(&a.at)
+            ));
         }
         for p in &s.promotions {
-            out.push_str(&format!("    promoted by {} at {} (seq {})\n", p.at.actor, p.at.time, p.at.seq));
+            out.push_str(&format!(
+                "    promoted by {} at {} (seq {}){}\n",
+                p.at.actor,
+                p.at.time,
+                p.at.seq,
+                pinned(&p.at)
+            ));
             for g in &p.gates {
                 out.push_str(&format!("      {} {}: {}\n", if g.passed { "ok  " } else { "FAIL" }, g.gate, g.detail));
             }
@@ -73,13 +85,26 @@ fn text(l: &Lineage) -> String {
         for d in &s.deployments {
             let kind = if d.rollback { "rollback" } else { "deploy" };
             let reason = d.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default();
+            let clock = [Some(&d.started), d.ended.as_ref()].into_iter().flatten().map(pinned).find(|p| !p.is_empty());
             out.push_str(&format!(
-                "    {kind} {} into {} {} (seq {}){reason}\n",
-                d.deploy_id, d.group, d.result, d.started.seq
+                "    {kind} {} into {} {} (seq {}){}{reason}\n",
+                d.deploy_id,
+                d.group,
+                d.result,
+                d.started.seq,
+                clock.unwrap_or_default()
             ));
         }
     }
     out
+}
+
+/// A mark on a step whose time was chosen with `KILN_NOW` rather than read from a clock.
+fn pinned(step: &Step) -> String {
+    match &step.clock {
+        Some(clock) if clock.pinned => format!(" [PINNED CLOCK, really written {}]", clock.real_time),
+        _ => String::new(),
+    }
 }
 
 fn quote(s: &str) -> String {

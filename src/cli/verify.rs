@@ -21,6 +21,15 @@ pub fn run(ctx: &Ctx, args: VerifyArgs) -> Result<(), Error> {
     let ledger = ctx.ledger()?;
     let report = ledger.verify()?;
     let location = ledger.location();
+    if !report.pinned_clock.is_empty() {
+        // A warning, not a failure: tests and demos pin the clock on purpose. But a reader must know which times
+        // were chosen rather than read from a clock, wherever the output goes.
+        eprintln!(
+            "warning: {} event(s) were written with a pinned clock (KILN_NOW), so their times were chosen, not read: seq {}",
+            report.pinned_clock.len(),
+            seq_ranges(&report.pinned_clock)
+        );
+    }
     let has_pipeline = match ctx.pipeline() {
         Ok(_) => true,
         Err(Error::Config(ConfigError::NoPipeline { .. })) => false,
@@ -38,6 +47,7 @@ pub fn run(ctx: &Ctx, args: VerifyArgs) -> Result<(), Error> {
         "ledger": location,
         "events": report.events,
         "head": report.head,
+        "pinned_clock": report.pinned_clock,
         "provider_checked": checked_provider,
     });
     ctx.out.emit(&doc, || {
@@ -51,4 +61,28 @@ pub fn run(ctx: &Ctx, args: VerifyArgs) -> Result<(), Error> {
             chain
         }
     })
+}
+
+/// `1-3, 7, 9-10`: runs of consecutive seqs, so a ledger written under a pinned clock does not flood the terminal.
+fn seq_ranges(seqs: &[u64]) -> String {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for &seq in seqs {
+        match runs.last_mut() {
+            Some((_, end)) if *end + 1 == seq => *end = seq,
+            _ => runs.push((seq, seq)),
+        }
+    }
+    runs.iter()
+        .map(|&(start, end)| if start == end { start.to_string() } else { format!("{start}-{end}") })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn seq_ranges_join_runs() {
+        assert_eq!(super::seq_ranges(&[1, 2, 3, 7, 9, 10]), "1-3, 7, 9-10");
+        assert_eq!(super::seq_ranges(&[4]), "4");
+    }
 }

@@ -16,12 +16,12 @@ use crate::clock;
 use crate::config::pipeline::VerifyCheck;
 use crate::config::Stage;
 use crate::digest::Digest;
+use crate::error::Refusal;
 use crate::fault;
 use crate::ledger::event::RollbackRecord;
 use crate::ledger::view::{group_version, OpenDeploy, RENEWAL_STEP, TAKEOVER_STEP};
 use crate::ledger::{Decision, EventBody, GateVerdict, View};
 use crate::provider::{ImageRef, ProviderError, StageRef, Unhealthy};
-use crate::error::Refusal;
 use crate::Error;
 
 /// How far back `kiln` looks for the takeover that closed its deployment, to name who took over.

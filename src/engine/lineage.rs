@@ -5,6 +5,7 @@ use serde::Serialize;
 
 use super::promote::resolve_digest;
 use super::Context;
+use crate::clock::ClockRecord;
 use crate::digest::Digest;
 use crate::ledger::view::{ImageRecord, Live, OpenDeploy};
 use crate::ledger::{EventBody, GateVerdict, Ledger, View};
@@ -46,6 +47,9 @@ pub struct Step {
     pub seq: u64,
     pub time: String,
     pub actor: String,
+    /// Set when the event was written under a pinned clock (`KILN_NOW`): `time` was chosen, not read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clock: Option<ClockRecord>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -117,6 +121,10 @@ pub fn lineage(ctx: &Context, target: &str) -> Result<Lineage, Error> {
         }
     });
     let stages = stage_history(ctx.ledger, &ctx.pipeline.stage_names(), &ctx.pipeline.name, &record)?;
+    // A damaged cache shard that could not be rebuilt leaves answers incomplete: fail rather than show them.
+    if let Some(err) = view.take_failure() {
+        return Err(err.into());
+    }
     Ok(Lineage { image: ImageSummary::of(digest, &record), parents, revoked, stages })
 }
 
@@ -133,7 +141,8 @@ fn stage_history(
     for seq in &record.events {
         let Some(stored) = ledger.read(*seq)? else { continue };
         let event = stored.event;
-        let at = Step { seq: event.seq, time: event.time.clone(), actor: event.actor.clone() };
+        let at =
+            Step { seq: event.seq, time: event.time.clone(), actor: event.actor.clone(), clock: event.clock.clone() };
         let Some(stage) = event.body.stage().and_then(|s| stages.iter_mut().find(|x| x.stage == s)) else { continue };
         match event.body {
             EventBody::Promoted { pipeline: p, gates, .. } if p == pipeline => {
@@ -256,6 +265,9 @@ pub fn status(ctx: &Context) -> Result<Vec<StageStatus>, Error> {
             deploying,
             warnings,
         });
+    }
+    if let Some(err) = view.take_failure() {
+        return Err(err.into());
     }
     Ok(out)
 }

@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::clock::ClockRecord;
 use crate::digest::{canonical_json, Digest, StreamHasher};
 
 /// One appended fact. Its hash is the sha256 of its canonical JSON (without the hash itself); `prev` is the hash of
@@ -12,8 +13,22 @@ pub struct Event {
     pub prev: Digest,
     pub time: String,
     pub actor: String,
+    /// Present only when the event was written under a pinned clock (`KILN_NOW`); absent otherwise, so events
+    /// written before this member existed keep their hashes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock: Option<ClockRecord>,
     #[serde(flatten)]
     pub body: EventBody,
+}
+
+impl Event {
+    /// When the event really happened, as best the record says: the real time for a pinned clock, else `time`.
+    pub fn real_time(&self) -> &str {
+        match &self.clock {
+            Some(ClockRecord { pinned: true, real_time }) => real_time,
+            _ => &self.time,
+        }
+    }
 }
 
 /// A gate's verdict and the evidence it was judged on, as recorded in `promoted` and `refused` events.
@@ -226,11 +241,28 @@ pub fn decode(stored: &[u8]) -> Result<StoredEvent, DecodeError> {
     Ok(StoredEvent { event, hash })
 }
 
-/// Just the chain fields, for verifying without materialising payloads.
+/// Just the chain fields and the clock, for verifying without materialising payloads.
 #[derive(Deserialize)]
 pub struct ChainHeader {
     pub seq: u64,
     pub prev: Digest,
+    pub time: String,
+    #[serde(default)]
+    pub clock: Option<ClockRecord>,
+}
+
+impl ChainHeader {
+    /// As [`Event::real_time`].
+    pub fn real_time(&self) -> &str {
+        match &self.clock {
+            Some(ClockRecord { pinned: true, real_time }) => real_time,
+            _ => &self.time,
+        }
+    }
+
+    pub fn pinned(&self) -> bool {
+        self.clock.as_ref().is_some_and(|c| c.pinned)
+    }
 }
 
 pub fn decode_header(stored: &[u8]) -> Result<(ChainHeader, Digest), DecodeError> {
@@ -249,6 +281,7 @@ mod tests {
             prev: Digest::ZERO,
             time: "2026-11-28T00:00:00.000Z".into(),
             actor: "ci".into(),
+            clock: None,
             body: EventBody::Approved {
                 pipeline: "hello".into(),
                 stage: "prod".into(),
@@ -267,6 +300,19 @@ mod tests {
         assert_eq!(back.event, event);
         assert_eq!(back.hash, hash);
         assert_eq!(hash, Digest::of(&canonical_json(&event).unwrap()), "the hash covers the canonical JSON");
+    }
+
+    #[test]
+    fn an_event_without_a_pinned_clock_is_encoded_as_before() {
+        // The hash of this event as written before events could record a pinned clock: existing ledgers verify.
+        let (stored, hash) = encode(&sample(7)).unwrap();
+        assert!(!String::from_utf8_lossy(&stored).contains("clock"));
+        assert_eq!(hash.hex(), "5f9c3664f937d678a902406b358033d9b8b666d573cfc716a2984bbc5ddfb56d");
+        let mut pinned = sample(7);
+        pinned.clock = Some(ClockRecord { pinned: true, real_time: "2026-11-29T10:00:00.000Z".into() });
+        let back = decode(&encode(&pinned).unwrap().0).unwrap();
+        assert_eq!(back.event.real_time(), "2026-11-29T10:00:00.000Z");
+        assert_eq!(back.event, pinned);
     }
 
     #[test]

@@ -1,14 +1,18 @@
 //! The materialised view of a ledger, folded from events in order. Two parts, so queries stay fast at millions of
 //! events: small, bounded *heads* (stage heads, open deployments, revocations) cached whole, and a per-image
 //! *index* (bake records, recipe keys, promotions, approvals) sharded by digest prefix and loaded a shard at a time.
+//! A shard is trusted only if its bytes hash to what the heads file says it holds; otherwise the whole view is
+//! replayed from seq 1, so a query never answers from a missing, stale or damaged shard.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use super::event::{EventBody, StoredEvent};
+use super::LedgerError;
 use crate::digest::{Digest, DigestError, DigestQuery};
 
 /// Bump when the view's shape or folding rules change, so old caches are rebuilt rather than misread.
@@ -155,6 +159,21 @@ struct Shard {
     keys: BTreeMap<Digest, Digest>,
 }
 
+/// Which shard files a saved view covers: shard (two hex digits) → sha256 of the shard file's bytes, which is also
+/// part of the file's name. A shard absent here is empty. Files are never rewritten in place, so a reader holding
+/// older heads still finds the shards those heads name while a newer view is being saved.
+pub type ShardFiles = BTreeMap<String, Digest>;
+
+/// Replays the ledger from seq 1 up to the given seq into a complete view: the way out of a bad shard.
+#[derive(Clone)]
+pub struct Rebuild(pub Arc<dyn Fn(u64) -> Result<View, LedgerError> + Send + Sync>);
+
+impl std::fmt::Debug for Rebuild {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Rebuild")
+    }
+}
+
 /// The per-image index: shards loaded on first use, changed shards remembered until saved.
 #[derive(Debug, Default)]
 struct Index {
@@ -163,6 +182,13 @@ struct Index {
     dirty: BTreeSet<u8>,
     /// Set when rebuilding from seq 1: every shard is in memory, none is read from disk.
     complete: bool,
+    /// What each shard file on disk must hash to, per the heads this view was loaded from.
+    expected: ShardFiles,
+    /// The event being folded in, else the last one folded in: how far a rebuild must replay.
+    seq: u64,
+    rebuild: Option<Rebuild>,
+    /// Why a needed rebuild failed; queries then answer from nothing rather than from a bad shard.
+    failure: Option<LedgerError>,
 }
 
 pub struct View {
@@ -214,24 +240,58 @@ fn keep_first(slot: &mut Option<Mark>, mark: Mark) {
     }
 }
 
+pub(crate) fn shard_name(shard: u8) -> String {
+    format!("{shard:02x}")
+}
+
+fn shard_file(dir: &Path, shard: u8, digest: &Digest) -> PathBuf {
+    dir.join(format!("{}-{}.json", shard_name(shard), digest.hex()))
+}
+
 impl Index {
-    fn shard_path(&self, shard: u8) -> Option<PathBuf> {
-        Some(self.dir.as_ref()?.join(format!("{shard:02x}.json")))
+    fn load(&mut self, shard: u8) -> &mut Shard {
+        if !self.shards.contains_key(&shard) && !self.complete {
+            match self.read_shard(shard) {
+                Ok(loaded) => {
+                    self.shards.insert(shard, loaded);
+                }
+                Err(why) => self.rebuild(shard, &why),
+            }
+        }
+        self.shards.entry(shard).or_default()
     }
 
-    fn load(&mut self, shard: u8) -> &mut Shard {
-        if !self.shards.contains_key(&shard) {
-            let loaded = if self.complete {
-                Shard::default()
-            } else {
-                self.shard_path(shard)
-                    .and_then(|p| std::fs::read(p).ok())
-                    .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-                    .unwrap_or_default()
-            };
-            self.shards.insert(shard, loaded);
+    /// The shard as the heads say it was saved, or why it cannot be trusted.
+    fn read_shard(&self, shard: u8) -> Result<Shard, String> {
+        let Some(expected) = self.expected.get(&shard_name(shard)) else { return Ok(Shard::default()) };
+        let Some(dir) = &self.dir else { return Err("the view has no cache directory".into()) };
+        let path = shard_file(dir, shard, expected);
+        let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        if Digest::of(&bytes) != *expected {
+            return Err(format!("{}: its content is not what the heads say it holds", path.display()));
         }
-        self.shards.get_mut(&shard).expect("inserted above")
+        serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Replaces every shard by a replay of the ledger up to the current seq. Shards already in memory may hold
+    /// events folded in since loading, but the replay covers those too.
+    fn rebuild(&mut self, shard: u8, why: &str) {
+        tracing::warn!(shard = %shard_name(shard), %why, "view cache shard is unusable; rebuilding the view");
+        self.complete = true;
+        self.shards.clear();
+        let Some(Rebuild(replay)) = self.rebuild.clone() else {
+            self.failure = Some(LedgerError::CacheUnusable { reason: why.to_string() });
+            return;
+        };
+        match replay(self.seq) {
+            Ok(rebuilt) => {
+                let rebuilt = rebuilt.index.into_inner();
+                self.shards = rebuilt.shards;
+                // Saved again whole, so heads written from this view name only files that hold these shards.
+                self.dirty = self.shards.keys().copied().collect();
+            }
+            Err(err) => self.failure = Some(err),
+        }
     }
 
     fn image_mut(&mut self, digest: &Digest) -> Option<&mut ImageRecord> {
@@ -248,7 +308,30 @@ impl View {
     }
 
     pub fn from_heads(heads: Heads, index_dir: Option<PathBuf>, complete: bool) -> View {
-        View { heads, index: RefCell::new(Index { dir: index_dir, complete, ..Index::default() }) }
+        let seq = heads.seq;
+        View { heads, index: RefCell::new(Index { dir: index_dir, complete, seq, ..Index::default() }) }
+    }
+
+    /// A view loaded from the cache: its shards are read from `index_dir` as needed, each checked against
+    /// `shards`, and `rebuild` replaces them all when one fails that check.
+    pub fn cached(heads: Heads, shards: ShardFiles, index_dir: PathBuf, rebuild: Rebuild) -> View {
+        let view = View::from_heads(heads, Some(index_dir), false);
+        {
+            let mut index = view.index.borrow_mut();
+            index.expected = shards;
+            index.rebuild = Some(rebuild);
+        }
+        view
+    }
+
+    /// Why a shard rebuild this view needed failed, if one did. Until then, every answer is suspect.
+    pub fn take_failure(&self) -> Option<LedgerError> {
+        self.index.borrow_mut().failure.take()
+    }
+
+    /// Whether the index was rebuilt (or started) from seq 1 rather than read from the cache.
+    pub fn is_complete(&self) -> bool {
+        self.index.borrow().complete
     }
 
     pub fn seq(&self) -> u64 {
@@ -350,10 +433,14 @@ impl View {
         }
     }
 
-    /// Folds one event in. The caller has checked that it follows `self.seq()` and chains to `self.hash()`.
+    /// Folds one event in. The caller has checked that it follows `self.seq()` and chains to `self.hash()`, and
+    /// the event is in the store (a rebuild may replay it).
     pub fn apply(&mut self, stored: &StoredEvent) {
         let event = &stored.event;
         let seq = event.seq;
+        // A bad shard found while folding this event in rebuilds the index up to and including it (it is in the
+        // store already), so the changes it made before are not lost; the ones after are idempotent.
+        self.index.get_mut().seq = seq;
         let mark =
             |digest: &Digest| Mark { digest: *digest, seq, time: event.time.clone(), actor: event.actor.clone() };
         match &event.body {
@@ -398,7 +485,8 @@ impl View {
                     keep_first(&mut r.stages.entry(key).or_default().promoted, mark(digest))
                 });
             }
-            EventBody::Refused { .. } => {}
+            // Noted on the image so `kiln log --digest` finds refusals without scanning the ledger.
+            EventBody::Refused { digest, .. } => self.touch_image(digest, seq, |_| {}),
             EventBody::Collected { digests, .. } => {
                 for digest in digests {
                     self.touch_image(digest, seq, |r| r.deleted = true);
@@ -521,16 +609,52 @@ impl View {
         self.heads.hash = stored.hash;
     }
 
-    /// Writes the changed index shards (before the heads that cover them are saved).
-    pub(crate) fn save_index(&self, write: impl Fn(&std::path::Path, &[u8])) {
+    /// Writes the changed index shards, each to a new file named by its content, and returns what heads saved
+    /// with this view must say. Any failed write fails the whole save: heads must never name a shard file that
+    /// does not hold what they say.
+    pub(crate) fn save_index(
+        &self,
+        dir: &Path,
+        write: impl Fn(&Path, &[u8]) -> std::io::Result<()>,
+    ) -> std::io::Result<ShardFiles> {
         let mut index = self.index.borrow_mut();
-        let dirty = std::mem::take(&mut index.dirty);
-        for shard in dirty {
-            if let (Some(path), Some(data)) = (index.shard_path(shard), index.shards.get(&shard)) {
-                if let Ok(bytes) = serde_json::to_vec(data) {
-                    write(&path, &bytes);
-                }
+        let mut files = if index.complete { ShardFiles::new() } else { index.expected.clone() };
+        let mut changed = index.dirty.clone();
+        if index.complete {
+            changed.extend(index.shards.keys().copied());
+        }
+        for shard in changed {
+            let Some(data) = index.shards.get(&shard) else { continue };
+            if data.images.is_empty() && data.keys.is_empty() {
+                files.remove(&shard_name(shard));
+                continue;
+            }
+            let bytes = serde_json::to_vec(data).map_err(std::io::Error::other)?;
+            let digest = Digest::of(&bytes);
+            write(&shard_file(dir, shard, &digest), &bytes)?;
+            files.insert(shard_name(shard), digest);
+        }
+        // Shards this view never changed are named as the heads it was loaded from named them. Those files may
+        // have been removed by saves made since; heads must not name a file that is gone.
+        for (name, digest) in &files {
+            let Some(shard) = u8::from_str_radix(name, 16).ok() else { continue };
+            let path = shard_file(dir, shard, digest);
+            if !path.exists() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("{} was removed by a newer save", path.display()),
+                ));
             }
         }
+        index.dirty.clear();
+        index.expected = files.clone();
+        Ok(files)
     }
+}
+
+/// Whether `name` is a shard file of this format that `files` names.
+pub(crate) fn is_named_shard(name: &str, files: &ShardFiles) -> bool {
+    name.strip_suffix(".json")
+        .and_then(|stem| stem.split_once('-'))
+        .is_some_and(|(shard, hex)| files.get(shard).is_some_and(|d| d.hex() == hex))
 }

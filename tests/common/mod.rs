@@ -181,8 +181,23 @@ pub fn count_files(dir: &Path) -> usize {
 }
 
 /// A loopback port nothing listens on right now.
+///
+/// Stage ports are taken below the kernel's ephemeral range (32768 and up), where the instances kiln starts get
+/// theirs, so a port chosen here is not handed to an instance of a test running alongside before kiln binds it.
+/// Each test process walks its own stretch of the range, so parallel test binaries rarely meet either.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = (std::process::id() * 97) % SPAN;
+    for _ in 0..SPAN {
+        let port = (FIRST + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port between {FIRST} and {}", FIRST + SPAN)
 }
 
 impl Repo {
