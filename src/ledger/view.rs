@@ -16,7 +16,7 @@ use super::LedgerError;
 use crate::digest::{Digest, DigestError, DigestQuery};
 
 /// Bump when the view's shape or folding rules change, so old caches are rebuilt rather than misread.
-pub const VIEW_FORMAT: u32 = 5;
+pub const VIEW_FORMAT: u32 = 6;
 /// Earlier live deployments kept per stage for rollback and soak; older ones stay in the ledger.
 const HISTORY_KEEP: usize = 32;
 
@@ -66,6 +66,9 @@ pub struct Live {
     pub deploy_id: String,
     pub seq: u64,
     pub since: String,
+    /// Made live by a rollback: the stage stays on it until the next promotion.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rollback: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -298,6 +301,19 @@ impl Index {
         let shard = shard_of(digest);
         self.dirty.insert(shard);
         self.load(shard).images.get_mut(digest)
+    }
+}
+
+impl StageView {
+    /// What a rollback made live after the last promotion: the stage stays held on it until the next promotion.
+    pub fn held_by_rollback(&self) -> Option<&Live> {
+        let live = self.live.as_ref().filter(|l| l.rollback)?;
+        self.promoted.as_ref().is_none_or(|p| live.seq > p.seq).then_some(live)
+    }
+
+    /// The digest the stage should run: the promoted one, unless a later rollback holds it on another.
+    pub fn target(&self) -> Option<Digest> {
+        self.held_by_rollback().map(|l| l.digest).or(self.promoted.as_ref().map(|p| p.digest))
     }
 }
 
@@ -571,6 +587,8 @@ impl View {
                 }
                 let view = self.stage_mut(pipeline, stage);
                 let continues = view.live.as_ref().is_some_and(|l| l.digest == *digest);
+                // Healing what a rollback made live keeps the stage held there.
+                let rollback = rollback || (continues && view.live.as_ref().is_some_and(|l| l.rollback));
                 if let Some(previous) = view.live.take() {
                     view.history.push(previous);
                     if view.history.len() > HISTORY_KEEP {
@@ -583,6 +601,7 @@ impl View {
                     deploy_id: deploy_id.clone(),
                     seq,
                     since: event.time.clone(),
+                    rollback,
                 });
                 if view.open.as_ref().is_some_and(|o| &o.deploy_id == deploy_id) {
                     view.open = None;
