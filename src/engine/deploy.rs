@@ -696,6 +696,7 @@ fn run_steps(lease: &Lease, open: OpenDeploy, plan: Plan, reconciled: Option<Str
     if let Err(err) = fleet.route(target, &open.group) {
         // Traffic may have half moved: send it back before the new group goes.
         if let Some(previous) = open.previous_group.as_deref().filter(|p| !healing && *p != open.group) {
+            lease.fence()?;
             if let Err(back) = fleet.route(target, previous) {
                 tracing::warn!(%back, "could not send traffic back to {previous}");
             }

@@ -11,6 +11,8 @@ pub mod lineage;
 pub mod progress;
 pub mod promote;
 pub mod recipe_key;
+#[cfg(test)]
+mod tests;
 
 use std::path::PathBuf;
 
