@@ -213,13 +213,16 @@ fn a_crash_at_every_provider_call_converges_on_the_next_deploy() {
     }
 }
 
+/// The call counts right after the takeover, and whether the first holder held the lease then.
+type AfterTakeover = (BTreeMap<String, u32>, bool);
+
 #[test]
 fn a_takeover_at_every_provider_call_leaves_the_first_holder_changing_nothing_more() {
     for (call, k) in every_call("") {
         let case = format!("takeover at {call} #{k}");
         let (world, _, two) = World::one_live_two_promoted();
         let world = Arc::new(world);
-        let after_takeover: Arc<Mutex<Option<(BTreeMap<String, u32>, bool)>>> = Arc::default();
+        let after_takeover: Arc<Mutex<Option<AfterTakeover>>> = Arc::default();
         let hook = {
             let (world, after) = (Arc::clone(&world), Arc::clone(&after_takeover));
             move || {
