@@ -7,12 +7,12 @@ use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, SystemTime};
 
 use super::deploy::{self, DeployOutcome, DeployReport, Want};
-use super::progress::Silent;
 use super::Context;
 use crate::clock::{self, Clock};
 use crate::config::{pipeline, Pipeline, Repo};
 use crate::digest::Digest;
 use crate::ledger::{Decision, EventBody, Ledger, LedgerError};
+use crate::progress::Silent;
 use crate::provider::inject::{CrashMode, Crashed, Fault, Faulty, Injector, Rule};
 use crate::provider::memory::MemoryProvider;
 use crate::provider::StageRef;

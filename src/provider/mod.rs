@@ -38,6 +38,8 @@ pub struct BakeJob<'a> {
     pub inputs: &'a BTreeMap<String, FileInput>,
     /// Where a provision step's output goes as it runs (stderr for a person, nowhere with --quiet).
     pub echo_output: bool,
+    /// Where the provider reports each provision step as it starts.
+    pub progress: &'a dyn crate::progress::Progress,
 }
 
 /// The outcome of rebuilding a chain from nothing to check that it reproduces.
