@@ -48,6 +48,17 @@ pub struct StageView {
     /// The highest group version (`…-vNNN`) ever created here.
     #[serde(default)]
     pub versions: u64,
+    /// Set by `kiln down`, cleared by the next deployment that finishes: the stage was stopped on purpose.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped: Option<Stop>,
+}
+
+/// Who stopped a stage with `kiln down`, when, at which seq.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Stop {
+    pub seq: u64,
+    pub time: String,
+    pub actor: String,
 }
 
 /// Who did something to which digest, when, at which seq.
@@ -587,6 +598,7 @@ impl View {
                 if view.open.as_ref().is_some_and(|o| &o.deploy_id == deploy_id) {
                     view.open = None;
                 }
+                view.stopped = None;
                 self.touch_image(digest, seq, |r| {
                     let there = r.stages.entry(key).or_default();
                     keep_first(&mut there.deployed, mark(digest));
@@ -603,6 +615,10 @@ impl View {
                     view.open = None;
                 }
                 self.touch_image(digest, seq, |_| {});
+            }
+            EventBody::Stopped { pipeline, stage } => {
+                self.stage_mut(pipeline, stage).stopped =
+                    Some(Stop { seq, time: event.time.clone(), actor: event.actor.clone() });
             }
         }
         self.heads.seq = seq;
