@@ -73,7 +73,7 @@ pub fn sharing(ctx: &Context) -> Sharing {
 /// each stage has promoted, runs, is deploying or ran before; everything that reached a pipeline's last stage (for
 /// a pipeline without a file, which stage is last is unknown, so everything it ever promoted); the newest bake of
 /// each recipe.
-fn ledger_keeps(view: &View, pipelines: &[Pipeline]) -> BTreeSet<Digest> {
+fn ledger_keeps(view: &View, last_stages: &BTreeMap<String, String>) -> BTreeSet<Digest> {
     let mut keep: BTreeSet<Digest> = view.heads.newest.values().copied().collect();
     for stages in view.heads.pipelines.values() {
         for there in stages.values() {
@@ -83,10 +83,6 @@ fn ledger_keeps(view: &View, pipelines: &[Pipeline]) -> BTreeSet<Digest> {
             keep.extend(there.history.iter().map(|l| l.digest));
         }
     }
-    let last_stages: BTreeMap<&str, String> = pipelines
-        .iter()
-        .filter_map(|p| p.stages.last().map(|s| (p.name.as_str(), stage_key(&p.name, &s.name))))
-        .collect();
     for (digest, record) in view.images() {
         // Anything that ever reached prod stays: it is what an incident review or a rollback will ask for.
         let reached_the_end = record.stages.iter().any(|(key, there)| {
@@ -100,13 +96,19 @@ fn ledger_keeps(view: &View, pipelines: &[Pipeline]) -> BTreeSet<Digest> {
     keep
 }
 
+/// pipeline → its last stage's key (`pipeline/stage`), for the pipelines that have a file.
+fn last_stages(pipelines: &[Pipeline]) -> BTreeMap<String, String> {
+    pipelines.iter().filter_map(|p| p.stages.last().map(|s| (p.name.clone(), stage_key(&p.name, &s.name)))).collect()
+}
+
 /// Everything no pipeline sharing the ledger or the store may lose, ancestors included.
 fn keep_set(ctx: &Context, view: &View, shared: &Sharing) -> Result<BTreeSet<Digest>, Error> {
-    let mut keep = ledger_keeps(view, &shared.pipelines);
+    let last_stages = last_stages(&shared.pipelines);
+    let mut keep = ledger_keeps(view, &last_stages);
     for dir in &shared.other_ledgers {
         let other = Ledger::open_dir(dir);
         let other_view = other.view()?;
-        for digest in ledger_keeps(&other_view, &shared.pipelines) {
+        for digest in ledger_keeps(&other_view, &last_stages) {
             keep.insert(digest);
             keep.extend(other_view.ancestors(&digest));
         }
@@ -177,4 +179,64 @@ pub fn collect(ctx: &Context, dry_run: bool) -> Result<GcReport, Error> {
     }
     let bytes_freed = ctx.images.collect_garbage()?;
     Ok(GcReport { deleted: doomed, kept, bytes_freed, dry_run, seq: stored.map(|s| s.event.seq) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::{Event, StoredEvent};
+
+    fn folded(bodies: Vec<EventBody>) -> View {
+        let mut view = View::empty(None, true);
+        for (n, body) in bodies.into_iter().enumerate() {
+            let event = Event {
+                seq: n as u64 + 1,
+                prev: Digest::ZERO,
+                time: "2026-01-01T00:00:00.000Z".into(),
+                actor: "t".into(),
+                clock: None,
+                body,
+            };
+            view.apply(&StoredEvent { event, hash: Digest::ZERO });
+        }
+        view
+    }
+
+    fn baked(digest: Digest) -> EventBody {
+        EventBody::Baked {
+            pipeline: "p".into(),
+            recipe: "app".into(),
+            digest,
+            recipe_key: digest,
+            parent: None,
+            provider: "local".into(),
+            image_ref: "app:x".into(),
+            commit: None,
+            dirty: false,
+        }
+    }
+
+    fn promoted(pipeline: &str, stage: &str, digest: Digest) -> EventBody {
+        EventBody::Promoted { pipeline: pipeline.into(), stage: stage.into(), digest, gates: vec![] }
+    }
+
+    #[test]
+    fn a_pipeline_without_a_file_keeps_everything_it_ever_promoted() {
+        let [old, mid, new] = [b"old", b"mid", b"new"].map(|b| Digest::of(b));
+        let view = folded(vec![
+            baked(old),
+            baked(mid),
+            baked(new),
+            promoted("gone", "dev", old),
+            promoted("gone", "dev", mid),
+        ]);
+        // `gone` has no file: which of its stages was last is unknown, so `old` (promoted to its dev once) stays.
+        let keep = ledger_keeps(&view, &BTreeMap::new());
+        assert!(keep.contains(&old) && keep.contains(&mid) && keep.contains(&new), "{keep:?}");
+        // With files whose last stage is `prod`, an image only ever promoted to dev and since replaced may go.
+        let files = BTreeMap::from([("gone".to_string(), stage_key("gone", "prod"))]);
+        let keep = ledger_keeps(&view, &files);
+        assert!(!keep.contains(&old), "{keep:?}");
+        assert!(keep.contains(&mid) && keep.contains(&new), "{keep:?}");
+    }
 }

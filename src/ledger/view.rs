@@ -674,3 +674,34 @@ pub(crate) fn is_named_shard(name: &str, files: &ShardFiles) -> bool {
         .and_then(|stem| stem.split_once('-'))
         .is_some_and(|(shard, hex)| files.get(shard).is_some_and(|d| d.hex() == hex))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::Event;
+
+    fn fold(view: &mut View, body: EventBody) {
+        let seq = view.seq() + 1;
+        let event = Event { seq, prev: view.hash(), time: format!("t{seq}"), actor: "ana".into(), clock: None, body };
+        view.apply(&StoredEvent { event, hash: Digest::of(&seq.to_be_bytes()) });
+    }
+
+    #[test]
+    fn a_stop_lasts_until_the_stage_next_finishes_a_deployment() {
+        let mut view = View::empty(None, true);
+        let digest = Digest::of(b"app");
+        fold(&mut view, EventBody::Stopped { pipeline: "p".into(), stage: "dev".into() });
+        let stop = view.stage("p", "dev").and_then(|s| s.stopped.clone());
+        assert_eq!(stop, Some(Stop { seq: 1, time: "t1".into(), actor: "ana".into() }));
+        assert!(view.stage("p", "prod").is_none(), "a stop is per stage");
+        let finished = |id: &str| EventBody::DeployFinished {
+            pipeline: "p".into(),
+            stage: "dev".into(),
+            deploy_id: id.into(),
+            digest,
+            group: "p-dev-v001".into(),
+        };
+        fold(&mut view, finished("d1"));
+        assert_eq!(view.stage("p", "dev").and_then(|s| s.stopped.clone()), None);
+    }
+}

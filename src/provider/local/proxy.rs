@@ -739,6 +739,15 @@ mod tests {
     }
 
     #[test]
+    fn a_port_in_use_is_named_as_held_by_another_process() {
+        let in_use = io::Error::from(io::ErrorKind::AddrInUse);
+        let text = ProxyError::Bind { port: 18081, source: in_use }.to_string();
+        assert!(text.starts_with("cannot listen on 127.0.0.1:18081: another process already listens on port 18081"));
+        let denied = io::Error::from(io::ErrorKind::PermissionDenied);
+        assert!(!ProxyError::Bind { port: 80, source: denied }.to_string().contains("another process"));
+    }
+
+    #[test]
     fn routes_round_trip_through_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("routes.json");
