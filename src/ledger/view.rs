@@ -48,6 +48,17 @@ pub struct StageView {
     /// The highest group version (`…-vNNN`) ever created here.
     #[serde(default)]
     pub versions: u64,
+    /// Set by `kiln down`, cleared by the next deployment that finishes: the stage was stopped on purpose.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped: Option<Stop>,
+}
+
+/// Who stopped a stage with `kiln down`, when, at which seq.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Stop {
+    pub seq: u64,
+    pub time: String,
+    pub actor: String,
 }
 
 /// Who did something to which digest, when, at which seq.
@@ -606,6 +617,7 @@ impl View {
                 if view.open.as_ref().is_some_and(|o| &o.deploy_id == deploy_id) {
                     view.open = None;
                 }
+                view.stopped = None;
                 self.touch_image(digest, seq, |r| {
                     let there = r.stages.entry(key).or_default();
                     keep_first(&mut there.deployed, mark(digest));
@@ -622,6 +634,10 @@ impl View {
                     view.open = None;
                 }
                 self.touch_image(digest, seq, |_| {});
+            }
+            EventBody::Stopped { pipeline, stage } => {
+                self.stage_mut(pipeline, stage).stopped =
+                    Some(Stop { seq, time: event.time.clone(), actor: event.actor.clone() });
             }
         }
         self.heads.seq = seq;
@@ -676,4 +692,35 @@ pub(crate) fn is_named_shard(name: &str, files: &ShardFiles) -> bool {
     name.strip_suffix(".json")
         .and_then(|stem| stem.split_once('-'))
         .is_some_and(|(shard, hex)| files.get(shard).is_some_and(|d| d.hex() == hex))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::Event;
+
+    fn fold(view: &mut View, body: EventBody) {
+        let seq = view.seq() + 1;
+        let event = Event { seq, prev: view.hash(), time: format!("t{seq}"), actor: "ana".into(), clock: None, body };
+        view.apply(&StoredEvent { event, hash: Digest::of(&seq.to_be_bytes()) });
+    }
+
+    #[test]
+    fn a_stop_lasts_until_the_stage_next_finishes_a_deployment() {
+        let mut view = View::empty(None, true);
+        let digest = Digest::of(b"app");
+        fold(&mut view, EventBody::Stopped { pipeline: "p".into(), stage: "dev".into() });
+        let stop = view.stage("p", "dev").and_then(|s| s.stopped.clone());
+        assert_eq!(stop, Some(Stop { seq: 1, time: "t1".into(), actor: "ana".into() }));
+        assert!(view.stage("p", "prod").is_none(), "a stop is per stage");
+        let finished = |id: &str| EventBody::DeployFinished {
+            pipeline: "p".into(),
+            stage: "dev".into(),
+            deploy_id: id.into(),
+            digest,
+            group: "p-dev-v001".into(),
+        };
+        fold(&mut view, finished("d1"));
+        assert_eq!(view.stage("p", "dev").and_then(|s| s.stopped.clone()), None);
+    }
 }

@@ -64,6 +64,10 @@ pub enum ProviderError {
     MissingImage { provider: &'static str, image: String, reason: String },
     #[error("image {image} no longer matches its digest: {reason}")]
     Drift { image: String, reason: String },
+    /// The stage's endpoint cannot serve (local: its proxy cannot listen on the stage's port). Found before any
+    /// traffic moved: what served the stage before still does.
+    #[error("the endpoint of stage {stage} cannot start: {reason}")]
+    Endpoint { stage: String, reason: String },
     #[error("{provider} provider: {message}")]
     Other { provider: &'static str, message: String },
 }
