@@ -389,7 +389,7 @@ fn drift_names_a_group_that_runs_another_digest() {
     world.memory.launch(world.stage(), &live.group, &image, 2).unwrap();
     let drift = world.as_kiln("auditor", 20, super::drift::check).unwrap();
     assert!(
-        drift.iter().any(|d| d.problem.contains(&stranger.short()) && d.problem.contains(&two.short())),
+        drift.drift.iter().any(|d| d.problem.contains(&stranger.short()) && d.problem.contains(&two.short())),
         "{drift:?}"
     );
 }
