@@ -323,9 +323,15 @@ fn restore_previous(lease: &Lease, open: &OpenDeploy, reused: bool, failed_at: I
     Ok(aftermath)
 }
 
+/// A deployment that brings the live group itself back (no new group, no traffic move, no window).
+fn is_heal(open: &OpenDeploy) -> bool {
+    open.previous_group.as_deref() == Some(open.group.as_str())
+}
+
 /// Whether the interrupted deployment's window had begun but not ended: traffic moved, nothing verified yet.
 fn window_unfinished(open: &OpenDeploy, stage: &Stage) -> bool {
     stage.verify_for.is_some()
+        && !is_heal(open)
         && open.steps.iter().any(|s| s == "traffic-switched")
         && !open.steps.iter().any(|s| s == "verified")
 }
@@ -339,7 +345,7 @@ fn reconcile(lease: &Lease, open: &OpenDeploy, reused: bool) -> Result<String, E
     let serving = ctx.fleet.serving(target)?;
     if serving.as_deref() == Some(open.group.as_str()) {
         // A window that never completed proves nothing: the release goes back rather than through unverified.
-        if window_unfinished(open, stage) && open.previous_group.as_deref().is_some_and(|p| p != open.group) {
+        if window_unfinished(open, stage) {
             let aftermath = restore_previous(lease, open, reused, Instant::now())?;
             let reason = "interrupted during its verification window";
             lease.fail(open, reason, None)?;
@@ -350,9 +356,16 @@ fn reconcile(lease: &Lease, open: &OpenDeploy, reused: bool) -> Result<String, E
         lease.finish(open)?;
         return Ok(format!("finished interrupted deployment {} (traffic had moved to {})", open.deploy_id, open.group));
     }
-    remove_new_group(lease, target, &open.group, reused)?;
+    // An interrupted heal leaves the live group as it is: it is what the stage has. Anything else is removed.
+    if !is_heal(open) {
+        remove_new_group(lease, target, &open.group, reused)?;
+    }
     let last = open.steps.iter().rev().find(|s| s.as_str() != TAKEOVER_STEP).map(String::as_str).unwrap_or("start");
-    let reason = format!("interrupted after {last}; traffic had not moved, so {} was removed", open.group);
+    let reason = if is_heal(open) {
+        format!("heal of {} interrupted after {last}; the group was left as it was", open.group)
+    } else {
+        format!("interrupted after {last}; traffic had not moved, so {} was removed", open.group)
+    };
     lease.fail(open, &reason, None)?;
     let aftermath = match serving {
         Some(group) => format!("group {group} kept serving"),
@@ -652,7 +665,7 @@ fn run_steps(lease: &Lease, open: OpenDeploy, plan: Plan, reconciled: Option<Str
     let image = plan.image;
     // Healing: the deployment brings the live group itself back (missing instances, a dead endpoint). A failure
     // then leaves that group alone: it is all the stage has.
-    let healing = open.previous_group.as_deref() == Some(open.group.as_str());
+    let healing = is_heal(&open);
     let what = if healing { "healing" } else { "deploying" };
     tracing::info!(stage = %stage.name, group = %open.group, "{what} {} ({})", open.digest.short(), image.image_ref);
     let before = match open.previous_group.as_deref() {
@@ -710,9 +723,10 @@ fn run_steps(lease: &Lease, open: OpenDeploy, plan: Plan, reconciled: Option<Str
         lease.step("drained", serde_json::json!({ "group": previous, "in_flight_left": drained }))?;
     }
 
-    // 5. Verify through the window, the previous group still running.
+    // 5. Verify through the window, the previous group still running. A heal brings back what was verified
+    // already, and has no other group to return to: it has no window.
     let mut verified_for_ms = None;
-    if let Some(window) = stage.verify_for {
+    if let Some(window) = stage.verify_for.filter(|_| !healing) {
         lease.step("verifying", serde_json::json!({ "for_secs": window.as_secs(), "checks": stage.verify.len() }))?;
         let started = Instant::now();
         match verify_window(lease, &open, &image, window)? {

@@ -393,3 +393,67 @@ fn drift_names_a_group_that_runs_another_digest() {
         "{drift:?}"
     );
 }
+
+#[test]
+fn a_heal_restarts_lost_instances_in_the_live_group_without_a_window_or_a_new_group() {
+    let (world, _, two) = World::one_live_two_promoted_with(WINDOW);
+    world.deploy("a", 10).unwrap();
+    let live = world.memory.serving_of(world.stage()).unwrap();
+    world.memory.kill_instance(world.stage(), &live);
+    // A failing check would fail a window: a heal has none, and nothing to return to.
+    std::fs::write(world.dir.path().join("pipelines/scripts/fail"), "").unwrap();
+    let report = world.deploy("a", 20).unwrap();
+    assert_eq!((report.outcome, report.group.as_str()), (DeployOutcome::Healed, live.as_str()));
+    assert!(report.verified_for_ms.is_none());
+    world.assert_converged(two, "heal");
+}
+
+#[test]
+fn a_crash_at_every_call_of_a_heal_never_takes_the_live_group_down() {
+    let calls = {
+        let (world, _, _) = World::one_live_two_promoted();
+        world.deploy("a", 10).unwrap();
+        world.memory.kill_instance(world.stage(), &world.memory.serving_of(world.stage()).unwrap());
+        let before = world.injector.counts();
+        assert_eq!(world.deploy("a", 20).unwrap().outcome, DeployOutcome::Healed);
+        let after = world.injector.counts();
+        after.into_iter().map(|(c, n)| (c.clone(), n - before.get(&c).copied().unwrap_or(0))).collect::<Vec<_>>()
+    };
+    for (call, n) in calls {
+        for k in 1..=n {
+            let case = format!("crash at {call} #{k} of a heal");
+            let (world, _, two) = World::one_live_two_promoted();
+            world.deploy("a", 10).unwrap();
+            let live = world.memory.serving_of(world.stage()).unwrap();
+            world.memory.kill_instance(world.stage(), &live);
+            rule_at(&world, &call, k, Fault::Crash);
+            let crashed = std::panic::catch_unwind(AssertUnwindSafe(|| world.deploy("a", 20)));
+            assert!(crashed.is_err(), "{case}");
+            world.injector.clear();
+            let live_group = &world.memory.groups_of(world.stage())[&live];
+            assert!(live_group.capacity > 0, "{case}: the live group was parked");
+            world.deploy("b", 3600).unwrap_or_else(|e| panic!("{case}: {e}"));
+            world.assert_converged(two, &case);
+            assert_eq!(world.memory.serving_of(world.stage()), Some(live.clone()), "{case}");
+        }
+    }
+}
+
+#[test]
+fn a_first_deployment_interrupted_inside_its_window_is_undone_not_counted_as_verified() {
+    let world = World::new(WINDOW);
+    let one = world.image(1);
+    world.promote(one);
+    // The in-memory group is healthy at the first poll of the wait; the second poll is the window's first look.
+    rule_at(&world, "health", 2, Fault::Crash);
+    assert!(std::panic::catch_unwind(AssertUnwindSafe(|| world.deploy("a", 10))).is_err());
+    world.injector.clear();
+    let view = world.ledger.view().unwrap();
+    assert!(view.stage("app", "dev").unwrap().open.as_ref().unwrap().steps.contains(&"verifying".to_string()));
+    drop(view);
+    let report = world.deploy("b", 3600).unwrap();
+    let reconciled = report.reconciled.unwrap();
+    assert!(reconciled.contains("interrupted during its verification window"), "{reconciled}");
+    assert!(report.verified_for_ms.is_some(), "deployed again, through a whole window");
+    world.assert_converged(one, "first deployment");
+}
