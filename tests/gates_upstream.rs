@@ -127,3 +127,37 @@ fn soak_restarts_when_a_digest_is_rolled_back_to_but_not_when_the_same_digest_is
     assert_eq!(verdict(&passed, "soak 10m")["detail"], "live in dev for 11m, needs 10m");
     repo.run(&["verify"]).ok();
 }
+
+#[test]
+fn a_digest_that_failed_its_verification_window_in_dev_does_not_pass_upstream() {
+    let (repo, _ports) = Repo::example_on_free_ports();
+    let _down = Down { repo: &repo, stages: vec!["dev"], pipeline: None };
+    repo.edit("pipelines/hello.toml", "keep-previous = 1", "keep-previous = 1\nverify-for = \"1s\"");
+    repo.edit(
+        "pipelines/hello.toml",
+        "\n[[stage]]\nname = \"test\"",
+        "[[stage.verify]]\ncommand = [\"scripts/check.sh\"]\ninterval = \"1s\"\n\n[[stage]]\nname = \"test\"",
+    );
+    repo.write(
+        "pipelines/scripts/check.sh",
+        "#!/bin/sh\nbody=$(curl -sf \"$KILN_ENDPOINT/\") || exit 1\ncase \"$body\" in bad*) echo \"bad answer\"; exit 1;; esac\n",
+    );
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(repo.file("pipelines/scripts/check.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let good = bake_greeting(&repo, "good");
+    let bad = bake_greeting(&repo, "bad");
+    deploy_dev(&repo, 0, &good);
+    let failed = kiln(&repo, 20, &["promote", "--stage", "dev", "--digest", &bad]).expect(4);
+    assert!(failed.stderr.contains("verification failed"), "{}", failed.stderr);
+
+    // Promoted to dev, and traffic reached it there, but it never finished a verified deployment.
+    let refused = promote_test(&repo, 40, &bad).expect(3);
+    let upstream = verdict(&refused, "upstream");
+    assert_eq!(upstream["passed"], false, "{upstream}");
+    let detail = upstream["detail"].as_str().unwrap();
+    assert!(detail.contains("but no deployment of it has finished healthy there"), "{upstream}");
+    assert_eq!(verdict(&refused, "soak 10m")["detail"], "never live in dev");
+
+    let passed = promote_test(&repo, 40, &good).ok();
+    assert_eq!(verdict(&passed, "upstream")["passed"], true, "the release that stayed live goes on");
+}
