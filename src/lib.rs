@@ -12,6 +12,7 @@ pub mod fsutil;
 pub mod git;
 pub mod ledger;
 pub mod process;
+pub mod progress;
 pub mod provider;
 
 pub use error::Error;

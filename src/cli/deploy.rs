@@ -31,6 +31,12 @@ pub fn render(report: &DeployReport) -> String {
             report.digest.short(),
             report.group
         )),
+        DeployOutcome::Healed => out.push_str(&format!(
+            "healed {}: group {} runs {} at full capacity again{endpoint}\n",
+            report.stage,
+            report.group,
+            report.digest.short()
+        )),
         DeployOutcome::Deployed => {
             let what = if report.rollback { "rolled back" } else { "deployed" };
             out.push_str(&format!(

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use kiln::engine::progress::{Progress, Silent};
+use kiln::progress::{Progress, Silent};
 
 /// The reporter for this run, chosen from the output mode and whether stderr is a terminal.
 pub fn for_run(quiet: bool) -> Box<dyn Progress> {
@@ -38,7 +38,8 @@ impl Progress for Bars {
             ),
         };
         bar.set_prefix(what.to_string());
-        bar.enable_steady_tick(Duration::from_millis(120));
+        // No steady tick: a bar redraws on each update, so provisioning output echoed between updates does not
+        // tear it.
         if let Some(old) = self.bar.replace(Some(bar)) {
             old.finish_and_clear();
         }

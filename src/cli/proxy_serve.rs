@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 use kiln::provider::local::proxy;
+use kiln::provider::ProviderError;
 
 use super::Ctx;
 
@@ -19,6 +20,9 @@ pub struct ProxyServeArgs {
 }
 
 pub fn run(_ctx: &Ctx, args: ProxyServeArgs) -> Result<(), kiln::Error> {
-    proxy::serve(args.port, &args.routes, &args.status)
-        .map_err(|e| kiln::Error::NotYet { what: format!("the proxy failed: {e}") })
+    // A proxy that cannot run is a provider failure (exit 1), worded as what went wrong; `kiln deploy` reads it
+    // from the proxy's log.
+    proxy::serve(args.port, &args.routes, &args.status).map_err(|e| {
+        kiln::Error::Provider(ProviderError::Other { provider: "local", message: format!("the stage proxy: {e}") })
+    })
 }

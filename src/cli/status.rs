@@ -43,6 +43,12 @@ pub fn run(ctx: &Ctx, _args: StatusArgs) -> Result<(), kiln::Error> {
                     d.lease_until
                 ));
             }
+            if let Some(stop) = &s.stopped {
+                out.push_str(&format!(
+                    "  stopped   kiln down at seq {} by {} at {}\n",
+                    stop.seq, stop.actor, stop.time
+                ));
+            }
             if let Some(e) = &s.endpoint {
                 let up = match &s.runtime {
                     Some(r) if r.endpoint_up => " (up)",

@@ -1,6 +1,6 @@
 //! `kiln verify`: checks the ledger's hash chain end to end (exit 6 naming the first bad seq), then, when a
 //! pipeline is configured, provider drift: images that changed or vanished, live groups that do not run what the
-//! ledger says.
+//! ledger says, endpoints that are down. Stages stopped with `kiln down` are listed as stopped, not as drift.
 
 use clap::Args;
 
@@ -36,11 +36,13 @@ pub fn run(ctx: &Ctx, args: VerifyArgs) -> Result<(), Error> {
         Err(err) => return Err(err),
     };
     let checked_provider = has_pipeline && !args.ledger_only;
+    let mut stopped = Vec::new();
     if checked_provider {
         let found = ctx.with_engine(drift::check)?;
-        if !found.is_empty() {
-            return Err(Error::Drift { drift: found });
+        if !found.drift.is_empty() {
+            return Err(Error::Drift { drift: found.drift });
         }
+        stopped = found.stopped;
     }
     let doc = serde_json::json!({
         "ok": true,
@@ -49,17 +51,25 @@ pub fn run(ctx: &Ctx, args: VerifyArgs) -> Result<(), Error> {
         "head": report.head,
         "pinned_clock": report.pinned_clock,
         "provider_checked": checked_provider,
+        "stopped": stopped,
     });
     ctx.out.emit(&doc, || {
         let chain = match report.head {
             Some(head) => format!("ledger {location}: {} events, chain intact, head {head}", report.events),
             None => format!("ledger {location}: empty"),
         };
-        if checked_provider {
-            format!("{chain}\nprovider: every image matches its digest, every live group runs what the ledger says")
-        } else {
-            chain
+        if !checked_provider {
+            return chain;
         }
+        let mut out =
+            format!("{chain}\nprovider: every image matches its digest, every live group runs what the ledger says");
+        for s in &stopped {
+            out.push_str(&format!(
+                "\nstage {}: stopped (kiln down at seq {} by {}); `kiln deploy --stage {}` starts it again",
+                s.stage, s.seq, s.actor, s.stage
+            ));
+        }
+        out
     })
 }
 

@@ -145,6 +145,7 @@ pub fn bake(ctx: &Context, options: &BakeOptions) -> Result<BakeReport, Error> {
                     annotations,
                     inputs: &files,
                     echo_output: ctx.echo,
+                    progress: ctx.progress,
                 };
                 let image = ctx
                     .images
@@ -186,6 +187,7 @@ pub fn bake(ctx: &Context, options: &BakeOptions) -> Result<BakeReport, Error> {
                 annotations: BTreeMap::new(),
                 inputs: files,
                 echo_output: ctx.echo,
+                progress: ctx.progress,
             };
             check_jobs.push((job, image.digest));
         }

@@ -40,6 +40,8 @@ pub enum Want {
 #[serde(rename_all = "kebab-case")]
 pub enum DeployOutcome {
     Deployed,
+    /// The live digest's own group was brought back to capacity and its endpoint restarted: no new group.
+    Healed,
     AlreadyLive,
 }
 
@@ -411,22 +413,37 @@ fn refused_revoked(stage: &Stage, want: &Want, digest: Digest, reason: String) -
     }
 }
 
+/// What a deployment will run.
+struct Choice {
+    digest: Digest,
+    rollback: Option<RollbackRecord>,
+    /// The stage is held on what a rollback made live (newer than its promotion): deploy keeps and heals that
+    /// rather than undoing the rollback, until the next promotion.
+    held: bool,
+}
+
 /// The digest to deploy, and the rollback record when rolling back. Judged against the head the deployment is
 /// appended to, so a promotion or revocation recorded meanwhile is never missed.
-fn choose(ctx: &Context, view: &View, stage: &Stage, want: &Want) -> Result<(Digest, Option<RollbackRecord>), Error> {
+fn choose(ctx: &Context, view: &View, stage: &Stage, want: &Want) -> Result<Choice, Error> {
     let there = view.stage(&ctx.pipeline.name, &stage.name);
     match want {
         Want::Promoted => {
-            let digest = there.and_then(|s| s.promoted.as_ref()).map(|p| p.digest).ok_or_else(|| {
+            let promoted = there.and_then(|s| s.promoted.as_ref()).ok_or_else(|| {
                 Error::usage(format!(
                     "nothing is promoted to {}; run `kiln promote --stage {}` first",
                     stage.name, stage.name
                 ))
             })?;
+            if let Some(live) = there.and_then(|s| s.held_by_rollback()) {
+                // Its revocation, if any, was overridden by the forced rollback that made it live; `plan` only
+                // lets a held revoked digest be healed in place, never started anew.
+                return Ok(Choice { digest: live.digest, rollback: None, held: true });
+            }
+            let digest = promoted.digest;
             if let Some(revocation) = view.revocation(&digest) {
                 return Err(refused_revoked(stage, want, digest, revocation.reason));
             }
-            Ok((digest, None))
+            Ok(Choice { digest, rollback: None, held: false })
         }
         Want::Rollback { to, reason, force } => {
             let live = there.and_then(|s| s.live.as_ref()).map(|l| l.digest);
@@ -446,7 +463,8 @@ fn choose(ctx: &Context, view: &View, stage: &Stage, want: &Want) -> Result<(Dig
                     return Err(refused_revoked(stage, want, digest, revocation.reason));
                 }
             }
-            Ok((digest, Some(RollbackRecord { reason: reason.clone(), forced: *force })))
+            let rollback = Some(RollbackRecord { reason: reason.clone(), forced: *force });
+            Ok(Choice { digest, rollback, held: false })
         }
     }
 }
@@ -469,10 +487,12 @@ fn plan(
     let target = stage_ref(ctx, stage);
     let fleet = ctx.fleet;
     let view = ctx.ledger.view()?;
-    let (digest, rollback) = choose(ctx, &view, stage, want)?;
+    let choice = choose(ctx, &view, stage, want)?;
+    let digest = choice.digest;
     let record = view.image(&digest).ok_or_else(|| Error::usage(format!("{digest} is not an image in this ledger")))?;
     let image = ImageRef { digest, image_ref: record.image_ref.clone() };
     let live = view.stage(&ctx.pipeline.name, &stage.name).and_then(|s| s.live.clone());
+    let revoked = view.revocation(&digest);
     drop(view);
     // An image that says nothing about how to start is a recipe problem, refused before the stage is touched.
     if ctx.images.instance_of(&image)?.is_none() {
@@ -484,29 +504,45 @@ fn plan(
     }
     let groups = fleet.groups(target)?;
     let serving = fleet.serving(target)?;
-    if let Some(live) = &live {
-        let healthy_live = live.digest == digest
-            && serving.as_deref() == Some(live.group.as_str())
-            && groups.iter().any(|g| g.name == live.group && g.running >= g.capacity && g.capacity > 0);
-        if healthy_live {
+    // The live digest's group still exists: healthy, there is nothing to do; otherwise it is healed in place (its
+    // missing instances started again, its endpoint restarted), with no new group.
+    let live_group =
+        live.as_ref().filter(|l| l.digest == digest).and_then(|l| groups.iter().find(|g| g.name == l.group));
+    if let Some(group) = live_group {
+        let healthy = serving.as_deref() == Some(group.name.as_str())
+            && group.capacity > 0
+            && group.running >= group.capacity
+            && fleet.endpoint_up(target);
+        if healthy {
             return Ok(Err(DeployReport {
                 stage: stage.name.clone(),
                 digest,
                 image_ref: image.image_ref,
-                group: live.group.clone(),
+                group: group.name.clone(),
                 previous_group: None,
                 outcome: DeployOutcome::AlreadyLive,
                 deploy_id: None,
                 cutover_ms: None,
                 endpoint: fleet.endpoint(target),
                 reconciled: reconciled.clone(),
-                rollback: rollback.is_some(),
+                rollback: choice.rollback.is_some(),
                 verified_for_ms: None,
             }));
         }
+        return Ok(Ok(Plan { digest, image, kept: Some(group.name.clone()), serving }));
+    }
+    if let (true, Some(revocation)) = (choice.held, revoked) {
+        return Err(Error::usage(format!(
+            "{stage} is held on {} by a rollback, but that image is revoked ({}) and its group is gone, so there \
+             is nothing to heal; promote a new image, or `kiln rollback --stage {stage} --to <digest>`",
+            digest.short(),
+            revocation.reason,
+            stage = stage.name
+        )));
     }
     // A rollback re-enables a kept group of the digest instead of building a new one.
-    let kept = rollback
+    let kept = choice
+        .rollback
         .as_ref()
         .and_then(|_| {
             groups
@@ -528,7 +564,7 @@ fn start(ctx: &Context, stage: &Stage, want: &Want, plan: &Plan) -> Result<Optio
         if let Some(open) = &there.open {
             return Err(busy(stage, open));
         }
-        let (digest, rollback) = choose(ctx, view, stage, want)?;
+        let Choice { digest, rollback, .. } = choose(ctx, view, stage, want)?;
         if digest != plan.digest {
             return Ok(Decision::Skip(None));
         }
@@ -614,8 +650,13 @@ fn run_steps(lease: &Lease, open: OpenDeploy, plan: Plan, reconciled: Option<Str
     let fleet = ctx.fleet;
     let reused = plan.kept.is_some();
     let image = plan.image;
-    tracing::info!(stage = %stage.name, group = %open.group, "deploying {} ({})", open.digest.short(), image.image_ref);
+    // Healing: the deployment brings the live group itself back (missing instances, a dead endpoint). A failure
+    // then leaves that group alone: it is all the stage has.
+    let healing = open.previous_group.as_deref() == Some(open.group.as_str());
+    let what = if healing { "healing" } else { "deploying" };
+    tracing::info!(stage = %stage.name, group = %open.group, "{what} {} ({})", open.digest.short(), image.image_ref);
     let before = match open.previous_group.as_deref() {
+        Some(previous) if healing => format!("group {previous} is still the stage's group"),
         Some(previous) => format!("group {previous} kept serving"),
         None => "nothing served the stage before, and nothing serves it now".to_string(),
     };
@@ -626,33 +667,42 @@ fn run_steps(lease: &Lease, open: OpenDeploy, plan: Plan, reconciled: Option<Str
         aftermath,
         log_tail,
     };
+    let give_up = |reason: String, log_tail: Option<String>| -> Result<DeployReport, Error> {
+        if !healing {
+            remove_new_group(lease, target, &open.group, reused)?;
+        }
+        lease.fail(&open, &reason, log_tail.clone())?;
+        Err(failed(reason, before.clone(), log_tail))
+    };
 
     // 2. Launch the new group (or scale a kept one back up).
     lease.fence()?;
     let launched = match fleet.launch(target, &open.group, &image, stage.capacity) {
         Ok(info) => info,
-        Err(err) => {
-            remove_new_group(lease, target, &open.group, reused)?;
-            let reason = format!("launching {} failed: {err}", open.group);
-            lease.fail(&open, &reason, None)?;
-            return Err(failed(reason, before, None));
-        }
+        Err(err) => return give_up(format!("launching {} failed: {err}", open.group), None),
     };
     lease.step("group-created", serde_json::json!({ "capacity": launched.capacity, "reused": reused }))?;
 
     // 3. Wait until every instance is healthy.
     let deadline = Instant::now() + ready_timeout(ctx, stage, &image)?;
     if let Err(unhealthy) = wait_healthy(lease, &open.group, deadline)? {
-        remove_new_group(lease, target, &open.group, reused)?;
-        lease.fail(&open, &unhealthy.reason, unhealthy.log_tail.clone())?;
-        return Err(failed(unhealthy.reason, before, unhealthy.log_tail));
+        return give_up(unhealthy.reason, unhealthy.log_tail);
     }
     let healthy_at = Instant::now();
     lease.step("healthy", serde_json::Value::Null)?;
 
     // 4. Move traffic, then drain the old group.
     lease.fence()?;
-    fleet.route(target, &open.group)?;
+    if let Err(err) = fleet.route(target, &open.group) {
+        // Traffic may have half moved: send it back before the new group goes.
+        if let Some(previous) = open.previous_group.as_deref().filter(|p| !healing && *p != open.group) {
+            lease.fence()?;
+            if let Err(back) = fleet.route(target, previous) {
+                tracing::warn!(%back, "could not send traffic back to {previous}");
+            }
+        }
+        return give_up(format!("switching traffic to {} failed: {err}", open.group), None);
+    }
     let cutover = healthy_at.elapsed();
     lease.step("traffic-switched", serde_json::json!({ "cutover_ms": cutover.as_millis() as u64 }))?;
     if let Some(previous) = open.previous_group.as_deref().filter(|p| *p != open.group) {
@@ -698,7 +748,7 @@ fn run_steps(lease: &Lease, open: OpenDeploy, plan: Plan, reconciled: Option<Str
         image_ref: image.image_ref,
         group: open.group.clone(),
         previous_group: open.previous_group.clone(),
-        outcome: DeployOutcome::Deployed,
+        outcome: if healing { DeployOutcome::Healed } else { DeployOutcome::Deployed },
         deploy_id: Some(open.deploy_id.clone()),
         cutover_ms: Some(cutover.as_millis() as u64),
         endpoint: fleet.endpoint(target),

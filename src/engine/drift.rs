@@ -1,9 +1,14 @@
-//! Drift: where the provider no longer matches the ledger — an image that is gone or whose content changed, a live
-//! group that is missing, short of instances, or running another digest.
+//! Drift: where the provider no longer matches the ledger — an image that is gone or whose content changed (a
+//! deleted one too, while a stage of any pipeline still promotes, runs or keeps it), a live group that is missing,
+//! short of instances or running another digest, an endpoint that is down. A stage stopped on purpose with
+//! `kiln down` is reported as stopped, not as drift.
+
+use std::collections::BTreeMap;
 
 use serde::Serialize;
 
 use super::Context;
+use crate::digest::Digest;
 use crate::provider::{ImageRef, StageRef};
 use crate::Error;
 
@@ -14,41 +19,122 @@ pub struct Drift {
     pub problem: String,
 }
 
-/// Checks every image this pipeline's provider baked, and every stage's live group.
-pub fn check(ctx: &Context) -> Result<Vec<Drift>, Error> {
+/// A stage of this pipeline that `kiln down` stopped and that nothing has started again.
+#[derive(Debug, Clone, Serialize)]
+pub struct Stopped {
+    pub stage: String,
+    /// The `stopped` event.
+    pub seq: u64,
+    pub time: String,
+    pub actor: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    pub drift: Vec<Drift>,
+    pub stopped: Vec<Stopped>,
+}
+
+/// What still needs each image, across every pipeline that shares the ledger or the store: "promoted to
+/// hello/dev", "kept by group slow-dev-v001 of slow/dev", …
+fn needed_images(ctx: &Context, view: &crate::ledger::View) -> Result<BTreeMap<Digest, Vec<String>>, Error> {
+    let mut needed: BTreeMap<Digest, Vec<String>> = BTreeMap::new();
+    let mut note = |digest: Digest, why: String| {
+        let uses = needed.entry(digest).or_default();
+        if !uses.contains(&why) {
+            uses.push(why);
+        }
+    };
+    for (pipeline, stages) in &view.heads.pipelines {
+        for (stage, there) in stages {
+            if let Some(m) = &there.promoted {
+                note(m.digest, format!("promoted to {pipeline}/{stage}"));
+            }
+            if let Some(l) = &there.live {
+                note(l.digest, format!("live in {pipeline}/{stage}"));
+            }
+            if let Some(o) = &there.open {
+                note(o.digest, format!("being deployed to {pipeline}/{stage}"));
+            }
+        }
+    }
+    let shared = super::gc::sharing(ctx);
+    for (name, why) in &shared.unreadable {
+        tracing::warn!(pipeline = %name, %why, "cannot load the pipeline; its groups are not checked");
+    }
+    for pipeline in &shared.pipelines {
+        for stage in &pipeline.stages {
+            let target = StageRef { pipeline: &pipeline.name, stage };
+            for group in ctx.fleet.groups(target)? {
+                note(group.digest, format!("kept by group {} of {}/{}", group.name, pipeline.name, stage.name));
+            }
+        }
+    }
+    Ok(needed)
+}
+
+/// Checks every image this pipeline's provider baked, and every stage's live group and endpoint.
+pub fn check(ctx: &Context) -> Result<Report, Error> {
     let view = ctx.ledger.view()?;
-    let mut found = Vec::new();
+    let needed = needed_images(ctx, &view)?;
+    let mut report = Report::default();
     for (digest, record) in view.images() {
-        if record.provider != ctx.images.name() || record.deleted {
+        if record.provider != ctx.images.name() {
+            continue;
+        }
+        let uses = needed.get(&digest);
+        // gc recorded it as deleted: that is drift only while something still needs it.
+        if record.deleted && uses.is_none() {
             continue;
         }
         let image = ImageRef { digest, image_ref: record.image_ref.clone() };
         if let Err(err) = ctx.images.verify_image(&image) {
-            found.push(Drift { subject: digest.to_string(), problem: err.to_string() });
+            let mut problem = err.to_string();
+            if let Some(uses) = uses {
+                let deleted = if record.deleted { "gc deleted it, but " } else { "" };
+                problem.push_str(&format!("; {deleted}it is still {}", uses.join(", ")));
+            }
+            report.drift.push(Drift { subject: digest.to_string(), problem });
         }
     }
     for stage in &ctx.pipeline.stages {
-        let Some(live) = view.stage(&ctx.pipeline.name, &stage.name).and_then(|s| s.live.clone()) else { continue };
+        let Some(there) = view.stage(&ctx.pipeline.name, &stage.name) else { continue };
+        let Some(live) = there.live.clone() else { continue };
         let target = StageRef { pipeline: &ctx.pipeline.name, stage };
         let groups = ctx.fleet.groups(target)?;
         let subject = format!("stage {}", stage.name);
-        match groups.iter().find(|g| g.name == live.group) {
-            None => found.push(Drift { subject, problem: format!("live group {} does not exist", live.group) }),
-            Some(g) if g.digest != live.digest => found.push(Drift {
-                subject,
-                problem: format!("group {} runs {}, the ledger says {}", g.name, g.digest.short(), live.digest.short()),
-            }),
-            Some(g) if g.running < g.capacity || g.capacity == 0 => found.push(Drift {
-                subject,
-                problem: format!(
-                    "group {} runs {} of {} instances (`kiln deploy` restarts it)",
-                    g.name,
-                    g.running,
-                    g.capacity.max(stage.capacity)
-                ),
-            }),
-            Some(_) => {}
+        let restart = format!("`kiln deploy --stage {}` restarts it", stage.name);
+        let group = groups.iter().find(|g| g.name == live.group);
+        let serving = group.is_some_and(|g| g.digest == live.digest && g.capacity > 0 && g.running >= g.capacity)
+            && ctx.fleet.endpoint_up(target);
+        if let (Some(stop), false) = (&there.stopped, serving) {
+            report.stopped.push(Stopped {
+                stage: stage.name.clone(),
+                seq: stop.seq,
+                time: stop.time.clone(),
+                actor: stop.actor.clone(),
+            });
+            continue;
         }
+        let problem = match group {
+            None => format!("live group {} does not exist", live.group),
+            Some(g) if g.digest != live.digest => {
+                format!("group {} runs {}, the ledger says {}", g.name, g.digest.short(), live.digest.short())
+            }
+            Some(g) if g.running < g.capacity || g.capacity == 0 => format!(
+                "group {} runs {} of {} instances ({restart})",
+                g.name,
+                g.running,
+                g.capacity.max(stage.capacity)
+            ),
+            Some(g) if !ctx.fleet.endpoint_up(target) => format!(
+                "its endpoint {} is down while group {} runs ({restart})",
+                ctx.fleet.endpoint(target).unwrap_or_else(|| "(none)".into()),
+                g.name
+            ),
+            Some(_) => continue,
+        };
+        report.drift.push(Drift { subject, problem });
     }
-    Ok(found)
+    Ok(report)
 }

@@ -1,16 +1,20 @@
 //! Garbage collection: delete the images no stage can roll back to, keeping everything a stage runs, ran recently
-//! or could return to, everything that ever reached the last stage (prod), the newest bake of each recipe, and the
-//! ancestors of all of those. What is deleted is recorded first, so the ledger never points at an image it does
-//! not know is gone. The provider then frees what no image uses, leftovers of killed bakes included.
+//! or could return to, everything that ever reached a pipeline's last stage (prod), the newest bake of each recipe,
+//! and the ancestors of all of those. Every pipeline that shares the ledger or the image store is judged, not only
+//! the one gc runs for: one pipeline's gc must never delete another's rollback target. What is deleted is recorded
+//! first, so the ledger never points at an image it does not know is gone. The provider then frees what no image
+//! uses, leftovers of killed bakes included.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
 use super::Context;
+use crate::config::{pipeline, LedgerLocation, Pipeline, PIPELINES_DIR};
 use crate::digest::Digest;
 use crate::ledger::view::stage_key;
-use crate::ledger::{Decision, EventBody};
+use crate::ledger::{Decision, EventBody, Ledger, View};
 use crate::provider::{ImageRef, StageRef};
 use crate::Error;
 
@@ -23,32 +27,118 @@ pub struct GcReport {
     pub seq: Option<u64>,
 }
 
-pub fn collect(ctx: &Context, dry_run: bool) -> Result<GcReport, Error> {
-    let view = ctx.ledger.view()?;
+/// The pipelines whose images may be in this context's ledger or image store: every pipeline file in `pipelines/`
+/// (the context's own one as loaded), and whether each keeps its record in the context's ledger.
+pub struct Sharing {
+    /// Pipelines with a file, the context's own first.
+    pub pipelines: Vec<Pipeline>,
+    /// Pipeline files that do not load, with why: gc cannot judge what they need.
+    pub unreadable: Vec<(String, String)>,
+    /// Other ledger directories local pipelines record into: their images are in the same store.
+    pub other_ledgers: Vec<PathBuf>,
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
+/// Every pipeline that shares the context's image store, loaded from `pipelines/`.
+pub fn sharing(ctx: &Context) -> Sharing {
+    let mut out = Sharing { pipelines: vec![ctx.pipeline.clone()], unreadable: Vec::new(), other_ledgers: Vec::new() };
+    let own_ledger = PathBuf::from(ctx.ledger.location());
+    for name in crate::config::toml_stems(&ctx.repo.root().join(PIPELINES_DIR)) {
+        if name == ctx.pipeline.name {
+            continue;
+        }
+        match pipeline::load(ctx.repo, &name) {
+            Ok(loaded) => out.pipelines.push(loaded),
+            Err(err) => out.unreadable.push((name, err.to_string())),
+        }
+    }
+    for other in &out.pipelines {
+        if let LedgerLocation::Dir(dir) = &other.ledger {
+            let shares_store = other.provider == ctx.pipeline.provider;
+            if shares_store && !same_dir(dir, &own_ledger) && !out.other_ledgers.iter().any(|d| same_dir(d, dir)) {
+                out.other_ledgers.push(dir.clone());
+            }
+        }
+    }
+    out
+}
+
+/// What one ledger says must stay: for every pipeline it records (a pipeline whose file is gone included), what
+/// each stage has promoted, runs, is deploying or ran before; everything that reached a pipeline's last stage (for
+/// a pipeline without a file, which stage is last is unknown, so everything it ever promoted); the newest bake of
+/// each recipe.
+fn ledger_keeps(view: &View, last_stages: &BTreeMap<String, String>) -> BTreeSet<Digest> {
     let mut keep: BTreeSet<Digest> = view.heads.newest.values().copied().collect();
-    let last_stage = ctx.pipeline.stages.last().map(|s| stage_key(&ctx.pipeline.name, &s.name));
-    for stage in &ctx.pipeline.stages {
-        if let Some(there) = view.stage(&ctx.pipeline.name, &stage.name) {
+    for stages in view.heads.pipelines.values() {
+        for there in stages.values() {
             keep.extend(there.promoted.iter().map(|m| m.digest));
             keep.extend(there.live.iter().map(|l| l.digest));
             keep.extend(there.open.iter().map(|o| o.digest));
             keep.extend(there.history.iter().map(|l| l.digest));
         }
-        let target = StageRef { pipeline: &ctx.pipeline.name, stage };
-        keep.extend(ctx.fleet.groups(target)?.iter().map(|g| g.digest));
     }
-    let images = view.images();
-    // Anything that ever reached prod stays: it is what an incident review or a rollback will ask for.
-    keep.extend(
-        images
-            .iter()
-            .filter(|(_, r)| last_stage.as_ref().is_some_and(|k| r.stages.get(k).is_some_and(|s| s.promoted.is_some())))
-            .map(|(d, _)| *d),
-    );
+    for (digest, record) in view.images() {
+        // Anything that ever reached prod stays: it is what an incident review or a rollback will ask for.
+        let reached_the_end = record.stages.iter().any(|(key, there)| {
+            let pipeline = key.split_once('/').map_or(key.as_str(), |(p, _)| p);
+            there.promoted.is_some() && last_stages.get(pipeline).is_none_or(|last| last == key)
+        });
+        if reached_the_end {
+            keep.insert(digest);
+        }
+    }
+    keep
+}
+
+/// pipeline → its last stage's key (`pipeline/stage`), for the pipelines that have a file.
+fn last_stages(pipelines: &[Pipeline]) -> BTreeMap<String, String> {
+    pipelines.iter().filter_map(|p| p.stages.last().map(|s| (p.name.clone(), stage_key(&p.name, &s.name)))).collect()
+}
+
+/// Everything no pipeline sharing the ledger or the store may lose, ancestors included.
+fn keep_set(ctx: &Context, view: &View, shared: &Sharing) -> Result<BTreeSet<Digest>, Error> {
+    let last_stages = last_stages(&shared.pipelines);
+    let mut keep = ledger_keeps(view, &last_stages);
+    for dir in &shared.other_ledgers {
+        let other = Ledger::open_dir(dir);
+        let other_view = other.view()?;
+        for digest in ledger_keeps(&other_view, &last_stages) {
+            keep.insert(digest);
+            keep.extend(other_view.ancestors(&digest));
+        }
+    }
+    // Groups the provider still holds (parked for rollback, or running) keep their images, whatever the ledger says.
+    for pipeline in &shared.pipelines {
+        for stage in &pipeline.stages {
+            let target = StageRef { pipeline: &pipeline.name, stage };
+            keep.extend(ctx.fleet.groups(target)?.iter().map(|g| g.digest));
+        }
+    }
     let roots: Vec<Digest> = keep.iter().copied().collect();
     for digest in roots {
         keep.extend(view.ancestors(&digest));
     }
+    Ok(keep)
+}
+
+pub fn collect(ctx: &Context, dry_run: bool) -> Result<GcReport, Error> {
+    let shared = sharing(ctx);
+    if let Some((name, why)) = shared.unreadable.first() {
+        // Deleting on partial knowledge is how another pipeline loses its rollback target.
+        return Err(Error::usage(format!(
+            "gc judges every pipeline that shares the image store, and pipeline `{name}` does not load ({why}); \
+             fix or remove pipelines/{name}.toml, then run `kiln gc` again"
+        )));
+    }
+    let view = ctx.ledger.view()?;
+    let keep = keep_set(ctx, &view, &shared)?;
+    let images = view.images();
     let doomed: Vec<ImageRef> = images
         .iter()
         .filter(|(d, r)| !keep.contains(d) && !r.deleted && r.provider == ctx.images.name())
@@ -66,9 +156,9 @@ pub fn collect(ctx: &Context, dry_run: bool) -> Result<GcReport, Error> {
     }
     let digests: Vec<Digest> = doomed.iter().map(|i| i.digest).collect();
     let (_, stored) = ctx.ledger.append::<(), Error>(ctx.actor, ctx.clock, |view| {
-        // A stage may have moved to one of these since the plan was made: then gc does nothing this time.
-        for stage in &ctx.pipeline.stages {
-            if let Some(there) = view.stage(&ctx.pipeline.name, &stage.name) {
+        // A stage of any pipeline may have moved to one of these since the plan was made: then gc does nothing.
+        for stages in view.heads.pipelines.values() {
+            for there in stages.values() {
                 let busy = [
                     there.promoted.as_ref().map(|m| m.digest),
                     there.live.as_ref().map(|l| l.digest),
@@ -89,4 +179,64 @@ pub fn collect(ctx: &Context, dry_run: bool) -> Result<GcReport, Error> {
     }
     let bytes_freed = ctx.images.collect_garbage()?;
     Ok(GcReport { deleted: doomed, kept, bytes_freed, dry_run, seq: stored.map(|s| s.event.seq) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::{Event, StoredEvent};
+
+    fn folded(bodies: Vec<EventBody>) -> View {
+        let mut view = View::empty(None, true);
+        for (n, body) in bodies.into_iter().enumerate() {
+            let event = Event {
+                seq: n as u64 + 1,
+                prev: Digest::ZERO,
+                time: "2026-01-01T00:00:00.000Z".into(),
+                actor: "t".into(),
+                clock: None,
+                body,
+            };
+            view.apply(&StoredEvent { event, hash: Digest::ZERO });
+        }
+        view
+    }
+
+    fn baked(digest: Digest) -> EventBody {
+        EventBody::Baked {
+            pipeline: "p".into(),
+            recipe: "app".into(),
+            digest,
+            recipe_key: digest,
+            parent: None,
+            provider: "local".into(),
+            image_ref: "app:x".into(),
+            commit: None,
+            dirty: false,
+        }
+    }
+
+    fn promoted(pipeline: &str, stage: &str, digest: Digest) -> EventBody {
+        EventBody::Promoted { pipeline: pipeline.into(), stage: stage.into(), digest, gates: vec![] }
+    }
+
+    #[test]
+    fn a_pipeline_without_a_file_keeps_everything_it_ever_promoted() {
+        let [old, mid, new] = [b"old", b"mid", b"new"].map(|b| Digest::of(b));
+        let view = folded(vec![
+            baked(old),
+            baked(mid),
+            baked(new),
+            promoted("gone", "dev", old),
+            promoted("gone", "dev", mid),
+        ]);
+        // `gone` has no file: which of its stages was last is unknown, so `old` (promoted to its dev once) stays.
+        let keep = ledger_keeps(&view, &BTreeMap::new());
+        assert!(keep.contains(&old) && keep.contains(&mid) && keep.contains(&new), "{keep:?}");
+        // With files whose last stage is `prod`, an image only ever promoted to dev and since replaced may go.
+        let files = BTreeMap::from([("gone".to_string(), stage_key("gone", "prod"))]);
+        let keep = ledger_keeps(&view, &files);
+        assert!(!keep.contains(&old), "{keep:?}");
+        assert!(keep.contains(&mid) && keep.contains(&new), "{keep:?}");
+    }
 }

@@ -7,7 +7,7 @@ use super::promote::resolve_digest;
 use super::Context;
 use crate::clock::ClockRecord;
 use crate::digest::Digest;
-use crate::ledger::view::{ImageRecord, Live, OpenDeploy};
+use crate::ledger::view::{ImageRecord, Live, OpenDeploy, Stop};
 use crate::ledger::{EventBody, GateVerdict, Ledger, View};
 use crate::Error;
 
@@ -210,6 +210,8 @@ pub struct StageStatus {
     pub promoted: Option<PromotedInfo>,
     pub live: Option<Live>,
     pub deploying: Option<OpenDeploy>,
+    /// Set while the stage is stopped on purpose (`kiln down`) and nothing has started it again.
+    pub stopped: Option<Stop>,
     pub warnings: Vec<String>,
 }
 
@@ -237,6 +239,7 @@ pub fn status(ctx: &Context) -> Result<Vec<StageStatus>, Error> {
             }
         }
         let target = crate::provider::StageRef { pipeline: &ctx.pipeline.name, stage };
+        let mut stopped = None;
         let runtime = match &live {
             None => None,
             Some(live) => {
@@ -247,7 +250,15 @@ pub fn status(ctx: &Context) -> Result<Vec<StageStatus>, Error> {
                     serving: ctx.fleet.serving(target)?,
                     endpoint_up: ctx.fleet.endpoint_up(target),
                 };
-                if runtime.running == 0 || !runtime.endpoint_up {
+                let down = runtime.running == 0 || !runtime.endpoint_up;
+                // A deployment that healed the stage without finishing a new one leaves the mark; what runs wins.
+                stopped = there.and_then(|s| s.stopped.clone()).filter(|_| down || runtime.running < runtime.capacity);
+                if let Some(stop) = &stopped {
+                    warnings.push(format!(
+                        "stopped (kiln down at seq {} by {}); `kiln deploy --stage {}` starts it again",
+                        stop.seq, stop.actor, stage.name
+                    ));
+                } else if down {
                     warnings.push("not running; `kiln deploy` starts it again".into());
                 } else if runtime.running < runtime.capacity {
                     warnings.push(format!("only {} of {} instances are running", runtime.running, runtime.capacity));
@@ -263,6 +274,7 @@ pub fn status(ctx: &Context) -> Result<Vec<StageStatus>, Error> {
             promoted,
             live,
             deploying,
+            stopped,
             warnings,
         });
     }

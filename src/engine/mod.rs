@@ -8,9 +8,10 @@ pub mod drift;
 pub mod gate;
 pub mod gc;
 pub mod lineage;
-pub mod progress;
 pub mod promote;
 pub mod recipe_key;
+#[cfg(test)]
+mod tests;
 
 use std::path::PathBuf;
 
@@ -35,5 +36,5 @@ pub struct Context<'a> {
     /// Who holds a stage lease this context takes: `host:pid:start-time` for a kiln process.
     pub lease_holder: String,
     /// Where long waits report how far they got.
-    pub progress: &'a dyn progress::Progress,
+    pub progress: &'a dyn crate::progress::Progress,
 }

@@ -189,7 +189,9 @@ pub fn promote(ctx: &Context, options: &PromoteOptions) -> Result<PromoteReport,
             };
             return Ok(Decision::Append(Box::new(body), report(Outcome::Planned)));
         }
-        let current = view.stage(&ctx.pipeline.name, &stage.name).and_then(|s| s.promoted.as_ref()).map(|p| p.digest);
+        // After a rollback the stage runs what it rolled back to: promoting the digest it rolled away from again
+        // is news, and releases the hold.
+        let current = view.stage(&ctx.pipeline.name, &stage.name).and_then(|s| s.target());
         if current == Some(digest) {
             return Ok(Decision::Skip(report(Outcome::AlreadyPromoted)));
         }

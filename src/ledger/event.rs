@@ -120,6 +120,11 @@ pub enum EventBody {
         reason: String,
         log_tail: Option<String>,
     },
+    /// `kiln down` stopped the stage on purpose: until its next finished deployment it is stopped, not drifted.
+    Stopped {
+        pipeline: String,
+        stage: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -141,6 +146,7 @@ impl EventBody {
             EventBody::DeployStep { .. } => "deploy-step",
             EventBody::DeployFinished { .. } => "deploy-finished",
             EventBody::DeployFailed { .. } => "deploy-failed",
+            EventBody::Stopped { .. } => "stopped",
         }
     }
 
@@ -153,7 +159,8 @@ impl EventBody {
             | EventBody::DeployStarted { stage, .. }
             | EventBody::DeployStep { stage, .. }
             | EventBody::DeployFinished { stage, .. }
-            | EventBody::DeployFailed { stage, .. } => Some(stage),
+            | EventBody::DeployFailed { stage, .. }
+            | EventBody::Stopped { stage, .. } => Some(stage),
             EventBody::Baked { .. } | EventBody::Revoked { .. } | EventBody::Collected { .. } => None,
         }
     }
@@ -169,7 +176,7 @@ impl EventBody {
             | EventBody::DeployStarted { digest, .. }
             | EventBody::DeployFinished { digest, .. }
             | EventBody::DeployFailed { digest, .. } => Some(digest),
-            EventBody::DeployStep { .. } | EventBody::Collected { .. } => None,
+            EventBody::DeployStep { .. } | EventBody::Collected { .. } | EventBody::Stopped { .. } => None,
         }
     }
 }

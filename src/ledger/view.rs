@@ -16,7 +16,7 @@ use super::LedgerError;
 use crate::digest::{Digest, DigestError, DigestQuery};
 
 /// Bump when the view's shape or folding rules change, so old caches are rebuilt rather than misread.
-pub const VIEW_FORMAT: u32 = 5;
+pub const VIEW_FORMAT: u32 = 6;
 /// Earlier live deployments kept per stage for rollback and soak; older ones stay in the ledger.
 const HISTORY_KEEP: usize = 32;
 
@@ -48,6 +48,17 @@ pub struct StageView {
     /// The highest group version (`…-vNNN`) ever created here.
     #[serde(default)]
     pub versions: u64,
+    /// Set by `kiln down`, cleared by the next deployment that finishes: the stage was stopped on purpose.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped: Option<Stop>,
+}
+
+/// Who stopped a stage with `kiln down`, when, at which seq.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Stop {
+    pub seq: u64,
+    pub time: String,
+    pub actor: String,
 }
 
 /// Who did something to which digest, when, at which seq.
@@ -66,6 +77,9 @@ pub struct Live {
     pub deploy_id: String,
     pub seq: u64,
     pub since: String,
+    /// Made live by a rollback: the stage stays on it until the next promotion.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rollback: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -298,6 +312,19 @@ impl Index {
         let shard = shard_of(digest);
         self.dirty.insert(shard);
         self.load(shard).images.get_mut(digest)
+    }
+}
+
+impl StageView {
+    /// What a rollback made live after the last promotion: the stage stays held on it until the next promotion.
+    pub fn held_by_rollback(&self) -> Option<&Live> {
+        let live = self.live.as_ref().filter(|l| l.rollback)?;
+        self.promoted.as_ref().is_none_or(|p| live.seq > p.seq).then_some(live)
+    }
+
+    /// The digest the stage should run: the promoted one, unless a later rollback holds it on another.
+    pub fn target(&self) -> Option<Digest> {
+        self.held_by_rollback().map(|l| l.digest).or(self.promoted.as_ref().map(|p| p.digest))
     }
 }
 
@@ -571,6 +598,8 @@ impl View {
                 }
                 let view = self.stage_mut(pipeline, stage);
                 let continues = view.live.as_ref().is_some_and(|l| l.digest == *digest);
+                // Healing what a rollback made live keeps the stage held there.
+                let rollback = rollback || (continues && view.live.as_ref().is_some_and(|l| l.rollback));
                 if let Some(previous) = view.live.take() {
                     view.history.push(previous);
                     if view.history.len() > HISTORY_KEEP {
@@ -583,10 +612,12 @@ impl View {
                     deploy_id: deploy_id.clone(),
                     seq,
                     since: event.time.clone(),
+                    rollback,
                 });
                 if view.open.as_ref().is_some_and(|o| &o.deploy_id == deploy_id) {
                     view.open = None;
                 }
+                view.stopped = None;
                 self.touch_image(digest, seq, |r| {
                     let there = r.stages.entry(key).or_default();
                     keep_first(&mut there.deployed, mark(digest));
@@ -603,6 +634,10 @@ impl View {
                     view.open = None;
                 }
                 self.touch_image(digest, seq, |_| {});
+            }
+            EventBody::Stopped { pipeline, stage } => {
+                self.stage_mut(pipeline, stage).stopped =
+                    Some(Stop { seq, time: event.time.clone(), actor: event.actor.clone() });
             }
         }
         self.heads.seq = seq;
@@ -657,4 +692,35 @@ pub(crate) fn is_named_shard(name: &str, files: &ShardFiles) -> bool {
     name.strip_suffix(".json")
         .and_then(|stem| stem.split_once('-'))
         .is_some_and(|(shard, hex)| files.get(shard).is_some_and(|d| d.hex() == hex))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::Event;
+
+    fn fold(view: &mut View, body: EventBody) {
+        let seq = view.seq() + 1;
+        let event = Event { seq, prev: view.hash(), time: format!("t{seq}"), actor: "ana".into(), clock: None, body };
+        view.apply(&StoredEvent { event, hash: Digest::of(&seq.to_be_bytes()) });
+    }
+
+    #[test]
+    fn a_stop_lasts_until_the_stage_next_finishes_a_deployment() {
+        let mut view = View::empty(None, true);
+        let digest = Digest::of(b"app");
+        fold(&mut view, EventBody::Stopped { pipeline: "p".into(), stage: "dev".into() });
+        let stop = view.stage("p", "dev").and_then(|s| s.stopped.clone());
+        assert_eq!(stop, Some(Stop { seq: 1, time: "t1".into(), actor: "ana".into() }));
+        assert!(view.stage("p", "prod").is_none(), "a stop is per stage");
+        let finished = |id: &str| EventBody::DeployFinished {
+            pipeline: "p".into(),
+            stage: "dev".into(),
+            deploy_id: id.into(),
+            digest,
+            group: "p-dev-v001".into(),
+        };
+        fold(&mut view, finished("d1"));
+        assert_eq!(view.stage("p", "dev").and_then(|s| s.stopped.clone()), None);
+    }
 }

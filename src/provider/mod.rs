@@ -38,6 +38,8 @@ pub struct BakeJob<'a> {
     pub inputs: &'a BTreeMap<String, FileInput>,
     /// Where a provision step's output goes as it runs (stderr for a person, nowhere with --quiet).
     pub echo_output: bool,
+    /// Where the provider reports each provision step as it starts.
+    pub progress: &'a dyn crate::progress::Progress,
 }
 
 /// The outcome of rebuilding a chain from nothing to check that it reproduces.
@@ -62,6 +64,10 @@ pub enum ProviderError {
     MissingImage { provider: &'static str, image: String, reason: String },
     #[error("image {image} no longer matches its digest: {reason}")]
     Drift { image: String, reason: String },
+    /// The stage's endpoint cannot serve (local: its proxy cannot listen on the stage's port). Found before any
+    /// traffic moved: what served the stage before still does.
+    #[error("the endpoint of stage {stage} cannot start: {reason}")]
+    Endpoint { stage: String, reason: String },
     #[error("{provider} provider: {message}")]
     Other { provider: &'static str, message: String },
 }

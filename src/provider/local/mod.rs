@@ -270,10 +270,17 @@ impl ImageProvider for LocalProvider {
                 (None, Vec::new(), Vec::new(), None)
             }
         };
+        let steps = job.recipe.provision.len();
+        job.progress.begin(&format!("{}: provisioning", job.recipe.name), Some(steps as u64));
         for (index, step) in job.recipe.provision.iter().enumerate() {
-            tracing::info!(recipe = %job.recipe.name, "step {}/{}: {}", index + 1, job.recipe.provision.len(), describe(step));
-            self.apply_step(job, index, step, &root)?;
+            tracing::info!(recipe = %job.recipe.name, "step {}/{steps}: {}", index + 1, describe(step));
+            job.progress.update(index as u64, &format!("step {}: {}", index + 1, describe(step)));
+            if let Err(err) = self.apply_step(job, index, step, &root) {
+                job.progress.end("failed");
+                return Err(err);
+            }
         }
+        job.progress.end("provisioned");
         // Blobs written before the image is tagged must survive a concurrent `kiln gc`.
         let _pin = store.pin_blobs().map_err(oci_error)?;
         let (temp, stats) = layer::write_diff_layer_file(base.as_deref(), &root, &store.temp_dir())
@@ -323,6 +330,7 @@ impl ImageProvider for LocalProvider {
                 annotations: job.annotations.clone(),
                 inputs: job.inputs,
                 echo_output: job.echo_output,
+                progress: job.progress,
             };
             let rebuilt = scratch.bake(&rebuild)?;
             if rebuilt.digest != *expected {

@@ -47,7 +47,7 @@ pub enum ProxyError {
     Encode { what: &'static str, source: serde_json::Error },
     #[error("cannot start the proxy: {source}")]
     Runtime { source: io::Error },
-    #[error("cannot listen on 127.0.0.1:{port}: {source}")]
+    #[error("cannot listen on 127.0.0.1:{port}: {}", bind_problem(*port, source))]
     Bind { port: u16, source: io::Error },
     #[error("cannot install the SIGTERM/SIGINT handler: {source}")]
     Signal { source: io::Error },
@@ -56,6 +56,16 @@ pub enum ProxyError {
     #[error("backends still have requests in flight after {waited:?}: {busy:?}{}",
         if *no_status { " (the proxy wrote no status)" } else { "" })]
     DrainTimeout { waited: Duration, busy: BTreeMap<u16, u64>, no_status: bool },
+}
+
+/// Why a listener could not bind, in words that name the port: "address already in use" alone does not say that
+/// another process holds the stage's port.
+pub fn bind_problem(port: u16, source: &io::Error) -> String {
+    if source.kind() == io::ErrorKind::AddrInUse {
+        format!("another process already listens on port {port} ({source}); stop it or give the stage another port")
+    } else {
+        source.to_string()
+    }
 }
 
 /// Where requests go. `generation` must grow with every write so waiters can tell old routes from new.
@@ -726,6 +736,15 @@ mod tests {
             Pick::NoBackends => panic!("no backends"),
             Pick::Exhausted => panic!("exhausted"),
         }
+    }
+
+    #[test]
+    fn a_port_in_use_is_named_as_held_by_another_process() {
+        let in_use = io::Error::from(io::ErrorKind::AddrInUse);
+        let text = ProxyError::Bind { port: 18081, source: in_use }.to_string();
+        assert!(text.starts_with("cannot listen on 127.0.0.1:18081: another process already listens on port 18081"));
+        let denied = io::Error::from(io::ErrorKind::PermissionDenied);
+        assert!(!ProxyError::Bind { port: 80, source: denied }.to_string().contains("another process"));
     }
 
     #[test]

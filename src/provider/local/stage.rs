@@ -45,6 +45,15 @@ fn other(message: impl Into<String>) -> ProviderError {
     ProviderError::Other { provider: "local", message: message.into() }
 }
 
+/// The last `max` bytes of `text`, cut at a character boundary.
+fn tail(text: &str, max: usize) -> &str {
+    let mut start = text.len().saturating_sub(max);
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    &text[start..]
+}
+
 fn fleet_error(err: FleetError) -> ProviderError {
     other(err.to_string())
 }
@@ -87,11 +96,30 @@ impl LocalProvider {
         crate::process::alive(proxy.pid, proxy.start_time).then_some(proxy)
     }
 
+    /// Whether the stage's proxy could listen on the stage's port now. Asked before any instance starts, so a port
+    /// that another process holds fails the deployment at once, with nothing to clean up, rather than after the
+    /// new group is up.
+    fn check_endpoint_port(&self, stage: StageRef) -> Result<(), ProviderError> {
+        if self.proxy_alive(stage).is_some() {
+            return Ok(());
+        }
+        let port = Self::port(stage)?;
+        // std sets SO_REUSEADDR, as the proxy does: connections of an earlier proxy in TIME_WAIT do not count.
+        match std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, port)) {
+            Ok(_probe) => Ok(()),
+            Err(source) => Err(ProviderError::Endpoint {
+                stage: stage.stage.name.clone(),
+                reason: format!("cannot listen on 127.0.0.1:{port}: {}", proxy::bind_problem(port, &source)),
+            }),
+        }
+    }
+
     /// Starts the stage's proxy, detached, unless it already runs.
     fn ensure_proxy(&self, stage: StageRef) -> Result<(), ProviderError> {
         if self.proxy_alive(stage).is_some() {
             return Ok(());
         }
+        self.check_endpoint_port(stage)?;
         let dir = self.stage_dir(stage);
         let port = Self::port(stage)?;
         let io = |what, path: &Path| {
@@ -101,6 +129,8 @@ impl LocalProvider {
         fs::create_dir_all(&dir).map_err(io("creating", &dir))?;
         let log_path = dir.join("proxy.log");
         let log = fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(io("opening", &log_path))?;
+        // The log outlives proxies; only what this one writes explains why it stopped.
+        let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
         let err_log = log.try_clone().map_err(io("opening", &log_path))?;
         let exe = std::env::current_exe().map_err(io("finding the kiln executable", Path::new("kiln")))?;
         let status_file = dir.join("status.json");
@@ -131,12 +161,21 @@ impl LocalProvider {
         // The proxy writes its status once it listens.
         let deadline = Instant::now() + Duration::from_secs(5);
         while proxy::read_status(&status_file).is_none() {
-            if !crate::process::alive(pid, start_time) || Instant::now() > deadline {
-                return Err(other(format!(
-                    "the proxy for {} did not start on 127.0.0.1:{port}: {}",
-                    stage.stage.name,
-                    fleet::log_tail(&log_path, LOG_TAIL)
-                )));
+            let exited = !crate::process::alive(pid, start_time);
+            if exited || Instant::now() > deadline {
+                // Another process may have taken the port since it was checked: say so plainly.
+                self.check_endpoint_port(stage)?;
+                let written = fs::read(&log_path).unwrap_or_default();
+                let said = String::from_utf8_lossy(written.get(log_start as usize..).unwrap_or_default());
+                let said = said.trim();
+                let how = if exited { "exited at once" } else { "did not start listening in 5 s" };
+                return Err(ProviderError::Endpoint {
+                    stage: stage.stage.name.clone(),
+                    reason: format!(
+                        "its proxy on 127.0.0.1:{port} {how}{}",
+                        if said.is_empty() { String::new() } else { format!(": {}", tail(said, LOG_TAIL)) }
+                    ),
+                });
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -195,6 +234,8 @@ impl Fleet for LocalProvider {
             .instance_of(image)?
             .ok_or_else(|| other(format!("image {} has no [instance] section: nothing to start", image.image_ref)))?;
         let root = self.unpacked(image)?;
+        // No instance is worth starting for an endpoint that cannot come up.
+        self.check_endpoint_port(stage)?;
         let dir = self.stage_dir(stage);
         let file = self.group_file(stage, group);
         let mut state = self.load_group(stage, group).unwrap_or(GroupState {

@@ -1,5 +1,6 @@
-//! Progress on long waits (bake steps, instances becoming healthy, drain, the verification window). The engine
-//! prints nothing: it reports here, and the CLI draws bars on a terminal or writes plain log lines in CI.
+//! Progress on long waits (bake steps, instances becoming healthy, drain, the verification window). The engine and
+//! the providers print nothing: they report here, and the CLI draws bars on a terminal or writes plain log lines in
+//! CI.
 
 /// Receives progress of one long wait at a time.
 pub trait Progress {
