@@ -107,7 +107,9 @@ fn soak_restarts_when_a_digest_is_rolled_back_to_but_not_when_the_same_digest_is
     // Heal: the stage goes down and the same digest is deployed again; its period goes on.
     kiln(&repo, 5, &["down", "--stage", "dev"]).ok();
     let healed = kiln(&repo, 6, &["deploy", "--stage", "dev", "--json"]).ok().json();
-    assert_eq!(healed["outcome"], "deployed", "the heal is a deployment of its own: {healed}");
+    assert_eq!(healed["outcome"], "healed", "{healed}");
+    let finished = common::hello::events(&repo).iter().filter(|e| e["kind"] == "deploy-finished").count();
+    assert_eq!(finished, 2, "the heal is a deployment of its own, finished in the ledger: {healed}");
     let plan = kiln(&repo, 11, &["promote", "--stage", "test", "--digest", &first, "--plan", "--json"]).ok();
     assert_eq!(verdict(&plan, "soak 10m")["detail"], "live in dev for 11m, needs 10m", "counted from the first deploy");
 
