@@ -76,8 +76,8 @@ const LINE_EVERY: Duration = Duration::from_secs(5);
 
 impl Progress for Lines {
     fn begin(&self, what: &str, total: Option<u64>) {
-        let of = total.map(|t| format!(" (of {t})")).unwrap_or_default();
-        eprintln!("kiln: waiting: {what}{of}");
+        let of = total.map(|t| format!(" (0 of {t})")).unwrap_or_default();
+        eprintln!("kiln: {what}{of}");
         let now = Instant::now();
         self.current.replace(Some(Wait {
             what: what.into(),
