@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::hello::{dev_stage, events};
+use common::hello::{dev_stage, events, first_live_second_promoted};
 use common::{bake_greeting, greeting, group_files, pid_alive, promote_only, Down};
 
 fn kill(pid: u64) {
@@ -51,11 +51,7 @@ fn deploy_restarts_a_killed_proxy_and_dead_instances_in_the_live_group() {
 fn after_a_rollback_deploy_heals_what_it_rolled_back_to_even_once_revoked_until_the_next_promotion() {
     let (repo, port) = dev_stage(2, "", "");
     let _down = Down { repo: &repo, stages: vec!["dev"], pipeline: None };
-    let one = bake_greeting(&repo, "one");
-    let two = bake_greeting(&repo, "two");
-    promote_only(&repo, &one);
-    repo.run(&["deploy", "--stage", "dev"]).ok();
-    promote_only(&repo, &two);
+    let (one, two) = first_live_second_promoted(&repo, "one", "two");
     repo.run(&["deploy", "--stage", "dev"]).ok();
     let back = repo.run(&["rollback", "--stage", "dev", "--reason", "two is bad", "--json"]).ok().json();
     assert_eq!(back["digest"].as_str(), Some(one.as_str()));

@@ -5,7 +5,7 @@ mod common;
 
 use std::process::{Child, Stdio};
 
-use common::hello::{dev_stage, events, instance_script, signal, wait_stopped};
+use common::hello::{dev_stage, events, first_live_second_promoted, instance_script, signal, wait_stopped};
 use common::{bake_greeting, greeting, promote_only};
 use common::{Down, Repo, Run};
 
@@ -28,11 +28,7 @@ fn finish(child: Child, args: &[&str]) -> Run {
 fn a_kiln_stopped_past_its_lease_is_taken_over_and_changes_nothing_more() {
     let (repo, port) = dev_stage(1, "lease = \"2s\"", "");
     let _down = Down { repo: &repo, stages: vec!["dev"], pipeline: None };
-    let one = bake_greeting(&repo, "one");
-    let two = bake_greeting(&repo, "two");
-    promote_only(&repo, &one);
-    repo.run(&["deploy", "--stage", "dev"]).ok();
-    promote_only(&repo, &two);
+    first_live_second_promoted(&repo, "one", "two");
 
     // The first kiln launches its group, then stalls (as a paused VM or a SIGSTOP would) past its lease.
     let first = spawn(&repo, "first", "stop:deploy:after-group-created", &["deploy", "--stage", "dev"]);
@@ -102,11 +98,7 @@ fn a_holder_renews_its_lease_while_it_waits() {
 fn a_revocation_recorded_while_a_deploy_plans_is_judged_at_the_append() {
     let (repo, port) = dev_stage(1, "", "");
     let _down = Down { repo: &repo, stages: vec!["dev"], pipeline: None };
-    let one = bake_greeting(&repo, "one");
-    let two = bake_greeting(&repo, "two");
-    promote_only(&repo, &one);
-    repo.run(&["deploy", "--stage", "dev"]).ok();
-    promote_only(&repo, &two);
+    let (_, two) = first_live_second_promoted(&repo, "one", "two");
 
     // The deploy has chosen `two` and checked it, but has not taken the lease yet when `two` is revoked.
     let deploy = spawn(&repo, "deployer", "stop:deploy:before-start", &["deploy", "--stage", "dev"]);
@@ -123,11 +115,7 @@ fn a_revocation_recorded_while_a_deploy_plans_is_judged_at_the_append() {
 fn a_rollback_target_revoked_meanwhile_is_refused() {
     let (repo, port) = dev_stage(1, "", "");
     let _down = Down { repo: &repo, stages: vec!["dev"], pipeline: None };
-    let one = bake_greeting(&repo, "one");
-    let two = bake_greeting(&repo, "two");
-    promote_only(&repo, &one);
-    repo.run(&["deploy", "--stage", "dev"]).ok();
-    promote_only(&repo, &two);
+    let (one, _) = first_live_second_promoted(&repo, "one", "two");
     repo.run(&["deploy", "--stage", "dev"]).ok();
 
     let rollback = spawn(&repo, "oncall", "stop:deploy:before-start", &["rollback", "--stage", "dev"]);

@@ -6,8 +6,8 @@ mod common;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use common::hello::{dev_stage, events};
-use common::{bake_greeting, greeting, promote_only};
+use common::greeting;
+use common::hello::{dev_stage, events, first_live_second_promoted};
 use common::{http_get, Down, Repo};
 
 /// A dev stage with a `secs`-second window whose check fails once the endpoint greets with "bad".
@@ -55,11 +55,7 @@ fn load(port: u16, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(u64, u64)>
 fn a_release_that_fails_verification_goes_back_to_the_previous_group_without_a_failed_request() {
     let (repo, port) = windowed(30, 2);
     let _down = Down { repo: &repo, stages: vec!["dev"], pipeline: None };
-    let good = bake_greeting(&repo, "good");
-    let bad = bake_greeting(&repo, "bad");
-    promote_only(&repo, &good);
-    repo.run(&["deploy", "--stage", "dev"]).ok();
-    promote_only(&repo, &bad);
+    first_live_second_promoted(&repo, "good", "bad");
 
     let stop = Arc::new(AtomicBool::new(false));
     let client = load(port, stop.clone());
@@ -96,11 +92,7 @@ fn a_release_that_fails_verification_goes_back_to_the_previous_group_without_a_f
 fn a_release_that_passes_runs_its_checks_through_the_whole_window_before_retiring_the_old_group() {
     let (repo, port) = windowed(2, 1);
     let _down = Down { repo: &repo, stages: vec!["dev"], pipeline: None };
-    let one = bake_greeting(&repo, "one");
-    let two = bake_greeting(&repo, "two");
-    promote_only(&repo, &one);
-    repo.run(&["deploy", "--stage", "dev"]).ok();
-    promote_only(&repo, &two);
+    first_live_second_promoted(&repo, "one", "two");
     let done = repo.run(&["deploy", "--stage", "dev", "--json"]).ok().json();
     assert!(done["verified_for_ms"].as_u64().unwrap() >= 2000, "{done}");
     assert_eq!(greeting(port), "two");
@@ -116,11 +108,7 @@ fn a_release_that_passes_runs_its_checks_through_the_whole_window_before_retirin
 fn a_crash_inside_the_window_is_undone_and_the_release_verified_again() {
     let (repo, port) = windowed(1, 1);
     let _down = Down { repo: &repo, stages: vec!["dev"], pipeline: None };
-    let one = bake_greeting(&repo, "one");
-    let two = bake_greeting(&repo, "two");
-    promote_only(&repo, &one);
-    repo.run(&["deploy", "--stage", "dev"]).ok();
-    promote_only(&repo, &two);
+    first_live_second_promoted(&repo, "one", "two");
     let killed =
         repo.kiln().env("KILN_FAULT", "deploy:after-verifying").args(["deploy", "--stage", "dev"]).output().unwrap();
     assert_eq!(killed.status.code(), None, "kiln died by SIGKILL inside the window");

@@ -64,3 +64,14 @@ pub fn events(repo: &Repo) -> Vec<serde_json::Value> {
     all.reverse();
     all
 }
+
+/// Bakes two images greeting `first` and `second`, deploys the first to dev and promotes the second there without
+/// deploying it: where most deploy tests start. Returns both digests.
+pub fn first_live_second_promoted(repo: &Repo, first: &str, second: &str) -> (String, String) {
+    let one = super::bake_greeting(repo, first);
+    let two = super::bake_greeting(repo, second);
+    super::promote_only(repo, &one);
+    repo.run(&["deploy", "--stage", "dev"]).ok();
+    super::promote_only(repo, &two);
+    (one, two)
+}
