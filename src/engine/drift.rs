@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::Context;
 use crate::digest::Digest;
-use crate::provider::{ImageRef, StageRef};
+use crate::provider::StageRef;
 use crate::Error;
 
 #[derive(Debug, Clone, Serialize)]
@@ -87,7 +87,7 @@ pub fn check(ctx: &Context) -> Result<Report, Error> {
         if record.deleted && uses.is_none() {
             continue;
         }
-        let image = ImageRef { digest, image_ref: record.image_ref.clone() };
+        let image = record.image(digest);
         if let Err(err) = ctx.images.verify_image(&image) {
             let mut problem = err.to_string();
             if let Some(uses) = uses {

@@ -3,7 +3,9 @@
 use serde::{Deserialize, Serialize};
 
 use crate::clock::ClockRecord;
+use crate::config::Instance;
 use crate::digest::{canonical_json, Digest, StreamHasher};
+use crate::provider::ImageCopy;
 
 /// One appended fact. Its hash is the sha256 of its canonical JSON (without the hash itself); `prev` is the hash of
 /// event `seq - 1`, or all zeros for the first event.
@@ -54,6 +56,15 @@ pub enum EventBody {
         image_ref: String,
         commit: Option<String>,
         dirty: bool,
+        /// Where the provider holds the image per region and account (AWS: AMI and snapshot ids). Absent for a
+        /// provider with one store, so `baked` events written before this member existed keep their hashes.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        copies: Vec<ImageCopy>,
+        /// The `[instance]` section the image's instances start with (the recipe's own, else the nearest
+        /// ancestor's), so a deploy reads it here rather than from a provider label. Absent in events written
+        /// before it was recorded, and for an image with nothing to start.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        instance: Option<Instance>,
     },
     Promoted {
         pipeline: String,
@@ -120,6 +131,15 @@ pub enum EventBody {
         reason: String,
         log_tail: Option<String>,
     },
+    /// The stage's pointer (local: the OCI ref `<pipeline>-<stage>`; AWS: the SSM parameter
+    /// `/kiln/<pipeline>/<stage>`) was written to name `digest`, after a promotion or as a rollback started.
+    PointerPublished {
+        pipeline: String,
+        stage: String,
+        digest: Digest,
+        /// The pointer as the provider names it.
+        pointer: String,
+    },
     /// `kiln down` stopped the stage on purpose: until its next finished deployment it is stopped, not drifted.
     Stopped {
         pipeline: String,
@@ -147,6 +167,7 @@ impl EventBody {
             EventBody::DeployFinished { .. } => "deploy-finished",
             EventBody::DeployFailed { .. } => "deploy-failed",
             EventBody::Stopped { .. } => "stopped",
+            EventBody::PointerPublished { .. } => "pointer-published",
         }
     }
 
@@ -160,7 +181,8 @@ impl EventBody {
             | EventBody::DeployStep { stage, .. }
             | EventBody::DeployFinished { stage, .. }
             | EventBody::DeployFailed { stage, .. }
-            | EventBody::Stopped { stage, .. } => Some(stage),
+            | EventBody::Stopped { stage, .. }
+            | EventBody::PointerPublished { stage, .. } => Some(stage),
             EventBody::Baked { .. } | EventBody::Revoked { .. } | EventBody::Collected { .. } => None,
         }
     }
@@ -175,7 +197,8 @@ impl EventBody {
             | EventBody::Revoked { digest, .. }
             | EventBody::DeployStarted { digest, .. }
             | EventBody::DeployFinished { digest, .. }
-            | EventBody::DeployFailed { digest, .. } => Some(digest),
+            | EventBody::DeployFailed { digest, .. }
+            | EventBody::PointerPublished { digest, .. } => Some(digest),
             EventBody::DeployStep { .. } | EventBody::Collected { .. } | EventBody::Stopped { .. } => None,
         }
     }
