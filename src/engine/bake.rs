@@ -288,3 +288,74 @@ fn record(
     })?;
     Ok(stored.map(|s| s.event.seq))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::Clock;
+    use crate::config::{pipeline, Repo};
+    use crate::ledger::Ledger;
+    use crate::progress::Silent;
+    use crate::provider::memory::{test_instance, MemoryProvider};
+
+    fn baked(digest: Digest, instance: Option<Instance>) -> EventBody {
+        EventBody::Baked {
+            pipeline: "app".into(),
+            recipe: "app".into(),
+            digest,
+            recipe_key: digest,
+            parent: None,
+            provider: "memory".into(),
+            image_ref: format!("memory:{}", digest.short()),
+            commit: None,
+            dirty: false,
+            copies: Vec::new(),
+            instance,
+        }
+    }
+
+    #[test]
+    fn the_instance_section_comes_from_the_ledger_and_from_the_provider_only_for_older_images() {
+        let dir = tempfile::tempdir().unwrap();
+        for (rel, text) in [
+            ("images/app.toml", "description = \"app\"\n"),
+            ("pipelines/app.toml", "image = \"app\"\n[[stage]]\nname = \"dev\"\ndeploy = { port = 30998 }\n"),
+        ] {
+            let path = dir.path().join(rel);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, text).unwrap();
+        }
+        let repo = Repo::discover(dir.path()).unwrap();
+        let pipeline = pipeline::load(&repo, "app").unwrap();
+        let ledger = Ledger::open_dir(&dir.path().join(".kiln/ledger"));
+        let memory = MemoryProvider::default();
+        let clock = Clock::system();
+        let ctx = Context {
+            repo: &repo,
+            pipeline: &pipeline,
+            ledger: &ledger,
+            clock: &clock,
+            actor: "t",
+            images: &memory,
+            fleet: &memory,
+            state_dir: dir.path().join(".kiln"),
+            echo: false,
+            lease_holder: "t".into(),
+            progress: &Silent,
+        };
+        let append = |body: EventBody| {
+            ledger.append::<(), Error>("t", &clock, |_| Ok(Decision::Append(Box::new(body.clone()), ()))).unwrap();
+        };
+        // Baked before events recorded the section: the provider's own record of it (the local label) answers.
+        let older = Digest::of(b"older");
+        memory.add_image(older);
+        append(baked(older, None));
+        assert_eq!(instance_of(&ctx, &ImageRef::new(older, "o")).unwrap(), Some(test_instance()));
+        // Recorded in the ledger: the provider, which here stores nothing (like AMI tags), is not needed.
+        let recorded = Digest::of(b"recorded");
+        let mut instance = test_instance();
+        instance.command = vec!["/bin/recorded".into()];
+        append(baked(recorded, Some(instance.clone())));
+        assert_eq!(instance_of(&ctx, &ImageRef::new(recorded, "r")).unwrap(), Some(instance));
+    }
+}

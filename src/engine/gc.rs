@@ -231,6 +231,22 @@ mod tests {
     }
 
     #[test]
+    fn what_a_stage_pointer_names_is_kept() {
+        let [named, other] = [b"named", b"other"].map(|b| Digest::of(b));
+        let pointed = EventBody::PointerPublished {
+            pipeline: "p".into(),
+            stage: "prod".into(),
+            digest: named,
+            pointer: "p-prod".into(),
+        };
+        // `other` is the newest bake; only the pointer names `named`.
+        let view = folded(vec![baked(named), baked(other), pointed]);
+        let files = BTreeMap::from([("p".to_string(), stage_key("p", "prod"))]);
+        let keep = ledger_keeps(&view, &files);
+        assert!(keep.contains(&named), "{keep:?}");
+    }
+
+    #[test]
     fn a_pipeline_without_a_file_keeps_everything_it_ever_promoted() {
         let [old, mid, new] = [b"old", b"mid", b"new"].map(|b| Digest::of(b));
         let view = folded(vec![

@@ -345,6 +345,79 @@ mod tests {
         assert_eq!(back.event, pinned);
     }
 
+    /// A `baked` event as kiln wrote it before events recorded copies and the instance section, byte for byte.
+    const OLD_BAKED: &str = concat!(
+        r#"{"actor":"ci","commit":null,"digest":"sha256:"#,
+        "1111111111111111111111111111111111111111111111111111111111111111",
+        r#"","dirty":false,"image_ref":"app:111111111111","kind":"baked","parent":null,"pipeline":"hello","#,
+        r#""prev":"sha256:0000000000000000000000000000000000000000000000000000000000000000","provider":"local","#,
+        r#""recipe":"app","recipe_key":"sha256:"#,
+        "2222222222222222222222222222222222222222222222222222222222222222",
+        r#"","seq":1,"time":"2026-11-28T00:00:00.000Z"}"#
+    );
+
+    #[test]
+    fn a_baked_event_written_before_copies_and_instance_keeps_its_hash() {
+        let old_hash = Digest::of(OLD_BAKED.as_bytes());
+        let mut stored = OLD_BAKED.as_bytes()[..OLD_BAKED.len() - 1].to_vec();
+        stored.extend_from_slice(format!(",\"hash\":\"sha256:{}\"}}\n", old_hash.hex()).as_bytes());
+        let back = decode(&stored).unwrap();
+        let EventBody::Baked { copies, instance, .. } = &back.event.body else { panic!("{:?}", back.event.body) };
+        assert!(copies.is_empty() && instance.is_none());
+        let (again, hash) = encode(&back.event).unwrap();
+        assert_eq!(hash, old_hash, "re-encoding an old event must not change its hash");
+        assert_eq!(String::from_utf8(again).unwrap(), String::from_utf8(stored).unwrap());
+    }
+
+    #[test]
+    fn a_baked_event_records_its_copies_and_instance_section() {
+        let mut event = sample(2);
+        event.body = EventBody::Baked {
+            pipeline: "hello".into(),
+            recipe: "app".into(),
+            digest: Digest::of(b"image"),
+            recipe_key: Digest::of(b"key"),
+            parent: None,
+            provider: "aws".into(),
+            image_ref: "ami-0123".into(),
+            commit: None,
+            dirty: false,
+            copies: vec![ImageCopy {
+                region: "eu-west-1".into(),
+                account: Some("111122223333".into()),
+                id: "ami-0456".into(),
+                snapshots: vec!["snap-1".into()],
+            }],
+            instance: Some(crate::provider::memory::test_instance()),
+        };
+        let (stored, _) = encode(&event).unwrap();
+        let text = String::from_utf8_lossy(&stored);
+        assert!(
+            text.contains(r#""copies":[{"account":"111122223333","id":"ami-0456","region":"eu-west-1","#),
+            "{text}"
+        );
+        assert!(text.contains(r#""instance":{"command":["/bin/app"]"#), "{text}");
+        assert_eq!(decode(&stored).unwrap().event, event);
+    }
+
+    #[test]
+    fn a_pointer_published_event_names_its_stage_and_digest() {
+        let body = EventBody::PointerPublished {
+            pipeline: "hello".into(),
+            stage: "prod".into(),
+            digest: Digest::of(b"image"),
+            pointer: "hello-prod".into(),
+        };
+        assert_eq!(body.kind(), "pointer-published");
+        assert_eq!(body.stage(), Some("prod"));
+        assert_eq!(body.digest(), Some(&Digest::of(b"image")));
+        let mut event = sample(3);
+        event.body = body;
+        let (stored, _) = encode(&event).unwrap();
+        assert!(String::from_utf8_lossy(&stored).contains(r#""kind":"pointer-published""#));
+        assert_eq!(decode(&stored).unwrap().event, event);
+    }
+
     #[test]
     fn every_edited_byte_is_detected() {
         let (stored, _) = encode(&sample(3)).unwrap();

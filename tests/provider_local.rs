@@ -1,0 +1,50 @@
+//! The provider boundary seen from the binary: the factory picks the provider from the pipeline, and what a deploy
+//! needs to know of an image (its `[instance]` section) is recorded in the ledger's `baked` event rather than left
+//! to a label the provider must store.
+
+mod common;
+
+use common::tiny_repo;
+
+/// The `baked` events, by recipe.
+fn baked_events(repo: &common::Repo) -> std::collections::BTreeMap<String, serde_json::Value> {
+    let log = repo.run(&["log", "--json", "--limit", "1000"]).ok().json();
+    log["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "baked")
+        .map(|e| (e["recipe"].as_str().unwrap().to_string(), e.clone()))
+        .collect()
+}
+
+#[test]
+fn a_baked_event_records_the_instance_section_its_instances_start_with() {
+    let repo = tiny_repo(common::free_port());
+    // A recipe without [instance] starts its instances the way its nearest ancestor's do.
+    repo.write("images/worker.toml", "parent = \"app\"\n\n[[provision]]\nshell = \"mkdir -p $KILN_ROOT/srv\"\n");
+    repo.edit("pipelines/app.toml", "image = \"app\"", "image = \"worker\"");
+    repo.run(&["bake"]).ok();
+    let baked = baked_events(&repo);
+    assert!(baked["base"].get("instance").is_none(), "base has nothing to start: {}", baked["base"]);
+    let app = &baked["app"]["instance"];
+    assert_eq!(app["command"], serde_json::json!(["sleep", "1000"]), "{}", baked["app"]);
+    assert_eq!(app["health"], "tcp", "{}", baked["app"]);
+    assert_eq!(baked["worker"]["instance"], *app, "inherited from app");
+    // The local provider has one store: no per-region copies are recorded.
+    assert!(baked.values().all(|e| e.get("copies").is_none()), "{baked:?}");
+}
+
+#[test]
+fn a_pipeline_on_a_provider_not_built_yet_is_refused_by_the_factory() {
+    let repo = tiny_repo(common::free_port());
+    repo.write(
+        "pipelines/cloud.toml",
+        "image = \"app\"\nprovider = \"aws\"\n\n[aws]\nregion = \"eu-west-1\"\n\n[[stage]]\nname = \"dev\"\n\
+         deploy = { subnets = [\"subnet-1\"] }\n",
+    );
+    let refused = repo.run(&["--pipeline", "cloud", "bake"]).expect(1);
+    assert!(refused.stderr.contains("the aws provider is not implemented yet"), "{}", refused.stderr);
+    // The local pipeline beside it is unaffected.
+    repo.run(&["--pipeline", "app", "bake"]).ok();
+}
