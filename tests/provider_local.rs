@@ -48,3 +48,27 @@ fn a_pipeline_on_a_provider_not_built_yet_is_refused_by_the_factory() {
     // The local pipeline beside it is unaffected.
     repo.run(&["--pipeline", "app", "bake"]).ok();
 }
+
+/// `has_image` and `build_settings` can fail (on AWS they are API calls): a failure stops the command with the
+/// provider's error, rather than passing for "not there" and rebuilding or deleting on a guess.
+#[test]
+fn a_provider_that_cannot_answer_stops_bake_and_gc_with_its_error() {
+    let repo = tiny_repo(common::free_port());
+    repo.run(&["bake"]).ok();
+    // A second bake of app leaves the first one for gc to delete, so gc asks whether the provider holds it.
+    repo.edit("images/files/app/config.txt", "mode=fast", "mode=slow");
+    repo.run(&["bake"]).ok();
+    let events = || repo.run(&["log", "--json", "--limit", "1000"]).ok().json()["events"].as_array().unwrap().len();
+    let before = events();
+    for (spec, args) in [
+        ("build_settings=fail:the base image lookup timed out", &["bake"][..]),
+        ("has_image=fail:the image lookup timed out", &["bake"][..]),
+        ("has_image=fail:the image lookup timed out", &["gc"][..]),
+    ] {
+        let output = repo.kiln().env("KILN_INJECT", spec).args(args).output().unwrap();
+        let failed = common::Run::of(output, args).expect(1);
+        let reason = spec.split_once(":").unwrap().1;
+        assert!(failed.stderr.contains(reason), "{spec}: {}", failed.stderr);
+        assert_eq!(events(), before, "{spec}: nothing recorded");
+    }
+}
