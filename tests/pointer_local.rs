@@ -113,3 +113,26 @@ fn a_pointer_that_could_not_be_written_is_written_by_the_next_promote() {
     assert_eq!(skopeo_digest(&repo, "dev"), one);
     assert_eq!(pointer_events(&repo), [(one, "hello-dev".to_string())]);
 }
+
+/// Promoting to the last stage asks the provider to protect the image; earlier stages do not.
+#[test]
+fn promoting_to_the_last_stage_protects_the_image() {
+    let (repo, _ports) = Repo::example_on_free_ports();
+    let one = bake_greeting(&repo, "one");
+    let with_protect_failing = |args: &[&str]| {
+        let output = repo.kiln().env("KILN_INJECT", "protect=fail:protection is unavailable").args(args).output();
+        common::Run::of(output.unwrap(), args)
+    };
+    // dev is not the last stage: no protect call, so the injected failure never fires.
+    with_protect_failing(&["promote", "--stage", "dev", "--digest", &one, "--no-deploy"]).ok();
+
+    let (repo, _port) = dev_only(1);
+    let one = bake_greeting(&repo, "one");
+    let args = ["promote", "--stage", "dev", "--digest", &one, "--no-deploy"];
+    let output = repo.kiln().env("KILN_INJECT", "protect=fail:protection is unavailable").args(args).output();
+    let failed = common::Run::of(output.unwrap(), &args).expect(1);
+    assert!(failed.stderr.contains("could not protect it from deletion"), "{}", failed.stderr);
+    assert!(failed.stderr.contains("protection is unavailable"), "{}", failed.stderr);
+    assert_eq!(skopeo_digest(&repo, "dev"), one, "the promotion and its pointer are recorded");
+    repo.run(&args).ok();
+}

@@ -228,7 +228,19 @@ pub fn promote(ctx: &Context, options: &PromoteOptions) -> Result<PromoteReport,
             })
         })?;
         if ctx.pipeline.stages.last().is_some_and(|last| last.name == stage.name) {
-            ctx.images.protect(&image)?;
+            ctx.images.protect(&image).map_err(|err| {
+                Error::Provider(crate::provider::ProviderError::Other {
+                    provider: ctx.images.name(),
+                    message: format!(
+                        "{} is promoted to {}, but the provider could not protect it from deletion ({err}); run \
+                         `kiln promote --stage {} --digest {}` again to protect it",
+                        digest.short(),
+                        stage.name,
+                        stage.name,
+                        digest.short()
+                    ),
+                })
+            })?;
         }
     }
     Ok(PromoteReport { seq, ..report })
