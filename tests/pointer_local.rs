@@ -74,11 +74,11 @@ fn promotion_publishes_the_pointer_also_without_deploying_and_rollback_moves_it(
 }
 
 #[test]
-fn promoting_again_what_the_pointer_names_makes_no_provider_call() {
+fn promoting_again_what_the_pointer_names_writes_nothing() {
     let (repo, _port) = dev_only(1);
     let one = bake_greeting(&repo, "one");
     promote_only(&repo, &one);
-    // Any call to publish_pointer would fail: promoting the same digest again must not make one.
+    // Any write of the pointer would fail: promoting the same digest again must not make one.
     let again = repo
         .kiln()
         .env("KILN_INJECT", "publish_pointer=fail:the pointer store is down")
@@ -135,4 +135,32 @@ fn promoting_to_the_last_stage_protects_the_image() {
     assert!(failed.stderr.contains("protection is unavailable"), "{}", failed.stderr);
     assert_eq!(skopeo_digest(&repo, "dev"), one, "the promotion and its pointer are recorded");
     repo.run(&args).ok();
+}
+
+/// A pointer lost behind kiln's back (its ref removed from index.json) is drift, and promoting the digest again
+/// writes it back.
+#[test]
+fn a_lost_pointer_is_drift_and_promoting_again_writes_it_back() {
+    let (repo, _port) = dev_only(1);
+    let one = bake_greeting(&repo, "one");
+    promote_only(&repo, &one);
+    let index_path = repo.file(".kiln/oci/index.json");
+    let mut index: serde_json::Value = serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
+    let manifests = index["manifests"].as_array_mut().unwrap();
+    let before = manifests.len();
+    manifests.retain(|m| m["annotations"]["org.opencontainers.image.ref.name"] != "hello-dev");
+    assert_eq!(manifests.len(), before - 1, "the pointer was in the index");
+    std::fs::write(&index_path, serde_json::to_vec(&index).unwrap()).unwrap();
+
+    let drift = repo.run(&["verify"]).expect(6);
+    let text = format!("{}{}", drift.stdout, drift.stderr);
+    assert!(text.contains("stage dev"), "{text}");
+    assert!(text.contains("its stage pointer is missing, but the ledger recorded"), "{text}");
+    assert!(text.contains(&format!("kiln promote --stage dev --digest {}", &one[7..19])), "{text}");
+
+    let again = repo.run(&["promote", "--stage", "dev", "--digest", &one, "--no-deploy", "--json"]).ok().json();
+    assert_eq!(again["outcome"], "already-promoted");
+    assert_eq!(skopeo_digest(&repo, "dev"), one);
+    assert_eq!(pointer_events(&repo).len(), 2, "the second write is recorded too");
+    repo.run(&["verify"]).ok();
 }

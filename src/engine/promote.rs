@@ -246,31 +246,27 @@ pub fn promote(ctx: &Context, options: &PromoteOptions) -> Result<PromoteReport,
     Ok(PromoteReport { seq, ..report })
 }
 
-/// Points the stage's pointer at `image` and records it in a `pointer-published` event, unless the ledger says the
-/// pointer already names it: one provider call when the stage's digest changed, none otherwise. Returns the
+/// Points the stage's pointer at `image` and records the write in a `pointer-published` event. When the stage's
+/// digest changed (the ledger's last pointer names another), that is one provider call, the write. When the
+/// ledger says the pointer already names `image` (promoting again what a stage has), the provider is asked what
+/// its pointer names, and it is written again only if that was lost or changed behind kiln's back. Returns the
 /// event's seq when one was written.
 pub fn publish_pointer(ctx: &Context, stage: &Stage, image: &ImageRef) -> Result<Option<u64>, Error> {
-    let named = |view: &View| {
-        view.stage(&ctx.pipeline.name, &stage.name).and_then(|s| s.pointer.as_ref()).map(|m| m.digest)
-            == Some(image.digest)
-    };
-    if named(&ctx.ledger.view()?) {
+    let target = StageRef { pipeline: &ctx.pipeline.name, stage };
+    let recorded = ctx.ledger.view()?.stage(&ctx.pipeline.name, &stage.name).and_then(|s| s.pointer.clone());
+    if recorded.is_some_and(|m| m.digest == image.digest) && ctx.images.pointer(target)? == Some(image.digest) {
         return Ok(None);
     }
-    let pointer = ctx.images.publish_pointer(StageRef { pipeline: &ctx.pipeline.name, stage }, image)?;
+    let pointer = ctx.images.publish_pointer(target, image)?;
     let body = EventBody::PointerPublished {
         pipeline: ctx.pipeline.name.clone(),
         stage: stage.name.clone(),
         digest: image.digest,
         pointer,
     };
-    let (_, stored) = ctx.ledger.append::<(), Error>(ctx.actor, ctx.clock, |view| {
-        // Another kiln published the same meanwhile: one record of it is enough.
-        if named(view) {
-            return Ok(Decision::Skip(()));
-        }
-        Ok(Decision::Append(Box::new(body.clone()), ()))
-    })?;
+    // Every write is recorded, a repeated one too: the ledger says when the pointer last changed and who changed it.
+    let (_, stored) =
+        ctx.ledger.append::<(), Error>(ctx.actor, ctx.clock, |_| Ok(Decision::Append(Box::new(body.clone()), ())))?;
     Ok(stored.map(|s| s.event.seq))
 }
 

@@ -241,6 +241,10 @@ impl ImageProvider for Faulty<'_> {
         self.injector.before("publish_pointer")?;
         self.images.publish_pointer(stage, image)
     }
+    fn pointer(&self, stage: StageRef) -> Result<Option<crate::digest::Digest>, ProviderError> {
+        self.injector.before("pointer")?;
+        self.images.pointer(stage)
+    }
 }
 
 impl Fleet for Faulty<'_> {

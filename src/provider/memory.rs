@@ -158,6 +158,9 @@ impl ImageProvider for MemoryProvider {
         self.state().pointers.insert(key(stage), image.digest);
         Ok(format!("memory://pointer/{}", key(stage)))
     }
+    fn pointer(&self, stage: StageRef) -> Result<Option<Digest>, ProviderError> {
+        Ok(self.pointer_of(stage))
+    }
 }
 
 impl Fleet for MemoryProvider {

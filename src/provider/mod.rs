@@ -151,6 +151,8 @@ pub trait ImageProvider {
     /// parameter `/kiln/<pipeline>/<stage>`; local: the OCI ref `<pipeline>-<stage>` in `.kiln/oci`). Returns the
     /// pointer's name as recorded in the ledger. Idempotent: writing the same image again changes nothing.
     fn publish_pointer(&self, stage: StageRef, image: &ImageRef) -> Result<String, ProviderError>;
+    /// The digest the stage's pointer names now, as the provider (not the ledger) says; `None` when it has none.
+    fn pointer(&self, stage: StageRef) -> Result<Option<Digest>, ProviderError>;
 }
 
 /// Everything the engine needs of one provider: images and the groups that run them.

@@ -419,12 +419,18 @@ impl ImageProvider for LocalProvider {
 
     fn publish_pointer(&self, stage: StageRef, image: &ImageRef) -> Result<String, ProviderError> {
         let pointer = pointer_name(stage);
-        let store = self.store()?;
-        if store.refs().map_err(oci_error)?.iter().any(|(name, digest)| *name == pointer && *digest == image.digest) {
-            return Ok(pointer);
-        }
-        store.tag(&pointer, &image.digest).map_err(oci_error)?;
+        // Tagging replaces the ref in one rewrite of index.json: a reader sees the old image or the new one.
+        self.store()?.tag(&pointer, &image.digest).map_err(oci_error)?;
         Ok(pointer)
+    }
+
+    fn pointer(&self, stage: StageRef) -> Result<Option<Digest>, ProviderError> {
+        if !self.state.join("oci").exists() {
+            return Ok(None);
+        }
+        let pointer = pointer_name(stage);
+        let refs = self.store()?.refs().map_err(oci_error)?;
+        Ok(refs.into_iter().find(|(name, _)| *name == pointer).map(|(_, digest)| digest))
     }
 }
 
