@@ -164,3 +164,22 @@ fn a_lost_pointer_is_drift_and_promoting_again_writes_it_back() {
     assert_eq!(pointer_events(&repo).len(), 2, "the second write is recorded too");
     repo.run(&["verify"]).ok();
 }
+
+/// Restoring service comes first: a pointer that cannot be written as a rollback starts does not stop it.
+#[test]
+fn a_rollback_goes_on_when_its_pointer_cannot_be_written() {
+    let (repo, port) = dev_only(1);
+    let _down = Down { repo: &repo, stages: vec!["dev"], pipeline: None };
+    let one = bake_greeting(&repo, "one");
+    repo.run(&["promote", "--stage", "dev", "--digest", &one]).ok();
+    let two = bake_greeting(&repo, "two");
+    repo.run(&["promote", "--stage", "dev", "--digest", &two]).ok();
+    let args = ["rollback", "--stage", "dev", "--reason", "pointer store down"];
+    let output = repo.kiln().env("KILN_INJECT", "publish_pointer=fail:the pointer store is down").args(args).output();
+    let rolled = common::Run::of(output.unwrap(), &args).ok();
+    assert!(rolled.stderr.contains("the stage pointer still names what the stage ran before"), "{}", rolled.stderr);
+    assert!(rolled.stderr.contains("the pointer store is down"), "{}", rolled.stderr);
+    assert_eq!(common::greeting(port), "one");
+    assert_eq!(skopeo_digest(&repo, "dev"), two, "not written, so not recorded either");
+    assert_eq!(pointer_events(&repo).len(), 2);
+}
