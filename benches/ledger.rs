@@ -32,6 +32,8 @@ fn release(n: u64, parent: Option<Digest>) -> (Digest, Vec<EventBody>) {
         image_ref: format!("hello:{}", &digest.hex()[..12]),
         commit: Some(format!("{:040x}", n)),
         dirty: false,
+        copies: Vec::new(),
+        instance: None,
     }];
     for stage in STAGES {
         if stage == "prod" {
@@ -106,6 +108,8 @@ fn generate(dir: &Path, events: u64) {
                 image_ref: format!("base:{}", &base_digest.hex()[..12]),
                 commit: Some(format!("{:040x}", n)),
                 dirty: false,
+                copies: Vec::new(),
+                instance: None,
             });
             base = Some(base_digest);
         }

@@ -101,7 +101,7 @@ fn verify_reports_an_image_gc_deleted_while_a_stage_still_runs_it() {
         .unwrap();
     let image_ref = image_state(&repo, &one)["image_ref"].as_str().unwrap().to_string();
     let store = kiln::provider::local::LocalProvider::new(repo.file(".kiln"));
-    kiln::provider::ImageProvider::delete_image(&store, &kiln::provider::ImageRef { digest, image_ref }).unwrap();
+    kiln::provider::ImageProvider::delete_image(&store, &kiln::provider::ImageRef::new(digest, image_ref)).unwrap();
     kiln::provider::ImageProvider::collect_garbage(&store).unwrap();
 
     for pipeline in ["hello", "slow"] {

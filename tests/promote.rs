@@ -245,7 +245,7 @@ fn an_approvers_list_is_enforced_and_log_filters_by_stage() {
     at(&repo, NOW, "ci", &["promote", "--stage", "dev", "--no-deploy"]).ok();
     let dev = repo.run(&["log", "--stage", "dev", "--json"]).ok().json();
     let kinds: Vec<&str> = dev["events"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
-    assert_eq!(kinds, ["promoted", "approved"], "newest first, only dev's events");
+    assert_eq!(kinds, ["pointer-published", "promoted", "approved"], "newest first, only dev's events");
     let limited = repo.run(&["log", "--limit", "1", "--json"]).ok().json();
     assert_eq!(limited["events"].as_array().unwrap().len(), 1);
 }

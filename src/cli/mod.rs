@@ -26,11 +26,10 @@ use std::time::{Duration, UNIX_EPOCH};
 use clap::{Args, Parser, Subcommand};
 
 use kiln::clock::Clock;
-use kiln::config::{pipeline, LedgerLocation, Pipeline, ProviderKind, Repo};
+use kiln::config::{pipeline, LedgerLocation, Pipeline, Repo};
 use kiln::engine::Context;
 use kiln::ledger::Ledger;
 use kiln::provider::inject::{Faulty, Injector};
-use kiln::provider::local::LocalProvider;
 use kiln::provider::{Fleet, ImageProvider};
 use kiln::Error;
 
@@ -169,17 +168,15 @@ impl Ctx {
     pub fn with_engine<T>(&self, f: impl FnOnce(&Context) -> Result<T, Error>) -> Result<T, Error> {
         let pipeline = self.pipeline()?;
         let ledger = self.ledger()?;
-        let local = match pipeline.provider {
-            ProviderKind::Local => LocalProvider::new(self.state_dir()),
-            ProviderKind::Aws => return Err(Error::NotYet { what: "the aws provider".into() }),
-        };
+        let provider = kiln::provider::for_pipeline(pipeline, self.state_dir())?;
         let progress = progress::for_run(self.global.quiet);
         // Tests of the binary inject provider failures on purpose (KILN_INJECT); nobody else sets it.
         let injector = Injector::from_env().map_err(Error::usage)?;
-        let faulty = injector.as_ref().map(|injector| Faulty { images: &local, fleet: &local, injector });
+        let faulty =
+            injector.as_ref().map(|injector| Faulty { images: provider.as_ref(), fleet: provider.as_ref(), injector });
         let (images, fleet): (&dyn ImageProvider, &dyn Fleet) = match &faulty {
             Some(faulty) => (faulty, faulty),
-            None => (&local, &local),
+            None => (provider.as_ref(), provider.as_ref()),
         };
         let context = Context {
             repo: &self.repo,

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use super::recipe_key::{FileHasher, KeyInputs, KEY_FORMAT};
 use super::Context;
-use crate::config::recipe;
+use crate::config::{recipe, Instance};
 use crate::digest::Digest;
 use crate::ledger::{Decision, EventBody};
 use crate::provider::{BakeJob, ImageRef, Reproduction};
@@ -80,6 +80,8 @@ pub fn bake(ctx: &Context, options: &BakeOptions) -> Result<BakeReport, Error> {
     let mut hasher = FileHasher::open(Some(ctx.state_dir.join("cache").join("stat.json")));
     tracing::debug!(ms = started.elapsed().as_secs_f64() * 1000.0, "stat cache loaded");
     let mut parent: Option<ImageRef> = None;
+    // A recipe without [instance] starts its instances the way its nearest ancestor's do.
+    let mut inherited_instance: Option<Instance> = None;
     let mut baked = Vec::with_capacity(chain.len());
     let mut jobs = Vec::with_capacity(chain.len());
     for recipe in &chain {
@@ -93,30 +95,39 @@ pub fn bake(ctx: &Context, options: &BakeOptions) -> Result<BakeReport, Error> {
             recipe,
             parent_digest: parent.as_ref().map(|p| p.digest),
             provider: ctx.images.name(),
-            provider_settings: ctx.images.build_settings(recipe),
+            provider_settings: ctx.images.build_settings(recipe)?,
             files: &files,
         }
         .digest();
         tracing::debug!(ms = started.elapsed().as_secs_f64() * 1000.0, "recipe key computed");
         let view = ctx.ledger.view()?;
-        let cached = view.image_for_key(&key).and_then(|digest| view.image(&digest).map(|r| (digest, r))).filter(
-            |(digest, record)| {
-                !record.deleted
-                    && ctx.images.has_image(&ImageRef { digest: *digest, image_ref: record.image_ref.clone() })
-            },
-        );
-        let this = match cached {
+        let recorded = view
+            .image_for_key(&key)
+            .and_then(|digest| view.image(&digest).map(|r| (digest, r)))
+            .filter(|(_, record)| !record.deleted);
+        drop(view);
+        let cached = match recorded {
+            // Asking the provider may cost a call (AWS); --no-cache will not use the answer.
             Some((digest, record)) if !options.no_cache => {
+                ctx.images.has_image(&record.image(digest))?.then_some((digest, record))
+            }
+            _ => None,
+        };
+        let instance = recipe.instance.clone().or(inherited_instance.take());
+        inherited_instance = instance.clone();
+        let this = match cached {
+            Some((digest, record)) => {
                 tracing::info!(recipe = %recipe.name, "cache hit: {} ({})", digest.short(), record.image_ref);
-                BakedImage {
+                let this = BakedImage {
                     recipe: recipe.name.clone(),
                     digest,
                     recipe_key: key,
-                    image_ref: record.image_ref,
+                    image_ref: record.image_ref.clone(),
                     parent: parent.as_ref().map(|p| p.digest),
                     cached: true,
                     seq: None,
-                }
+                };
+                (this, record.image(digest))
             }
             _ => {
                 let source = source(options)?;
@@ -152,20 +163,27 @@ pub fn bake(ctx: &Context, options: &BakeOptions) -> Result<BakeReport, Error> {
                     .bake(&job)
                     .map_err(|err| interruption(&recipe.name).err().unwrap_or(Error::from(err)))?;
                 interruption(&recipe.name)?;
-                let seq = record(ctx, recipe.name.clone(), key, &image, parent.as_ref().map(|p| p.digest), &source)?;
+                let seq = record(
+                    ctx,
+                    Recorded { recipe: recipe.name.clone(), key, parent: parent.as_ref().map(|p| p.digest), instance },
+                    &image,
+                    &source,
+                )?;
                 tracing::info!(recipe = %recipe.name, "baked {} ({})", image.digest, image.image_ref);
-                BakedImage {
+                let this = BakedImage {
                     recipe: recipe.name.clone(),
                     digest: image.digest,
                     recipe_key: key,
-                    image_ref: image.image_ref,
+                    image_ref: image.image_ref.clone(),
                     parent: parent.as_ref().map(|p| p.digest),
                     cached: false,
                     seq,
-                }
+                };
+                (this, image)
             }
         };
-        parent = Some(ImageRef { digest: this.digest, image_ref: this.image_ref.clone() });
+        let (this, image) = this;
+        parent = Some(image);
         jobs.push((recipe, key, files));
         baked.push(this);
     }
@@ -177,7 +195,7 @@ pub fn bake(ctx: &Context, options: &BakeOptions) -> Result<BakeReport, Error> {
         // Rebuild with the labels each image was recorded with, so only the build itself can differ.
         let mut check_jobs = Vec::with_capacity(jobs.len());
         for ((recipe, key, files), image) in jobs.iter().zip(&baked) {
-            let image_ref = ImageRef { digest: image.digest, image_ref: image.image_ref.clone() };
+            let image_ref = ImageRef::new(image.digest, image.image_ref.clone());
             let labels = ctx.images.image_labels(&image_ref)?;
             let job = BakeJob {
                 recipe,
@@ -214,6 +232,16 @@ pub fn bake(ctx: &Context, options: &BakeOptions) -> Result<BakeReport, Error> {
     Ok(BakeReport { chain: baked, commit, dirty, files_hashed: hasher.files_hashed(), reproducible })
 }
 
+/// The `[instance]` section an image's instances start with: as its `baked` event recorded it, else (an image
+/// baked before events recorded it) as the provider stored it with the image. The ledger comes first because a
+/// provider may have no room for it (AMI tags hold 256 characters).
+pub fn instance_of(ctx: &Context, image: &ImageRef) -> Result<Option<Instance>, Error> {
+    if let Some(recorded) = ctx.ledger.view()?.image(&image.digest).and_then(|r| r.instance) {
+        return Ok(Some(recorded));
+    }
+    Ok(ctx.images.instance_of(image)?)
+}
+
 /// Fails once SIGINT or SIGTERM has arrived (when the CLI catches them), so the bake unwinds and cleans up.
 fn interruption(recipe: &str) -> Result<(), Error> {
     if crate::process::interrupted() {
@@ -222,15 +250,22 @@ fn interruption(recipe: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// What the engine knows of a new image beyond what the provider returned.
+struct Recorded {
+    recipe: String,
+    key: Digest,
+    parent: Option<Digest>,
+    instance: Option<Instance>,
+}
+
 /// Records a `baked` event unless another writer recorded this image for this key meanwhile.
 fn record(
     ctx: &Context,
-    recipe: String,
-    key: Digest,
+    recorded: Recorded,
     image: &ImageRef,
-    parent: Option<Digest>,
     source: &crate::git::SourceState,
 ) -> Result<Option<u64>, Error> {
+    let Recorded { recipe, key, parent, instance } = recorded;
     let body = EventBody::Baked {
         pipeline: ctx.pipeline.name.clone(),
         recipe,
@@ -241,6 +276,8 @@ fn record(
         image_ref: image.image_ref.clone(),
         commit: source.commit.clone(),
         dirty: source.dirty(),
+        copies: image.copies.clone(),
+        instance,
     };
     let (_, stored) = ctx.ledger.append::<(), Error>(ctx.actor, ctx.clock, |view| {
         let recorded = view.image(&image.digest).is_some_and(|r| !r.deleted);
@@ -250,4 +287,75 @@ fn record(
         Ok(Decision::Append(Box::new(body.clone()), ()))
     })?;
     Ok(stored.map(|s| s.event.seq))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::Clock;
+    use crate::config::{pipeline, Repo};
+    use crate::ledger::Ledger;
+    use crate::progress::Silent;
+    use crate::provider::memory::{test_instance, MemoryProvider};
+
+    fn baked(digest: Digest, instance: Option<Instance>) -> EventBody {
+        EventBody::Baked {
+            pipeline: "app".into(),
+            recipe: "app".into(),
+            digest,
+            recipe_key: digest,
+            parent: None,
+            provider: "memory".into(),
+            image_ref: format!("memory:{}", digest.short()),
+            commit: None,
+            dirty: false,
+            copies: Vec::new(),
+            instance,
+        }
+    }
+
+    #[test]
+    fn the_instance_section_comes_from_the_ledger_and_from_the_provider_only_for_older_images() {
+        let dir = tempfile::tempdir().unwrap();
+        for (rel, text) in [
+            ("images/app.toml", "description = \"app\"\n"),
+            ("pipelines/app.toml", "image = \"app\"\n[[stage]]\nname = \"dev\"\ndeploy = { port = 30998 }\n"),
+        ] {
+            let path = dir.path().join(rel);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, text).unwrap();
+        }
+        let repo = Repo::discover(dir.path()).unwrap();
+        let pipeline = pipeline::load(&repo, "app").unwrap();
+        let ledger = Ledger::open_dir(&dir.path().join(".kiln/ledger"));
+        let memory = MemoryProvider::default();
+        let clock = Clock::system();
+        let ctx = Context {
+            repo: &repo,
+            pipeline: &pipeline,
+            ledger: &ledger,
+            clock: &clock,
+            actor: "t",
+            images: &memory,
+            fleet: &memory,
+            state_dir: dir.path().join(".kiln"),
+            echo: false,
+            lease_holder: "t".into(),
+            progress: &Silent,
+        };
+        let append = |body: EventBody| {
+            ledger.append::<(), Error>("t", &clock, |_| Ok(Decision::Append(Box::new(body.clone()), ()))).unwrap();
+        };
+        // Baked before events recorded the section: the provider's own record of it (the local label) answers.
+        let older = Digest::of(b"older");
+        memory.add_image(older);
+        append(baked(older, None));
+        assert_eq!(instance_of(&ctx, &ImageRef::new(older, "o")).unwrap(), Some(test_instance()));
+        // Recorded in the ledger: the provider, which here stores nothing (like AMI tags), is not needed.
+        let recorded = Digest::of(b"recorded");
+        let mut instance = test_instance();
+        instance.command = vec!["/bin/recorded".into()];
+        append(baked(recorded, Some(instance.clone())));
+        assert_eq!(instance_of(&ctx, &ImageRef::new(recorded, "r")).unwrap(), Some(instance));
+    }
 }

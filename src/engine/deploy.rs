@@ -503,12 +503,12 @@ fn plan(
     let choice = choose(ctx, &view, stage, want)?;
     let digest = choice.digest;
     let record = view.image(&digest).ok_or_else(|| Error::usage(format!("{digest} is not an image in this ledger")))?;
-    let image = ImageRef { digest, image_ref: record.image_ref.clone() };
+    let image = record.image(digest);
     let live = view.stage(&ctx.pipeline.name, &stage.name).and_then(|s| s.live.clone());
     let revoked = view.revocation(&digest);
     drop(view);
     // An image that says nothing about how to start is a recipe problem, refused before the stage is touched.
-    if ctx.images.instance_of(&image)?.is_none() {
+    if super::bake::instance_of(ctx, &image)?.is_none() {
         return Err(Error::usage(format!(
             "{} (recipe `{}`) has no [instance] section, so there is nothing to start; add one to images/{}.toml \
              (command and health) and bake again",
@@ -609,6 +609,9 @@ fn start(ctx: &Context, stage: &Stage, want: &Want, plan: &Plan) -> Result<Optio
         };
         Ok(Decision::Append(Box::new(body), Some(open)))
     })?;
+    if open.as_ref().is_some_and(|o| o.rollback) {
+        super::promote::pointer_follows_rollback(ctx, stage, &plan.image);
+    }
     Ok(open)
 }
 
@@ -949,6 +952,6 @@ fn ready_timeout(ctx: &Context, stage: &Stage, image: &ImageRef) -> Result<Durat
     if let Some(timeout) = stage.ready_timeout {
         return Ok(timeout);
     }
-    let instance = ctx.images.instance_of(image)?;
+    let instance = super::bake::instance_of(ctx, image)?;
     Ok(instance.map(|i| i.ready_timeout()).unwrap_or(Duration::from_secs(60)))
 }

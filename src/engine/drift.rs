@@ -1,6 +1,7 @@
 //! Drift: where the provider no longer matches the ledger — an image that is gone or whose content changed (a
-//! deleted one too, while a stage of any pipeline still promotes, runs or keeps it), a live group that is missing,
-//! short of instances or running another digest, an endpoint that is down. A stage stopped on purpose with
+//! deleted one too, while a stage of any pipeline still promotes, runs or keeps it), a stage pointer that no longer
+//! names what the ledger last published, a live group that is missing, short of instances or running another
+//! digest, an endpoint that is down. A stage stopped on purpose with
 //! `kiln down` is reported as stopped, not as drift.
 
 use std::collections::BTreeMap;
@@ -9,7 +10,7 @@ use serde::Serialize;
 
 use super::Context;
 use crate::digest::Digest;
-use crate::provider::{ImageRef, StageRef};
+use crate::provider::StageRef;
 use crate::Error;
 
 #[derive(Debug, Clone, Serialize)]
@@ -87,7 +88,7 @@ pub fn check(ctx: &Context) -> Result<Report, Error> {
         if record.deleted && uses.is_none() {
             continue;
         }
-        let image = ImageRef { digest, image_ref: record.image_ref.clone() };
+        let image = record.image(digest);
         if let Err(err) = ctx.images.verify_image(&image) {
             let mut problem = err.to_string();
             if let Some(uses) = uses {
@@ -95,6 +96,26 @@ pub fn check(ctx: &Context) -> Result<Report, Error> {
                 problem.push_str(&format!("; {deleted}it is still {}", uses.join(", ")));
             }
             report.drift.push(Drift { subject: digest.to_string(), problem });
+        }
+    }
+    for stage in &ctx.pipeline.stages {
+        let Some(recorded) = view.stage(&ctx.pipeline.name, &stage.name).and_then(|s| s.pointer.clone()) else {
+            continue;
+        };
+        let named = ctx.images.pointer(StageRef { pipeline: &ctx.pipeline.name, stage })?;
+        if named != Some(recorded.digest) {
+            let now = named.map_or("is missing".to_string(), |d| format!("names {}", d.short()));
+            report.drift.push(Drift {
+                subject: format!("stage {}", stage.name),
+                problem: format!(
+                    "its stage pointer {now}, but the ledger recorded {} (seq {}); `kiln promote --stage {} --digest {}` \
+                     writes it again",
+                    recorded.digest.short(),
+                    recorded.seq,
+                    stage.name,
+                    recorded.digest.short()
+                ),
+            });
         }
     }
     for stage in &ctx.pipeline.stages {

@@ -81,6 +81,8 @@ fn ledger_keeps(view: &View, last_stages: &BTreeMap<String, String>) -> BTreeSet
             keep.extend(there.live.iter().map(|l| l.digest));
             keep.extend(there.open.iter().map(|o| o.digest));
             keep.extend(there.history.iter().map(|l| l.digest));
+            // What tools outside kiln read as the stage's image must stay readable.
+            keep.extend(there.pointer.iter().map(|m| m.digest));
         }
     }
     for (digest, record) in view.images() {
@@ -139,12 +141,18 @@ pub fn collect(ctx: &Context, dry_run: bool) -> Result<GcReport, Error> {
     let view = ctx.ledger.view()?;
     let keep = keep_set(ctx, &view, &shared)?;
     let images = view.images();
-    let doomed: Vec<ImageRef> = images
-        .iter()
-        .filter(|(d, r)| !keep.contains(d) && !r.deleted && r.provider == ctx.images.name())
-        .map(|(d, r)| ImageRef { digest: *d, image_ref: r.image_ref.clone() })
-        .filter(|image| ctx.images.has_image(image))
-        .collect();
+    let mut doomed: Vec<ImageRef> = Vec::new();
+    for (digest, record) in &images {
+        if keep.contains(digest) || record.deleted || record.provider != ctx.images.name() {
+            continue;
+        }
+        let image = record.image(*digest);
+        // A provider that cannot say whether it holds the image stops gc: guessing either way deletes blindly or
+        // records a deletion that did not happen.
+        if ctx.images.has_image(&image)? {
+            doomed.push(image);
+        }
+    }
     let kept = images.len() - doomed.len();
     if dry_run {
         return Ok(GcReport { deleted: doomed, kept, bytes_freed: 0, dry_run, seq: None });
@@ -213,11 +221,29 @@ mod tests {
             image_ref: "app:x".into(),
             commit: None,
             dirty: false,
+            copies: Vec::new(),
+            instance: None,
         }
     }
 
     fn promoted(pipeline: &str, stage: &str, digest: Digest) -> EventBody {
         EventBody::Promoted { pipeline: pipeline.into(), stage: stage.into(), digest, gates: vec![] }
+    }
+
+    #[test]
+    fn what_a_stage_pointer_names_is_kept() {
+        let [named, other] = [b"named", b"other"].map(|b| Digest::of(b));
+        let pointed = EventBody::PointerPublished {
+            pipeline: "p".into(),
+            stage: "prod".into(),
+            digest: named,
+            pointer: "p-prod".into(),
+        };
+        // `other` is the newest bake; only the pointer names `named`.
+        let view = folded(vec![baked(named), baked(other), pointed]);
+        let files = BTreeMap::from([("p".to_string(), stage_key("p", "prod"))]);
+        let keep = ledger_keeps(&view, &files);
+        assert!(keep.contains(&named), "{keep:?}");
     }
 
     #[test]

@@ -132,7 +132,7 @@ pub fn promote(ctx: &Context, options: &PromoteOptions) -> Result<PromoteReport,
         None => default_digest(ctx, &view, stage)?,
     };
     let record = own_image(ctx, &view, &digest)?;
-    let image = ImageRef { digest, image_ref: record.image_ref.clone() };
+    let image = record.image(digest);
     drop(view);
 
     // Gates that do not depend on the ledger are judged once, outside the append loop.
@@ -212,7 +212,70 @@ pub fn promote(ctx: &Context, options: &PromoteOptions) -> Result<PromoteReport,
         });
     }
     let seq = stored.filter(|_| report.outcome == Outcome::Promoted).map(|s| s.event.seq);
+    if !options.plan {
+        // Also when already promoted: a pointer that a failed publish left behind is written on the next try.
+        publish_pointer(ctx, stage, &image).map_err(|err| {
+            Error::Provider(crate::provider::ProviderError::Other {
+                provider: ctx.images.name(),
+                message: format!(
+                    "{} is promoted to {}, but its stage pointer was not published ({err}); run `kiln promote \
+                     --stage {} --digest {}` again to publish it",
+                    digest.short(),
+                    stage.name,
+                    stage.name,
+                    digest.short()
+                ),
+            })
+        })?;
+        if ctx.pipeline.stages.last().is_some_and(|last| last.name == stage.name) {
+            ctx.images.protect(&image).map_err(|err| {
+                Error::Provider(crate::provider::ProviderError::Other {
+                    provider: ctx.images.name(),
+                    message: format!(
+                        "{} is promoted to {}, but the provider could not protect it from deletion ({err}); run \
+                         `kiln promote --stage {} --digest {}` again to protect it",
+                        digest.short(),
+                        stage.name,
+                        stage.name,
+                        digest.short()
+                    ),
+                })
+            })?;
+        }
+    }
     Ok(PromoteReport { seq, ..report })
+}
+
+/// Points the stage's pointer at `image` and records the write in a `pointer-published` event. When the stage's
+/// digest changed (the ledger's last pointer names another), that is one provider call, the write. When the
+/// ledger says the pointer already names `image` (promoting again what a stage has), the provider is asked what
+/// its pointer names, and it is written again only if that was lost or changed behind kiln's back. Returns the
+/// event's seq when one was written.
+pub fn publish_pointer(ctx: &Context, stage: &Stage, image: &ImageRef) -> Result<Option<u64>, Error> {
+    let target = StageRef { pipeline: &ctx.pipeline.name, stage };
+    let recorded = ctx.ledger.view()?.stage(&ctx.pipeline.name, &stage.name).and_then(|s| s.pointer.clone());
+    if recorded.is_some_and(|m| m.digest == image.digest) && ctx.images.pointer(target)? == Some(image.digest) {
+        return Ok(None);
+    }
+    let pointer = ctx.images.publish_pointer(target, image)?;
+    let body = EventBody::PointerPublished {
+        pipeline: ctx.pipeline.name.clone(),
+        stage: stage.name.clone(),
+        digest: image.digest,
+        pointer,
+    };
+    // Every write is recorded, a repeated one too: the ledger says when the pointer last changed and who changed it.
+    let (_, stored) =
+        ctx.ledger.append::<(), Error>(ctx.actor, ctx.clock, |_| Ok(Decision::Append(Box::new(body.clone()), ())))?;
+    Ok(stored.map(|s| s.event.seq))
+}
+
+/// As a rollback starts, the stage's pointer follows it. A pointer that cannot be written does not stop the
+/// rollback (restoring service comes first); it is said, and the next promotion or rollback writes it.
+pub fn pointer_follows_rollback(ctx: &Context, stage: &Stage, image: &ImageRef) {
+    if let Err(err) = publish_pointer(ctx, stage, image) {
+        tracing::warn!(stage = %stage.name, "the stage pointer still names what the stage ran before: {err}");
+    }
 }
 
 /// Implicit gates first, then the configured gates in the order written, then the content check.

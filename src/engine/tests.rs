@@ -130,6 +130,8 @@ impl World {
             image_ref: format!("memory:{n}"),
             commit: None,
             dirty: false,
+            copies: Vec::new(),
+            instance: None,
         });
         digest
     }
@@ -384,7 +386,7 @@ fn drift_names_a_group_that_runs_another_digest() {
     world.memory.destroy(world.stage(), &live.group).unwrap();
     let stranger = Digest::of(b"stranger");
     world.memory.add_image(stranger);
-    let image = crate::provider::ImageRef { digest: stranger, image_ref: "memory:stranger".into() };
+    let image = crate::provider::ImageRef::new(stranger, "memory:stranger");
     use crate::provider::Fleet;
     world.memory.launch(world.stage(), &live.group, &image, 2).unwrap();
     let drift = world.as_kiln("auditor", 20, super::drift::check).unwrap();

@@ -3,7 +3,9 @@
 use serde::{Deserialize, Serialize};
 
 use crate::clock::ClockRecord;
+use crate::config::Instance;
 use crate::digest::{canonical_json, Digest, StreamHasher};
+use crate::provider::ImageCopy;
 
 /// One appended fact. Its hash is the sha256 of its canonical JSON (without the hash itself); `prev` is the hash of
 /// event `seq - 1`, or all zeros for the first event.
@@ -54,6 +56,15 @@ pub enum EventBody {
         image_ref: String,
         commit: Option<String>,
         dirty: bool,
+        /// Where the provider holds the image per region and account (AWS: AMI and snapshot ids). Absent for a
+        /// provider with one store, so `baked` events written before this member existed keep their hashes.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        copies: Vec<ImageCopy>,
+        /// The `[instance]` section the image's instances start with (the recipe's own, else the nearest
+        /// ancestor's), so a deploy reads it here rather than from a provider label. Absent in events written
+        /// before it was recorded, and for an image with nothing to start.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        instance: Option<Instance>,
     },
     Promoted {
         pipeline: String,
@@ -120,6 +131,15 @@ pub enum EventBody {
         reason: String,
         log_tail: Option<String>,
     },
+    /// The stage's pointer (local: the OCI ref `<pipeline>-<stage>`; AWS: the SSM parameter
+    /// `/kiln/<pipeline>/<stage>`) was written to name `digest`, after a promotion or as a rollback started.
+    PointerPublished {
+        pipeline: String,
+        stage: String,
+        digest: Digest,
+        /// The pointer as the provider names it.
+        pointer: String,
+    },
     /// `kiln down` stopped the stage on purpose: until its next finished deployment it is stopped, not drifted.
     Stopped {
         pipeline: String,
@@ -147,6 +167,7 @@ impl EventBody {
             EventBody::DeployFinished { .. } => "deploy-finished",
             EventBody::DeployFailed { .. } => "deploy-failed",
             EventBody::Stopped { .. } => "stopped",
+            EventBody::PointerPublished { .. } => "pointer-published",
         }
     }
 
@@ -160,7 +181,8 @@ impl EventBody {
             | EventBody::DeployStep { stage, .. }
             | EventBody::DeployFinished { stage, .. }
             | EventBody::DeployFailed { stage, .. }
-            | EventBody::Stopped { stage, .. } => Some(stage),
+            | EventBody::Stopped { stage, .. }
+            | EventBody::PointerPublished { stage, .. } => Some(stage),
             EventBody::Baked { .. } | EventBody::Revoked { .. } | EventBody::Collected { .. } => None,
         }
     }
@@ -175,7 +197,8 @@ impl EventBody {
             | EventBody::Revoked { digest, .. }
             | EventBody::DeployStarted { digest, .. }
             | EventBody::DeployFinished { digest, .. }
-            | EventBody::DeployFailed { digest, .. } => Some(digest),
+            | EventBody::DeployFailed { digest, .. }
+            | EventBody::PointerPublished { digest, .. } => Some(digest),
             EventBody::DeployStep { .. } | EventBody::Collected { .. } | EventBody::Stopped { .. } => None,
         }
     }
@@ -320,6 +343,79 @@ mod tests {
         let back = decode(&encode(&pinned).unwrap().0).unwrap();
         assert_eq!(back.event.real_time(), "2026-11-29T10:00:00.000Z");
         assert_eq!(back.event, pinned);
+    }
+
+    /// A `baked` event as kiln wrote it before events recorded copies and the instance section, byte for byte.
+    const OLD_BAKED: &str = concat!(
+        r#"{"actor":"ci","commit":null,"digest":"sha256:"#,
+        "1111111111111111111111111111111111111111111111111111111111111111",
+        r#"","dirty":false,"image_ref":"app:111111111111","kind":"baked","parent":null,"pipeline":"hello","#,
+        r#""prev":"sha256:0000000000000000000000000000000000000000000000000000000000000000","provider":"local","#,
+        r#""recipe":"app","recipe_key":"sha256:"#,
+        "2222222222222222222222222222222222222222222222222222222222222222",
+        r#"","seq":1,"time":"2026-11-28T00:00:00.000Z"}"#
+    );
+
+    #[test]
+    fn a_baked_event_written_before_copies_and_instance_keeps_its_hash() {
+        let old_hash = Digest::of(OLD_BAKED.as_bytes());
+        let mut stored = OLD_BAKED.as_bytes()[..OLD_BAKED.len() - 1].to_vec();
+        stored.extend_from_slice(format!(",\"hash\":\"sha256:{}\"}}\n", old_hash.hex()).as_bytes());
+        let back = decode(&stored).unwrap();
+        let EventBody::Baked { copies, instance, .. } = &back.event.body else { panic!("{:?}", back.event.body) };
+        assert!(copies.is_empty() && instance.is_none());
+        let (again, hash) = encode(&back.event).unwrap();
+        assert_eq!(hash, old_hash, "re-encoding an old event must not change its hash");
+        assert_eq!(String::from_utf8(again).unwrap(), String::from_utf8(stored).unwrap());
+    }
+
+    #[test]
+    fn a_baked_event_records_its_copies_and_instance_section() {
+        let mut event = sample(2);
+        event.body = EventBody::Baked {
+            pipeline: "hello".into(),
+            recipe: "app".into(),
+            digest: Digest::of(b"image"),
+            recipe_key: Digest::of(b"key"),
+            parent: None,
+            provider: "aws".into(),
+            image_ref: "ami-0123".into(),
+            commit: None,
+            dirty: false,
+            copies: vec![ImageCopy {
+                region: "eu-west-1".into(),
+                account: Some("111122223333".into()),
+                id: "ami-0456".into(),
+                snapshots: vec!["snap-1".into()],
+            }],
+            instance: Some(crate::provider::memory::test_instance()),
+        };
+        let (stored, _) = encode(&event).unwrap();
+        let text = String::from_utf8_lossy(&stored);
+        assert!(
+            text.contains(r#""copies":[{"account":"111122223333","id":"ami-0456","region":"eu-west-1","#),
+            "{text}"
+        );
+        assert!(text.contains(r#""instance":{"command":["/bin/app"]"#), "{text}");
+        assert_eq!(decode(&stored).unwrap().event, event);
+    }
+
+    #[test]
+    fn a_pointer_published_event_names_its_stage_and_digest() {
+        let body = EventBody::PointerPublished {
+            pipeline: "hello".into(),
+            stage: "prod".into(),
+            digest: Digest::of(b"image"),
+            pointer: "hello-prod".into(),
+        };
+        assert_eq!(body.kind(), "pointer-published");
+        assert_eq!(body.stage(), Some("prod"));
+        assert_eq!(body.digest(), Some(&Digest::of(b"image")));
+        let mut event = sample(3);
+        event.body = body;
+        let (stored, _) = encode(&event).unwrap();
+        assert!(String::from_utf8_lossy(&stored).contains(r#""kind":"pointer-published""#));
+        assert_eq!(decode(&stored).unwrap().event, event);
     }
 
     #[test]

@@ -576,6 +576,8 @@ mod tests {
             image_ref: format!("r:{n}"),
             commit: None,
             dirty: false,
+            copies: Vec::new(),
+            instance: None,
         }
     }
 

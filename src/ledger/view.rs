@@ -13,10 +13,12 @@ use serde::{Deserialize, Serialize};
 
 use super::event::{EventBody, StoredEvent};
 use super::LedgerError;
+use crate::config::Instance;
 use crate::digest::{Digest, DigestError, DigestQuery};
+use crate::provider::{ImageCopy, ImageRef};
 
 /// Bump when the view's shape or folding rules change, so old caches are rebuilt rather than misread.
-pub const VIEW_FORMAT: u32 = 6;
+pub const VIEW_FORMAT: u32 = 7;
 /// Earlier live deployments kept per stage for rollback and soak; older ones stay in the ledger.
 const HISTORY_KEEP: usize = 32;
 
@@ -51,6 +53,9 @@ pub struct StageView {
     /// Set by `kiln down`, cleared by the next deployment that finishes: the stage was stopped on purpose.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stopped: Option<Stop>,
+    /// The digest the stage's pointer was last published to name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pointer: Option<Mark>,
 }
 
 /// Who stopped a stage with `kiln down`, when, at which seq.
@@ -132,6 +137,19 @@ pub struct ImageRecord {
     /// "pipeline/stage" → what happened to this image there.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub stages: BTreeMap<String, ImageStage>,
+    /// Where the provider holds the image per region and account, as the `baked` event recorded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub copies: Vec<ImageCopy>,
+    /// The `[instance]` section the `baked` event recorded (none in events written before it was).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<Instance>,
+}
+
+impl ImageRecord {
+    /// The image as the provider knows it: how to find it and its recorded copies.
+    pub fn image(&self, digest: Digest) -> ImageRef {
+        ImageRef { digest, image_ref: self.image_ref.clone(), copies: self.copies.clone() }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -471,7 +489,19 @@ impl View {
         let mark =
             |digest: &Digest| Mark { digest: *digest, seq, time: event.time.clone(), actor: event.actor.clone() };
         match &event.body {
-            EventBody::Baked { recipe, digest, recipe_key, parent, image_ref, provider, commit, dirty, .. } => {
+            EventBody::Baked {
+                recipe,
+                digest,
+                recipe_key,
+                parent,
+                image_ref,
+                provider,
+                commit,
+                dirty,
+                copies,
+                instance,
+                ..
+            } => {
                 let index = self.index.get_mut();
                 index.dirty.insert(shard_of(digest));
                 index.load(shard_of(digest)).images.entry(*digest).or_insert_with(|| ImageRecord {
@@ -489,6 +519,8 @@ impl View {
                     children: Vec::new(),
                     events: Vec::new(),
                     stages: BTreeMap::new(),
+                    copies: copies.clone(),
+                    instance: instance.clone(),
                 });
                 // Baking an image that gc had deleted brings it back.
                 if let Some(record) = index.image_mut(digest) {
@@ -633,6 +665,10 @@ impl View {
                 if view.open.as_ref().is_some_and(|o| &o.deploy_id == deploy_id) {
                     view.open = None;
                 }
+                self.touch_image(digest, seq, |_| {});
+            }
+            EventBody::PointerPublished { pipeline, stage, digest, .. } => {
+                self.stage_mut(pipeline, stage).pointer = Some(mark(digest));
                 self.touch_image(digest, seq, |_| {});
             }
             EventBody::Stopped { pipeline, stage } => {

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::{
-    BakeJob, Fleet, GroupHealth, GroupInfo, ImageProvider, ImageRef, PollCadence, ProviderError, Reproduction,
-    StageRef, Unhealthy,
+    BakeJob, Fleet, GroupHealth, GroupInfo, ImageCopy, ImageProvider, ImageRef, PollCadence, ProviderError,
+    Reproduction, StageRef, Unhealthy,
 };
 use crate::config::{Instance, Recipe};
 
@@ -188,11 +188,13 @@ impl ImageProvider for Faulty<'_> {
     fn name(&self) -> &'static str {
         self.images.name()
     }
-    fn build_settings(&self, recipe: &Recipe) -> serde_json::Value {
+    fn build_settings(&self, recipe: &Recipe) -> Result<serde_json::Value, ProviderError> {
+        self.injector.before("build_settings")?;
         self.images.build_settings(recipe)
     }
-    fn has_image(&self, image: &ImageRef) -> bool {
-        self.injector.before("has_image").is_ok() && self.images.has_image(image)
+    fn has_image(&self, image: &ImageRef) -> Result<bool, ProviderError> {
+        self.injector.before("has_image")?;
+        self.images.has_image(image)
     }
     fn bake(&self, job: &BakeJob) -> Result<ImageRef, ProviderError> {
         self.injector.before("bake")?;
@@ -221,6 +223,27 @@ impl ImageProvider for Faulty<'_> {
     fn instance_of(&self, image: &ImageRef) -> Result<Option<Instance>, ProviderError> {
         self.injector.before("instance_of")?;
         self.images.instance_of(image)
+    }
+    fn distribute(
+        &self,
+        image: &ImageRef,
+        regions: &[String],
+        accounts: &[String],
+    ) -> Result<Vec<ImageCopy>, ProviderError> {
+        self.injector.before("distribute")?;
+        self.images.distribute(image, regions, accounts)
+    }
+    fn protect(&self, image: &ImageRef) -> Result<(), ProviderError> {
+        self.injector.before("protect")?;
+        self.images.protect(image)
+    }
+    fn publish_pointer(&self, stage: StageRef, image: &ImageRef) -> Result<String, ProviderError> {
+        self.injector.before("publish_pointer")?;
+        self.images.publish_pointer(stage, image)
+    }
+    fn pointer(&self, stage: StageRef) -> Result<Option<crate::digest::Digest>, ProviderError> {
+        self.injector.before("pointer")?;
+        self.images.pointer(stage)
     }
 }
 

@@ -7,7 +7,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use super::{
-    BakeJob, Fleet, GroupHealth, GroupInfo, ImageProvider, ImageRef, PollCadence, ProviderError, Reproduction, StageRef,
+    BakeJob, Fleet, GroupHealth, GroupInfo, ImageCopy, ImageProvider, ImageRef, PollCadence, ProviderError,
+    Reproduction, StageRef,
 };
 use crate::config::{Health, Instance, Recipe};
 use crate::digest::Digest;
@@ -27,6 +28,9 @@ struct State {
     serving: BTreeMap<String, String>,
     /// Every route, in order: (stage, group).
     routes: Vec<(String, String)>,
+    /// "pipeline/stage" → the digest its pointer names.
+    pointers: BTreeMap<String, Digest>,
+    protected: std::collections::BTreeSet<Digest>,
 }
 
 #[derive(Default)]
@@ -60,6 +64,11 @@ impl MemoryProvider {
         self.state().serving.get(&key(stage)).cloned()
     }
 
+    /// The digest the stage's pointer names.
+    pub fn pointer_of(&self, stage: StageRef) -> Option<Digest> {
+        self.state().pointers.get(&key(stage)).copied()
+    }
+
     pub fn routes(&self) -> Vec<(String, String)> {
         self.state().routes.clone()
     }
@@ -80,22 +89,22 @@ impl ImageProvider for MemoryProvider {
     fn name(&self) -> &'static str {
         "memory"
     }
-    fn build_settings(&self, _recipe: &Recipe) -> serde_json::Value {
-        serde_json::Value::Null
+    fn build_settings(&self, _recipe: &Recipe) -> Result<serde_json::Value, ProviderError> {
+        Ok(serde_json::Value::Null)
     }
-    fn has_image(&self, image: &ImageRef) -> bool {
-        self.state().images.contains_key(&image.digest)
+    fn has_image(&self, image: &ImageRef) -> Result<bool, ProviderError> {
+        Ok(self.state().images.contains_key(&image.digest))
     }
     fn bake(&self, job: &BakeJob) -> Result<ImageRef, ProviderError> {
         let digest = Digest::of(format!("memory image of {}", job.recipe_key).as_bytes());
         self.state().images.insert(digest, job.recipe.instance.clone());
-        Ok(ImageRef { digest, image_ref: format!("memory:{}", digest.short()) })
+        Ok(ImageRef::new(digest, format!("memory:{}", digest.short())))
     }
     fn check_reproducible(&self, _chain: &[(BakeJob, Digest)]) -> Result<Reproduction, ProviderError> {
         Ok(Reproduction::Identical)
     }
     fn verify_image(&self, image: &ImageRef) -> Result<(), ProviderError> {
-        if self.has_image(image) {
+        if self.has_image(image)? {
             Ok(())
         } else {
             Err(ProviderError::MissingImage {
@@ -117,6 +126,40 @@ impl ImageProvider for MemoryProvider {
     }
     fn instance_of(&self, image: &ImageRef) -> Result<Option<Instance>, ProviderError> {
         Ok(self.state().images.get(&image.digest).cloned().flatten())
+    }
+    fn distribute(
+        &self,
+        image: &ImageRef,
+        regions: &[String],
+        accounts: &[String],
+    ) -> Result<Vec<ImageCopy>, ProviderError> {
+        // One copy per region, shared with every account, as a multi-region provider would record them.
+        let mut copies = image.copies.clone();
+        for region in regions {
+            for account in std::iter::once(None).chain(accounts.iter().map(Some)) {
+                let copy = ImageCopy {
+                    region: region.clone(),
+                    account: account.cloned(),
+                    id: format!("memory-{region}-{}", image.digest.short()),
+                    snapshots: Vec::new(),
+                };
+                if !copies.contains(&copy) {
+                    copies.push(copy);
+                }
+            }
+        }
+        Ok(copies)
+    }
+    fn protect(&self, image: &ImageRef) -> Result<(), ProviderError> {
+        self.state().protected.insert(image.digest);
+        Ok(())
+    }
+    fn publish_pointer(&self, stage: StageRef, image: &ImageRef) -> Result<String, ProviderError> {
+        self.state().pointers.insert(key(stage), image.digest);
+        Ok(format!("memory://pointer/{}", key(stage)))
+    }
+    fn pointer(&self, stage: StageRef) -> Result<Option<Digest>, ProviderError> {
+        Ok(self.pointer_of(stage))
     }
 }
 

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Instance, Recipe};
+use crate::config::{Instance, Pipeline, ProviderKind, Recipe};
 use crate::digest::Digest;
 use crate::engine::recipe_key::FileInput;
 
@@ -20,6 +20,33 @@ use crate::engine::recipe_key::FileInput;
 pub struct ImageRef {
     pub digest: Digest,
     pub image_ref: String,
+    /// What the provider made of the image per region and account (AWS: one AMI and its snapshots each), all under
+    /// the one digest. Empty for a provider with one store (local): then nothing is written, so the encoding of
+    /// images recorded before copies existed is unchanged.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub copies: Vec<ImageCopy>,
+}
+
+impl ImageRef {
+    /// An image the provider holds in one place only.
+    pub fn new(digest: Digest, image_ref: impl Into<String>) -> ImageRef {
+        ImageRef { digest, image_ref: image_ref.into(), copies: Vec::new() }
+    }
+}
+
+/// One regional (or cross-account) copy of an image: what promotion re-verifies before relying on it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ImageCopy {
+    pub region: String,
+    /// The account the copy is shared with or lives in; absent for the baking account.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
+    /// The provider's id of the copy (an AMI id).
+    pub id: String,
+    /// The storage the copy is made of (EBS snapshot ids), as recorded when it was made.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<String>,
 }
 
 /// One image to build: a recipe on top of its parent's image.
@@ -84,10 +111,12 @@ fn tail_suffix(tail: &str) -> String {
 pub trait ImageProvider {
     /// "local" or "aws": recorded in `baked` events and hashed into recipe keys.
     fn name(&self) -> &'static str;
-    /// Provider build settings that change the output, hashed into the recipe key.
-    fn build_settings(&self, recipe: &Recipe) -> serde_json::Value;
-    /// Whether the provider still holds the image (a ledger record alone does not make a cache hit).
-    fn has_image(&self, image: &ImageRef) -> bool;
+    /// Provider build settings that change the output, hashed into the recipe key. Fallible: finding them may
+    /// take API calls (AWS: resolving the base AMI).
+    fn build_settings(&self, recipe: &Recipe) -> Result<serde_json::Value, ProviderError>;
+    /// Whether the provider still holds the image (a ledger record alone does not make a cache hit). An error means
+    /// the provider could not tell (AWS: the call failed), which is not the same as "no".
+    fn has_image(&self, image: &ImageRef) -> Result<bool, ProviderError>;
     /// Builds one image. On failure nothing is left behind that looks like an image.
     fn bake(&self, job: &BakeJob) -> Result<ImageRef, ProviderError>;
     /// Rebuilds the chain (root first) from nothing, away from the real store, and compares each image with the
@@ -102,8 +131,42 @@ pub trait ImageProvider {
     fn collect_garbage(&self) -> Result<u64, ProviderError>;
     /// The labels recorded in the image.
     fn image_labels(&self, image: &ImageRef) -> Result<BTreeMap<String, String>, ProviderError>;
-    /// The instance section an image's instances start with: the recipe's own, else the nearest ancestor's.
+    /// The instance section the provider itself stored with the image, for images whose `baked` event predates
+    /// the `instance` member (the engine reads the ledger first: see `engine::bake::instance_of`). The local
+    /// provider has it in a label of the image config; a provider that stores none (AWS tags hold 256 characters)
+    /// returns `None`.
     fn instance_of(&self, image: &ImageRef) -> Result<Option<Instance>, ProviderError>;
+    /// Makes the image available in `regions` and to `accounts` (AWS: CopyImage and launch permissions) and returns
+    /// every copy the image then has, all under its one digest. The local provider has one region and no accounts:
+    /// it returns the image's copies as they are.
+    fn distribute(
+        &self,
+        image: &ImageRef,
+        regions: &[String],
+        accounts: &[String],
+    ) -> Result<Vec<ImageCopy>, ProviderError>;
+    /// Guards an image that reached the last stage against deletion (AWS: deregistration protection).
+    fn protect(&self, image: &ImageRef) -> Result<(), ProviderError>;
+    /// Points the stage's pointer at `image`, so tools outside kiln find what the stage should run (AWS: the SSM
+    /// parameter `/kiln/<pipeline>/<stage>`; local: the OCI ref `<pipeline>-<stage>` in `.kiln/oci`). Returns the
+    /// pointer's name as recorded in the ledger. Idempotent: writing the same image again changes nothing.
+    fn publish_pointer(&self, stage: StageRef, image: &ImageRef) -> Result<String, ProviderError>;
+    /// The digest the stage's pointer names now, as the provider (not the ledger) says; `None` when it has none.
+    fn pointer(&self, stage: StageRef) -> Result<Option<Digest>, ProviderError>;
+}
+
+/// Everything the engine needs of one provider: images and the groups that run them.
+pub trait Provider: ImageProvider + Fleet {}
+
+impl<T: ImageProvider + Fleet> Provider for T {}
+
+/// The one place that maps a pipeline to its provider: the CLI (and anything else that runs the engine) asks here,
+/// so adding a provider changes this function, not its callers. `state_dir` is kiln's local state (`.kiln/`).
+pub fn for_pipeline(pipeline: &Pipeline, state_dir: PathBuf) -> Result<Box<dyn Provider>, crate::Error> {
+    match pipeline.provider {
+        ProviderKind::Local => Ok(Box::new(local::LocalProvider::new(state_dir))),
+        ProviderKind::Aws => Err(crate::Error::NotYet { what: "the aws provider".into() }),
+    }
 }
 
 /// The stage a fleet operation is about.

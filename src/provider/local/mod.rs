@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use crate::config::{Instance, Provision, Recipe};
 use crate::digest::Digest;
-use crate::provider::{BakeJob, ImageProvider, ImageRef, ProviderError, Reproduction};
+use crate::provider::{BakeJob, ImageCopy, ImageProvider, ImageRef, ProviderError, Reproduction, StageRef};
 
 use oci::{Descriptor, ImageSpec, OciStore};
 
@@ -241,17 +241,21 @@ impl ImageProvider for LocalProvider {
         "local"
     }
 
-    fn build_settings(&self, _recipe: &Recipe) -> serde_json::Value {
+    fn build_settings(&self, _recipe: &Recipe) -> Result<serde_json::Value, ProviderError> {
         let (os, architecture) = oci::oci_platform();
-        serde_json::json!({
+        Ok(serde_json::json!({
             "layer": "tar, uncompressed, sorted, mtime 0, uid/gid 0, modes 0644/0755",
             "os": os,
             "architecture": architecture,
-        })
+        }))
     }
 
-    fn has_image(&self, image: &ImageRef) -> bool {
-        self.store().map(|s| s.has_blob(&image.digest)).unwrap_or(false)
+    fn has_image(&self, image: &ImageRef) -> Result<bool, ProviderError> {
+        // A store that does not exist yet holds no image; one that cannot be read is an error, not a cache miss.
+        if !self.state.join("oci").exists() {
+            return Ok(false);
+        }
+        Ok(self.store()?.has_blob(&image.digest))
     }
 
     fn bake(&self, job: &BakeJob) -> Result<ImageRef, ProviderError> {
@@ -315,7 +319,7 @@ impl ImageProvider for LocalProvider {
         let digest = store.write_image(&ImageSpec { entrypoint, env, labels, layers, diff_ids }).map_err(oci_error)?;
         let image_ref = format!("{}:{}", job.recipe.name, digest.short());
         store.tag_annotated(&image_ref, &digest, &job.annotations).map_err(oci_error)?;
-        Ok(ImageRef { digest, image_ref })
+        Ok(ImageRef::new(digest, image_ref))
     }
 
     fn check_reproducible(&self, chain: &[(BakeJob, Digest)]) -> Result<Reproduction, ProviderError> {
@@ -396,6 +400,44 @@ impl ImageProvider for LocalProvider {
             }),
         }
     }
+
+    fn distribute(
+        &self,
+        image: &ImageRef,
+        _regions: &[String],
+        _accounts: &[String],
+    ) -> Result<Vec<ImageCopy>, ProviderError> {
+        // One machine, one store: there is nowhere else to copy to.
+        Ok(image.copies.clone())
+    }
+
+    /// A no-op: the local store deletes an image only when `kiln gc` does, and gc keeps every image that reached
+    /// a pipeline's last stage, so there is nothing more to guard.
+    fn protect(&self, _image: &ImageRef) -> Result<(), ProviderError> {
+        Ok(())
+    }
+
+    fn publish_pointer(&self, stage: StageRef, image: &ImageRef) -> Result<String, ProviderError> {
+        let pointer = pointer_name(stage);
+        // Tagging replaces the ref in one rewrite of index.json: a reader sees the old image or the new one.
+        self.store()?.tag(&pointer, &image.digest).map_err(oci_error)?;
+        Ok(pointer)
+    }
+
+    fn pointer(&self, stage: StageRef) -> Result<Option<Digest>, ProviderError> {
+        if !self.state.join("oci").exists() {
+            return Ok(None);
+        }
+        let pointer = pointer_name(stage);
+        let refs = self.store()?.refs().map_err(oci_error)?;
+        Ok(refs.into_iter().find(|(name, _)| *name == pointer).map(|(_, digest)| digest))
+    }
+}
+
+/// The OCI ref of a stage pointer: `<pipeline>-<stage>`, so `skopeo inspect oci:.kiln/oci:hello-prod` shows what
+/// prod should run. Image refs are `<recipe>:<short digest>`, so the two never collide.
+pub fn pointer_name(stage: StageRef) -> String {
+    format!("{}-{}", stage.pipeline, stage.stage.name)
 }
 
 fn describe(step: &Provision) -> String {

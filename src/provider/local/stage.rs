@@ -279,7 +279,7 @@ impl Fleet for LocalProvider {
 
     fn health(&self, stage: StageRef, group: &str) -> Result<GroupHealth, ProviderError> {
         let state = self.load_group(stage, group).ok_or_else(|| other(format!("group {group} does not exist")))?;
-        let image = ImageRef { digest: state.digest, image_ref: state.image_ref.clone() };
+        let image = ImageRef::new(state.digest, state.image_ref.clone());
         let health = self.instance_of(&image)?.map(|i| i.health).unwrap_or(crate::config::Health::Tcp);
         let mut report = GroupHealth { total: state.capacity, healthy: 0, waiting: Vec::new(), failed: None };
         for instance in &state.instances {
