@@ -183,3 +183,28 @@ fn a_rollback_goes_on_when_its_pointer_cannot_be_written() {
     assert_eq!(skopeo_digest(&repo, "dev"), two, "not written, so not recorded either");
     assert_eq!(pointer_events(&repo).len(), 2);
 }
+
+#[test]
+fn a_rollback_that_fails_puts_the_pointer_back_on_what_the_stage_runs() {
+    let (repo, port) = dev_only(1);
+    let _down = Down { repo: &repo, stages: vec!["dev"], pipeline: None };
+    let one = bake_greeting(&repo, "one");
+    let two = bake_greeting(&repo, "two");
+    promote_only(&repo, &one);
+    repo.run(&["deploy", "--stage", "dev"]).ok();
+    promote_only(&repo, &two);
+    repo.run(&["deploy", "--stage", "dev"]).ok();
+    // The kept group of `one` never gets healthy again: the rollback fails and `two` keeps serving.
+    let failed = repo
+        .kiln()
+        .env("KILN_INJECT", "health=unhealthy:injected")
+        .args(["rollback", "--stage", "dev", "--reason", "test"])
+        .output()
+        .unwrap();
+    assert_eq!(failed.status.code(), Some(4), "{}", String::from_utf8_lossy(&failed.stderr));
+    assert_eq!(common::greeting(port), "two");
+    assert_eq!(skopeo_digest(&repo, "dev"), two, "the pointer names what the stage runs, not the failed rollback");
+    let digests: Vec<String> = pointer_events(&repo).into_iter().map(|(d, _)| d).collect();
+    assert_eq!(digests, [one.clone(), two.clone(), one, two]);
+    repo.run(&["verify"]).ok();
+}

@@ -618,9 +618,24 @@ fn start(ctx: &Context, stage: &Stage, want: &Want, plan: &Plan) -> Result<Optio
 /// How many times a deployment re-plans because the digest to deploy changed between planning and the append.
 const REPLANS: usize = 5;
 
+/// Puts the stage pointer back on what the stage should run once a deployment has ended: a rollback moves it as
+/// it starts, so a rollback that failed or was undone must move it back. Best effort, like the move itself.
+fn pointer_follows_target(ctx: &Context, stage: &Stage) {
+    let image = ctx.ledger.view().ok().and_then(|view| {
+        let digest = view.stage(&ctx.pipeline.name, &stage.name)?.target()?;
+        Some(view.image(&digest)?.image(digest))
+    });
+    if let Some(image) = image {
+        super::promote::pointer_follows_rollback(ctx, stage, &image);
+    }
+}
+
 pub fn deploy(ctx: &Context, stage_name: &str, want: Want) -> Result<DeployReport, Error> {
     let stage = super::promote::stage(ctx, stage_name)?;
     let reconciled = settle_open(ctx, stage)?;
+    if reconciled.is_some() {
+        pointer_follows_target(ctx, stage);
+    }
     for _ in 0..REPLANS {
         let plan = match plan(ctx, stage, &want, &reconciled)? {
             Ok(plan) => plan,
@@ -630,7 +645,11 @@ pub fn deploy(ctx: &Context, stage_name: &str, want: Want) -> Result<DeployRepor
         // 1. Take the lease.
         if let Some(open) = start(ctx, stage, &want, &plan)? {
             fault::point("deploy:after-started");
-            return run(ctx, stage, open, plan, reconciled);
+            let outcome = run(ctx, stage, open, plan, reconciled);
+            if !matches!(outcome, Err(Error::TakenOver { .. })) {
+                pointer_follows_target(ctx, stage);
+            }
+            return outcome;
         }
         tracing::info!(stage = %stage.name, "what to deploy changed while planning; planning again");
     }
