@@ -362,6 +362,9 @@ mod tests {
         /// PUTs whose response is dropped after the object is stored (the connection closes instead).
         lose_put_responses: usize,
         puts: usize,
+        /// Error answers (status line, S3 error code) given, in order, to the next requests instead of serving them.
+        failures: std::collections::VecDeque<(&'static str, &'static str)>,
+        requests: usize,
     }
 
     struct Request {
@@ -414,6 +417,11 @@ mod tests {
         while let Some(request) = read_request(&mut reader) {
             let key = request.path.split('?').next().unwrap_or("").to_string();
             let mut state = state.lock().unwrap();
+            state.requests += 1;
+            if let Some((status, code)) = state.failures.pop_front() {
+                respond(&mut writer, status, &error_body(code));
+                continue;
+            }
             match request.method.as_str() {
                 "PUT" => {
                     state.puts += 1;
@@ -472,9 +480,13 @@ mod tests {
     }
 
     fn fake_s3(lose_put_responses: usize) -> (String, Arc<Mutex<FakeS3>>) {
+        fake_s3_with(FakeS3 { lose_put_responses, ..FakeS3::default() })
+    }
+
+    fn fake_s3_with(fake: FakeS3) -> (String, Arc<Mutex<FakeS3>>) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
-        let state = Arc::new(Mutex::new(FakeS3 { lose_put_responses, ..FakeS3::default() }));
+        let state = Arc::new(Mutex::new(fake));
         let shared = state.clone();
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
@@ -579,5 +591,63 @@ mod tests {
         let err = store.get("events/1.json").unwrap_err().to_string();
         assert!(err.starts_with("s3://bucket/team/ledger: "), "{err}");
         assert!(err.contains("cannot reach the S3 endpoint"), "{err}");
+    }
+
+    #[test]
+    fn throttling_and_5xx_are_retried_with_kiln_s_retry_settings() {
+        let failures = [("503 Slow Down", "SlowDown"), ("500 Internal Server Error", "InternalError")];
+        let (endpoint, state) = fake_s3_with(FakeS3 { failures: failures.into(), ..FakeS3::default() });
+        // kiln's own settings, with the backoff shortened: the number of attempts is what is under test.
+        let store = store_at(&endpoint, retry_config());
+        assert_eq!(store.create("events/1.json", b"first").unwrap(), Created::Yes);
+        assert_eq!(state.lock().unwrap().requests, 3);
+
+        let always = vec![("503 Slow Down", "SlowDown"); 10];
+        let (endpoint, state) = fake_s3_with(FakeS3 { failures: always.into(), ..FakeS3::default() });
+        let err = store_at(&endpoint, retry_config()).create("events/1.json", b"first").unwrap_err().to_string();
+        assert_eq!(state.lock().unwrap().requests, MAX_ATTEMPTS as usize, "bounded: {err}");
+        assert!(err.starts_with("s3://bucket/team/ledger: writing events/1.json in bucket `bucket` failed"), "{err}");
+    }
+
+    #[test]
+    fn s3_errors_name_the_bucket_and_what_to_do() {
+        let table: [(&str, &str, Operation, &str); 6] = [
+            ("404 Not Found", "NoSuchBucket", Operation::Put, "bucket `bucket` does not exist (NoSuchBucket)"),
+            (
+                "403 Forbidden",
+                "AccessDenied",
+                Operation::Put,
+                "access denied writing events/1.json in bucket `bucket`: kiln needs s3:PutObject on \
+                 arn:aws:s3:::bucket/team/ledger/*",
+            ),
+            (
+                "403 Forbidden",
+                "AccessDenied",
+                Operation::Get,
+                "kiln needs s3:GetObject on arn:aws:s3:::bucket/team/ledger/*, and s3:ListBucket on \
+                 arn:aws:s3:::bucket",
+            ),
+            ("403 Forbidden", "AccessDenied", Operation::List, "kiln needs s3:ListBucket on arn:aws:s3:::bucket"),
+            (
+                "403 Forbidden",
+                "InvalidAccessKeyId",
+                Operation::Put,
+                "S3 rejected the AWS credentials (InvalidAccessKeyId) writing events/1.json in bucket `bucket`",
+            ),
+            ("404 Not Found", "NoSuchBucket", Operation::List, "bucket `bucket` does not exist (NoSuchBucket)"),
+        ];
+        for (status, code, operation, expected) in table {
+            let (endpoint, _state) = fake_s3_with(FakeS3 { failures: [(status, code)].into(), ..FakeS3::default() });
+            let store = store_at(&endpoint, RetryConfig::disabled());
+            let err = match operation {
+                Operation::Put => store.create("events/1.json", b"first").map(|_| ()),
+                Operation::Get => store.get("events/1.json").map(|_| ()),
+                Operation::List => store.list("events/").map(|_| ()),
+            }
+            .unwrap_err()
+            .to_string();
+            assert!(err.starts_with("s3://bucket/team/ledger: "), "{code} {operation:?}: {err}");
+            assert!(err.contains(expected), "{code} {operation:?}:\n  got {err}\n  want {expected}");
+        }
     }
 }
