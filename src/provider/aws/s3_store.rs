@@ -325,11 +325,8 @@ const PROBE_PREFIX: &str = "probe/";
 /// finds out before writing any event. Costs two PUTs of a fresh key under `probe/`.
 pub fn ignores_conditional_writes(store: &S3Store) -> Result<bool, StoreError> {
     let key = format!("{PROBE_PREFIX}{}", probe_name());
-    let first = store.put_if_absent(&key, b"first")?;
-    if first == Created::AlreadyExists {
-        // A fresh name that exists: someone else's probe with the same name, which is fine; nothing learned yet.
-        return ignores_conditional_writes(store);
-    }
+    // The first answer does not matter: a 412 there is our own write met by the SDK's retry after a lost response.
+    store.put_if_absent(&key, b"first")?;
     Ok(store.put_if_absent(&key, b"second")? == Created::Yes)
 }
 
@@ -365,6 +362,8 @@ mod tests {
         /// Error answers (status line, S3 error code) given, in order, to the next requests instead of serving them.
         failures: std::collections::VecDeque<(&'static str, &'static str)>,
         requests: usize,
+        /// Behave like the stores the probe exists for: accept `If-None-Match` and overwrite anyway.
+        ignores_if_none_match: bool,
     }
 
     struct Request {
@@ -426,7 +425,7 @@ mod tests {
                 "PUT" => {
                     state.puts += 1;
                     let conditional = request.headers.iter().any(|(n, v)| n == "if-none-match" && v == "*");
-                    if conditional && state.objects.contains_key(&key) {
+                    if conditional && !state.ignores_if_none_match && state.objects.contains_key(&key) {
                         respond(&mut writer, "412 Precondition Failed", &error_body("PreconditionFailed"));
                         continue;
                     }
@@ -649,5 +648,14 @@ mod tests {
             assert!(err.starts_with("s3://bucket/team/ledger: "), "{code} {operation:?}: {err}");
             assert!(err.contains(expected), "{code} {operation:?}:\n  got {err}\n  want {expected}");
         }
+    }
+
+    #[test]
+    fn the_probe_finds_a_store_that_ignores_if_none_match() {
+        let (endpoint, state) = fake_s3_with(FakeS3 { ignores_if_none_match: true, ..FakeS3::default() });
+        assert!(ignores_conditional_writes(&store_at(&endpoint, RetryConfig::disabled())).unwrap());
+        let keys: Vec<String> = state.lock().unwrap().objects.keys().cloned().collect();
+        assert_eq!(keys.len(), 1, "{keys:?}");
+        assert!(keys[0].starts_with("/bucket/team/ledger/probe/"), "{keys:?}");
     }
 }
