@@ -65,7 +65,7 @@ fn ensure_conditional_writes(store: &S3Store, cache_dir: &Path) -> Result<(), St
         return Err(StoreError::Backend {
             location: crate::ledger::Store::location(store),
             message: format!(
-                "the store at {} ignores conditional writes: a second PUT of the same key with If-None-Match: * \
+                "{} ignores conditional writes: a second PUT of the same key with If-None-Match: * \
                  succeeded instead of failing with 412. Two writers could both record the same seq and fork the \
                  ledger, so kiln refuses this store and wrote no event. Use AWS S3, or a store that supports \
                  conditional writes",

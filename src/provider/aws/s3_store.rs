@@ -116,17 +116,12 @@ impl S3Store {
         S3Store { runtime, client, bucket: bucket.to_string(), key_prefix, endpoint }
     }
 
-    pub fn bucket(&self) -> &str {
-        &self.bucket
-    }
-
-    pub fn prefix(&self) -> &str {
-        self.key_prefix.trim_end_matches('/')
-    }
-
-    /// The endpoint in use: a custom one, or AWS's.
-    pub fn endpoint(&self) -> &str {
-        self.endpoint.as_deref().unwrap_or("aws")
+    /// The endpoint in use, for messages: a custom one, or AWS's own.
+    pub fn endpoint(&self) -> String {
+        match &self.endpoint {
+            Some(url) => format!("the S3 endpoint {url}"),
+            None => "AWS S3".into(),
+        }
     }
 
     fn object_key(&self, key: &str) -> String {
@@ -147,14 +142,11 @@ impl S3Store {
                 let code = service.err().code().unwrap_or("");
                 self.service_message(operation, key, code, err)
             }
-            SdkError::DispatchFailure(failure) if failure.is_io() || failure.is_timeout() => format!(
-                "cannot reach the S3 endpoint {} ({} {key}): {}",
-                self.endpoint(),
-                operation.verb(),
-                root_cause(err)
-            ),
+            SdkError::DispatchFailure(failure) if failure.is_io() || failure.is_timeout() => {
+                format!("cannot reach {} ({} {key}): {}", self.endpoint(), operation.verb(), root_cause(err))
+            }
             SdkError::TimeoutError(_) => format!(
-                "the S3 endpoint {} did not answer in time ({} {key}, {} attempts within {OPERATION_TIMEOUT:?})",
+                "{} did not answer in time ({} {key}, {} attempts within {OPERATION_TIMEOUT:?})",
                 self.endpoint(),
                 operation.verb(),
                 MAX_ATTEMPTS
