@@ -71,17 +71,18 @@ fn approve_promote_log_and_verify_on_an_s3_ledger() {
     let digest = bake(&moto, &repo);
     run(&moto, &repo, &["approve", "--stage", "dev", "--digest", &digest]).ok();
     run(&moto, &repo, &["promote", "--stage", "dev", "--digest", &digest, "--no-deploy"]).ok();
+    run(&moto, &repo, &["revoke", &digest, "--reason", "CVE-2026-0001"]).ok();
 
     let log = run(&moto, &repo, &["log", "--json"]).ok().json();
     let events = log["events"].as_array().unwrap();
     let kinds: Vec<&str> = events.iter().map(|e| e["kind"].as_str().unwrap()).collect();
-    assert!(kinds.contains(&"approved") && kinds.contains(&"promoted"), "{kinds:?}");
+    assert_eq!(kinds[..3], ["revoked", "promoted", "approved"], "newest first");
     assert_events_written_once(&moto, events.len());
     let body = moto.boto3(&format!(
         "print(s3.get_object(Bucket='{BUCKET}', Key='{PREFIX}/events/{:012}.json')['Body'].read().decode())",
         events.len()
     ));
-    assert!(body.contains("\"promoted\"") || body.contains("Promoted"), "the newest event is the promotion: {body}");
+    assert!(body.contains("CVE-2026-0001"), "the newest object is the revocation: {body}");
 
     let report = run(&moto, &repo, &["verify", "--ledger-only", "--json"]).ok().json();
     assert_eq!(report["events"], events.len() as u64);

@@ -74,9 +74,7 @@ fn ensure_conditional_writes(store: &S3Store, cache_dir: &Path) -> Result<(), St
         });
     }
     // Best effort: without the marker the next command probes again, which costs two small PUTs.
-    let saved =
-        std::fs::create_dir_all(cache_dir).and_then(|()| crate::fsutil::replace_file(&marker, checked_for.as_bytes()));
-    if let Err(err) = saved {
+    if let Err(err) = crate::fsutil::replace_file(&marker, checked_for.as_bytes()) {
         tracing::debug!(%err, path = %marker.display(), "could not save the conditional-write probe marker");
     }
     Ok(())
