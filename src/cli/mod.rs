@@ -197,8 +197,16 @@ impl Ctx {
     pub fn ledger(&self) -> Result<Ledger, Error> {
         match self.ledger_location()? {
             LedgerLocation::Dir(dir) => Ok(Ledger::open_dir(&dir)),
-            LedgerLocation::S3 { .. } => {
-                Err(Error::NotYet { what: "an s3:// ledger (it comes with the aws provider)".into() })
+            LedgerLocation::S3 { bucket, prefix } => {
+                // `--ledger s3://…` needs no pipeline; when there is one, its `[aws]` region and profile apply.
+                let aws = match self.pipeline() {
+                    Ok(pipeline) => pipeline.aws.as_ref(),
+                    Err(Error::Config(kiln::config::ConfigError::NoPipeline { .. })) => None,
+                    Err(err) => return Err(err),
+                };
+                let ledger = kiln::provider::aws::open_ledger(&bucket, &prefix, aws, &self.state_dir())
+                    .map_err(kiln::ledger::LedgerError::from)?;
+                Ok(ledger)
             }
         }
     }
