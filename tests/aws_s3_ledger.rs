@@ -76,7 +76,7 @@ fn approve_promote_log_and_verify_on_an_s3_ledger() {
     let log = run(&moto, &repo, &["log", "--json"]).ok().json();
     let events = log["events"].as_array().unwrap();
     let kinds: Vec<&str> = events.iter().map(|e| e["kind"].as_str().unwrap()).collect();
-    assert_eq!(kinds[..3], ["revoked", "promoted", "approved"], "newest first");
+    assert_eq!(kinds[..4], ["revoked", "pointer-published", "promoted", "approved"], "newest first");
     assert_events_written_once(&moto, events.len());
     let body = moto.boto3(&format!(
         "print(s3.get_object(Bucket='{BUCKET}', Key='{PREFIX}/events/{:012}.json')['Body'].read().decode())",

@@ -78,7 +78,7 @@ fn hint(err: &Error) -> Option<String> {
             kiln::actor::MAX_LEN
         )),
         Error::NotYet { .. } => {
-            Some("pipelines with provider = \"aws\" and s3:// ledgers come with the AWS provider".into())
+            Some("pipelines with provider = \"aws\" come with the AWS provider (the s3:// ledger works already)".into())
         }
         _ => None,
     }
