@@ -244,6 +244,50 @@ const EDITS: &[(&str, &str, &str, &str)] = &[
         "pipelines/hello.toml:20:8: stage[1].gate[0].soak: `9999999y` is longer than 365 days",
     ),
     (P, "soak = \"10m\"", "soak = \"100ms\"", "stage[1].gate[0].soak: `100ms` is shorter than 1s"),
+    // the verification window
+    (
+        P,
+        "timeout = \"1m\"",
+        "timeout = \"1m\"\n[[stage.verify]]\ncommand = [\"scripts/smoke.sh\"]",
+        "stage[0].verify-for: [[stage.verify]] checks need `verify-for`",
+    ),
+    (
+        P,
+        "timeout = \"1m\"",
+        "timeout = \"1m\"\n[[stage.verify]]\nalarm = \"hello-5xx\"",
+        "stage[0].verify[0].alarm: `alarm` checks are CloudWatch alarms and need provider = \"aws\"",
+    ),
+    (
+        P,
+        "timeout = \"1m\"",
+        "timeout = \"1m\"\n[[stage.verify]]\ncommand = [\"scripts/smoke.sh\"]\nalarm = \"x\"",
+        "stage[0].verify[0]: a verify check needs exactly one of `command` or `alarm`",
+    ),
+    (
+        P,
+        "timeout = \"1m\"",
+        "timeout = \"1m\"\n[[stage.verify]]\ncommand = []",
+        "stage[0].verify[0].command: the command is empty",
+    ),
+    (
+        P,
+        "timeout = \"1m\"",
+        "timeout = \"1m\"\n[[stage.verify]]\ncommand = [\"scripts/nope.sh\"]",
+        "stage[0].verify[0].command:",
+    ),
+    (
+        P,
+        "timeout = \"1m\"",
+        "timeout = \"1m\"\n[[stage.verify]]\ncomand = [\"scripts/smoke.sh\"]",
+        "unknown field `comand`",
+    ),
+    (P, "capacity = 2", "capacity = 2\nverify-for = \"0s\"", "stage[0].verify-for: `0s` is shorter than 1s"),
+    (
+        P,
+        "timeout = \"1m\"",
+        "timeout = \"1m\"\n[[stage.verify]]\ncommand = [\"scripts/smoke.sh\"]\ninterval = \"400d\"",
+        "stage[0].verify[0].interval: `400d` is longer than 365 days",
+    ),
     (
         P,
         "timeout = \"1m\"",
