@@ -298,7 +298,10 @@ pub fn run_check(
             let detail = if done.success() {
                 "exited 0".to_string()
             } else {
-                format!("{}: {}", done.failure_reason(timeout), last_line(&done.tail))
+                match last_line(&done.tail) {
+                    line if line.is_empty() => format!("{} (no output)", done.failure_reason(timeout)),
+                    line => format!("{}: {line}", done.failure_reason(timeout)),
+                }
             };
             CheckOutcome {
                 passed: done.success(),

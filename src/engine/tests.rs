@@ -317,6 +317,7 @@ fn a_failed_check_in_the_window_moves_traffic_back_and_removes_the_new_group() {
     match world.deploy("a", 10) {
         Err(Error::DeployFailed { reason, aftermath, .. }) => {
             assert!(reason.contains("verification failed") && reason.contains("command scripts/check.sh"), "{reason}");
+            assert!(reason.ends_with("exited with code 1 (no output)"), "a silent check says so: {reason}");
             assert_eq!(aftermath, format!("traffic moved back to group {old_group}"));
         }
         other => panic!("{other:?}"),
