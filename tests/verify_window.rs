@@ -53,7 +53,7 @@ fn load(port: u16, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(u64, u64)>
 
 #[test]
 fn a_release_that_fails_verification_goes_back_to_the_previous_group_without_a_failed_request() {
-    let (repo, port) = windowed(30, 2);
+    let (repo, port) = windowed(5, 2);
     let _down = Down { repo: &repo, stages: vec!["dev"], pipeline: None };
     first_live_second_promoted(&repo, "good", "bad");
 
