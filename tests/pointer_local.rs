@@ -47,6 +47,12 @@ fn promotion_publishes_the_pointer_also_without_deploying_and_rollback_moves_it(
     assert_eq!(skopeo_digest(&repo, "dev"), one);
     assert_eq!(common::greeting(port), "one");
     assert_eq!(pointer_events(&repo), [(one.clone(), "hello-dev".to_string())]);
+    let log = repo.run(&["log", "--limit", "100"]).ok();
+    assert!(
+        log.stdout.lines().any(|l| l.contains("pointer-published") && l.ends_with("pointer hello-dev")),
+        "{}",
+        log.stdout
+    );
 
     // --no-deploy: the stage's digest changed, so its pointer follows, while the old image keeps serving.
     let two = bake_greeting(&repo, "two");

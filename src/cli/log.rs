@@ -153,6 +153,7 @@ fn detail(e: &Event) -> String {
         EventBody::DeployFailed { reason, .. } => {
             parts.push(format!("reason: {}", reason.lines().next().unwrap_or_default()))
         }
+        EventBody::PointerPublished { pointer, .. } => parts.push(format!("pointer {pointer}")),
         _ => {}
     }
     if let Some(clock) = e.clock.as_ref().filter(|c| c.pinned) {
@@ -171,7 +172,7 @@ fn render(events: &[StoredEvent]) -> String {
         let stage = e.body.stage().unwrap_or("-");
         let digest = e.body.digest().map(|d| d.short()).unwrap_or_else(|| "-".into());
         let line = format!(
-            "{:>6}  {}  {:<16} {:<15} {:<8} {:<12}  {}",
+            "{:>6}  {}  {:<16} {:<17} {:<8} {:<12}  {}",
             e.seq,
             e.time,
             e.actor,

@@ -460,3 +460,14 @@ fn a_first_deployment_interrupted_inside_its_window_is_undone_not_counted_as_ver
     assert!(report.verified_for_ms.is_some(), "deployed again, through a whole window");
     world.assert_converged(one, "first deployment");
 }
+
+#[test]
+fn a_provider_call_that_hangs_delays_the_deploy_but_breaks_nothing() {
+    let (world, _, two) = World::one_live_two_promoted();
+    for call in ["launch", "health", "route", "park"] {
+        rule_at(&world, call, 1, Fault::Hang(Duration::from_millis(50)));
+    }
+    let report = world.deploy("a", 10).unwrap();
+    assert_eq!(report.outcome, DeployOutcome::Deployed);
+    world.assert_converged(two, "hangs");
+}
