@@ -32,7 +32,7 @@ pub fn render(report: &DeployReport) -> String {
             report.group
         )),
         DeployOutcome::Healed => out.push_str(&format!(
-            "healed {}: group {} runs {} at full capacity again{endpoint}\n",
+            "healed {}: group {} runs {} at full capacity{endpoint}\n",
             report.stage,
             report.group,
             report.digest.short()

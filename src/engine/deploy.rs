@@ -275,6 +275,21 @@ fn retire(lease: &Lease, serving: &str, previous: Option<&str>) -> Result<serde_
         }
     }
     let view = ctx.ledger.view()?;
+    let keep = kept_groups(&view, ctx, stage, serving, previous);
+    let mut destroyed = Vec::new();
+    for group in fleet.groups(target)? {
+        if group.name != serving && !keep.contains(&group.name) {
+            lease.fence()?;
+            fleet.destroy(target, &group.name)?;
+            destroyed.push(group.name);
+        }
+    }
+    Ok(serde_json::json!({ "parked": parked, "destroyed": destroyed }))
+}
+
+/// The groups besides `serving` that the stage keeps for a fast rollback: the most recently live ones, at most
+/// `keep-previous` (after a rollback, that is not the highest version).
+fn kept_groups(view: &View, ctx: &Context, stage: &Stage, serving: &str, previous: Option<&str>) -> Vec<String> {
     let there = view.stage(&ctx.pipeline.name, &stage.name).cloned().unwrap_or_default();
     let mut recent: Vec<String> = Vec::new();
     let candidates = previous
@@ -287,16 +302,8 @@ fn retire(lease: &Lease, serving: &str, previous: Option<&str>) -> Result<serde_
             recent.push(group);
         }
     }
-    let keep: Vec<&String> = recent.iter().take(stage.keep_previous as usize).collect();
-    let mut destroyed = Vec::new();
-    for group in fleet.groups(target)? {
-        if group.name != serving && !keep.contains(&&group.name) {
-            lease.fence()?;
-            fleet.destroy(target, &group.name)?;
-            destroyed.push(group.name);
-        }
-    }
-    Ok(serde_json::json!({ "parked": parked, "destroyed": destroyed }))
+    recent.truncate(stage.keep_previous as usize);
+    recent
 }
 
 /// Moves traffic back to the previous group after the new one failed verification (or a crash interrupted its
@@ -526,7 +533,11 @@ fn plan(
             && group.capacity > 0
             && group.running >= group.capacity
             && fleet.endpoint_up(target);
-        if healthy {
+        // A group the stage neither serves nor keeps (left by a kiln whose call was under way when it was taken
+        // over) is an orphan: a heal retires it too.
+        let keep = kept_groups(&ctx.ledger.view()?, ctx, stage, &group.name, Some(&group.name));
+        let orphans = groups.iter().any(|g| g.name != group.name && !keep.contains(&g.name));
+        if healthy && !orphans {
             return Ok(Err(DeployReport {
                 stage: stage.name.clone(),
                 digest,
