@@ -70,9 +70,9 @@ pub enum Error {
     NotYet { what: String },
     #[error("{message}")]
     Usage { message: String },
-    /// SIGINT or SIGTERM arrived; what was running has been stopped and cleaned up.
-    #[error("interrupted during {during}; stopped it and removed its temporary files")]
-    Interrupted { during: String },
+    /// SIGINT or SIGTERM arrived; `aftermath` says what was stopped, cleaned up or left for the next kiln.
+    #[error("interrupted during {during}; {aftermath}")]
+    Interrupted { during: String, aftermath: String },
     #[error("cannot access {path}")]
     Io {
         path: PathBuf,

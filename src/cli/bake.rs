@@ -22,7 +22,7 @@ pub struct BakeArgs {
 pub fn run(ctx: &Ctx, args: BakeArgs) -> Result<(), kiln::Error> {
     // Ctrl-C must stop the running step's whole process group and remove the work directory, which an immediate
     // exit would leave behind.
-    kiln::process::catch_interrupts().map_err(|source| kiln::Error::Io { path: "signal handlers".into(), source })?;
+    super::catch_interrupts()?;
     let options = BakeOptions { no_cache: args.no_cache, allow_dirty: args.allow_dirty, check: args.check };
     let report = ctx.with_engine(|engine| bake::bake(engine, &options))?;
     let image = report.image();

@@ -14,6 +14,7 @@ pub struct DeployArgs {
 }
 
 pub fn run(ctx: &Ctx, args: DeployArgs) -> Result<(), kiln::Error> {
+    super::catch_interrupts()?;
     let report = ctx.with_engine(|engine| deploy::deploy(engine, &args.stage, Want::Promoted))?;
     ctx.out.emit(&report, || render(&report))
 }

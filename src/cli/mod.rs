@@ -233,6 +233,13 @@ fn pinned_clock() -> Result<Clock, Error> {
     Ok(clock)
 }
 
+/// From here on Ctrl-C (or SIGTERM) lets the command stop cleanly at its next step instead of dying mid-way: a bake
+/// kills its step and removes its work directory, a deployment stops where it stands and is left for the next
+/// `kiln deploy`. A second Ctrl-C ends kiln at once.
+pub fn catch_interrupts() -> Result<(), Error> {
+    kiln::process::catch_interrupts().map_err(|source| Error::Io { path: "signal handlers".into(), source })
+}
+
 fn init_logging(global: &GlobalArgs) {
     let default = match (global.quiet, global.verbose) {
         (true, _) => "error",

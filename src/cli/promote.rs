@@ -25,6 +25,7 @@ pub struct PromoteArgs {
 }
 
 pub fn run(ctx: &Ctx, args: PromoteArgs) -> Result<(), kiln::Error> {
+    super::catch_interrupts()?;
     let options = PromoteOptions { stage: args.stage.clone(), digest: args.digest, plan: args.plan };
     let deploy = !args.no_deploy && !args.plan;
     let (report, deployed) = ctx.with_engine(|engine| {

@@ -24,6 +24,7 @@ pub struct RollbackArgs {
 }
 
 pub fn run(ctx: &Ctx, args: RollbackArgs) -> Result<(), kiln::Error> {
+    super::catch_interrupts()?;
     let report = ctx.with_engine(|engine| {
         let to = args.to.as_deref().map(|typed| resolve_digest(&engine.ledger.view()?, typed)).transpose()?;
         deploy::deploy(engine, &args.stage, Want::Rollback { to, reason: args.reason.clone(), force: args.force })

@@ -28,6 +28,7 @@ struct Stopped {
 }
 
 pub fn run(ctx: &Ctx, args: RunArgs) -> Result<(), Error> {
+    super::catch_interrupts()?;
     let (baked, stopped, stages) = ctx.with_engine(|engine| {
         let baked = bake::bake(engine, &BakeOptions { allow_dirty: args.allow_dirty, ..BakeOptions::default() })?;
         let mut stopped = None;

@@ -245,7 +245,10 @@ pub fn instance_of(ctx: &Context, image: &ImageRef) -> Result<Option<Instance>, 
 /// Fails once SIGINT or SIGTERM has arrived (when the CLI catches them), so the bake unwinds and cleans up.
 fn interruption(recipe: &str) -> Result<(), Error> {
     if crate::process::interrupted() {
-        return Err(Error::Interrupted { during: format!("the bake of recipe `{recipe}`") });
+        return Err(Error::Interrupted {
+            during: format!("the bake of recipe `{recipe}`"),
+            aftermath: "stopped it and removed its temporary files".into(),
+        });
     }
     Ok(())
 }

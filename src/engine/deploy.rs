@@ -190,8 +190,24 @@ impl<'c> Lease<'c> {
         Ok(())
     }
 
+    /// Stops the deployment where it stands once SIGINT or SIGTERM arrived (when the CLI catches them): it stays
+    /// open, exactly as a crash would leave it, for the next kiln to finish or undo.
+    fn check_interrupt(&self) -> Result<(), Error> {
+        if crate::process::interrupted() {
+            return Err(Error::Interrupted {
+                during: format!("deployment {} to {}", self.deploy_id, self.stage.name),
+                aftermath: format!(
+                    "it is left open, and the next `kiln deploy --stage {}` finishes or undoes it",
+                    self.stage.name
+                ),
+            });
+        }
+        Ok(())
+    }
+
     /// Called while waiting: extends the lease when a third of it has gone. Stops the wait if it was taken over.
     fn keep_alive(&self) -> Result<(), Error> {
+        self.check_interrupt()?;
         if self.renewal_due() {
             self.renew()?;
         }
@@ -201,6 +217,7 @@ impl<'c> Lease<'c> {
     /// Called before every provider change: proves the deployment is still ours, renewing the lease when it runs
     /// low so that nobody can take it over while the change is under way.
     fn fence(&self) -> Result<(), Error> {
+        self.check_interrupt()?;
         if self.renewal_due() {
             return self.renew();
         }
