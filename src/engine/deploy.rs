@@ -530,7 +530,12 @@ fn plan(
     let image = record.image(digest);
     let live = view.stage(&ctx.pipeline.name, &stage.name).and_then(|s| s.live.clone());
     let revoked = view.revocation(&digest);
-    drop(view);
+    if let Some(VerifyCheck::Alarm { name }) = stage.verify.iter().find(|c| matches!(c, VerifyCheck::Alarm { .. })) {
+        return Err(Error::Provider(ProviderError::Other {
+            provider: ctx.images.name(),
+            message: format!("stage {}: alarm `{name}`: this provider cannot watch CloudWatch alarms", stage.name),
+        }));
+    }
     // An image that says nothing about how to start is a recipe problem, refused before the stage is touched.
     if super::bake::instance_of(ctx, &image)?.is_none() {
         return Err(Error::usage(format!(
@@ -552,7 +557,7 @@ fn plan(
             && fleet.endpoint_up(target);
         // A group the stage neither serves nor keeps (left by a kiln whose call was under way when it was taken
         // over) is an orphan: a heal retires it too.
-        let keep = kept_groups(&ctx.ledger.view()?, ctx, stage, &group.name, Some(&group.name));
+        let keep = kept_groups(&view, ctx, stage, &group.name, Some(&group.name));
         let orphans = groups.iter().any(|g| g.name != group.name && !keep.contains(&g.name));
         if healthy && !orphans {
             return Ok(Err(DeployReport {
@@ -638,7 +643,7 @@ fn start(ctx: &Context, stage: &Stage, want: &Want, plan: &Plan) -> Result<Optio
         Ok(Decision::Append(Box::new(body), Some(open)))
     })?;
     if open.as_ref().is_some_and(|o| o.rollback) {
-        super::promote::pointer_follows_rollback(ctx, stage, &plan.image);
+        super::promote::publish_pointer_best_effort(ctx, stage, &plan.image);
     }
     Ok(open)
 }
@@ -654,7 +659,7 @@ fn pointer_follows_target(ctx: &Context, stage: &Stage) {
         Some(view.image(&digest)?.image(digest))
     });
     if let Some(image) = image {
-        super::promote::pointer_follows_rollback(ctx, stage, &image);
+        super::promote::publish_pointer_best_effort(ctx, stage, &image);
     }
 }
 
@@ -917,13 +922,8 @@ fn verify_window(
     let started = Instant::now();
     let end = started + window;
     let cadence = ctx.fleet.poll_cadence();
-    let mut env = vec![
-        ("KILN_PIPELINE", ctx.pipeline.name.clone()),
-        ("KILN_STAGE", stage.name.clone()),
-        ("KILN_DIGEST", open.digest.to_string()),
-        ("KILN_IMAGE_REF", image.image_ref.clone()),
-        ("KILN_GROUP", open.group.clone()),
-    ];
+    let mut env = gate::check_env(ctx.pipeline, stage, open.digest, &image.image_ref);
+    env.push(("KILN_GROUP", open.group.clone()));
     if let Some(endpoint) = ctx.fleet.endpoint(target) {
         env.push(("KILN_ENDPOINT", endpoint));
     }
@@ -970,12 +970,8 @@ fn verify_window(
                         break;
                     }
                 }
-                VerifyCheck::Alarm { name } => {
-                    return Err(Error::Provider(ProviderError::Other {
-                        provider: ctx.images.name(),
-                        message: format!("alarm `{name}`: this provider cannot watch CloudWatch alarms"),
-                    }));
-                }
+                // `plan` refuses a stage with alarm checks until a provider can watch them.
+                VerifyCheck::Alarm { .. } => {}
             }
         }
         if let Some(failure) = failure {

@@ -233,12 +233,7 @@ pub struct CommandContext<'a> {
 /// Runs every command gate of the stage; each passes when its command exits 0. The evidence is the output's
 /// sha256 and tail, never the environment.
 pub fn command_verdicts(input: &CommandContext) -> Vec<GateVerdict> {
-    let mut env = vec![
-        ("KILN_PIPELINE", input.pipeline.name.clone()),
-        ("KILN_STAGE", input.stage.name.clone()),
-        ("KILN_DIGEST", input.digest.to_string()),
-        ("KILN_IMAGE_REF", input.image_ref.to_string()),
-    ];
+    let mut env = check_env(input.pipeline, input.stage, input.digest, input.image_ref);
     if let Some(previous) = &input.previous_endpoint {
         env.push(("KILN_PREVIOUS_ENDPOINT", previous.clone()));
     }
@@ -254,6 +249,16 @@ pub fn command_verdicts(input: &CommandContext) -> Vec<GateVerdict> {
             _ => None,
         })
         .collect()
+}
+
+/// What every check command (gate or verification window) is told: the pipeline, stage, digest and image ref.
+pub fn check_env(pipeline: &Pipeline, stage: &Stage, digest: Digest, image_ref: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("KILN_PIPELINE", pipeline.name.clone()),
+        ("KILN_STAGE", stage.name.clone()),
+        ("KILN_DIGEST", digest.to_string()),
+        ("KILN_IMAGE_REF", image_ref.to_string()),
+    ]
 }
 
 /// The outcome of one check command (a command gate, or a verification-window check), with its evidence: exit

@@ -270,9 +270,10 @@ pub fn publish_pointer(ctx: &Context, stage: &Stage, image: &ImageRef) -> Result
     Ok(stored.map(|s| s.event.seq))
 }
 
-/// As a rollback starts, the stage's pointer follows it. A pointer that cannot be written does not stop the
-/// rollback (restoring service comes first); it is said, and the next promotion or rollback writes it.
-pub fn pointer_follows_rollback(ctx: &Context, stage: &Stage, image: &ImageRef) {
+/// Points the stage's pointer at `image` where a failure must not stop what is under way: a rollback starting
+/// (restoring service comes first), or a deployment that has ended. A pointer that cannot be written is said, and
+/// the next promotion, rollback or deployment writes it.
+pub fn publish_pointer_best_effort(ctx: &Context, stage: &Stage, image: &ImageRef) {
     if let Err(err) = publish_pointer(ctx, stage, image) {
         tracing::warn!(stage = %stage.name, "the stage pointer still names what the stage ran before: {err}");
     }
