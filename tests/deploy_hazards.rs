@@ -11,6 +11,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
+use common::hello::instance_script;
 use common::{
     assert_converged, bake_greeting, dev_only, greeting, group_files, http_get, pid_alive, promote_only, Down, Repo,
 };
@@ -18,30 +19,33 @@ use common::{
 /// Long enough for anything that normally takes milliseconds on a loaded machine; only a hang reaches it.
 const PATIENCE: Duration = Duration::from_secs(60);
 
-/// Starts hello's instances through `/opt/hello/bin/start`, a shell script with `body` in which `$HELLO` is the
-/// hello binary (instances run on the host, so it is found beside the script, not at its image path).
-fn start_through(repo: &Repo, body: &str) {
-    let script = format!("#!/bin/sh\nHELLO=\"$(dirname \"$0\")/hello\"\n{body}\n");
-    repo.edit(
-        "images/hello.toml",
-        "[instance]\ncommand = [\"/opt/hello/bin/hello\"]",
-        &format!(
-            "[[provision]]\nshell = '''cat > $KILN_ROOT/opt/hello/bin/start <<'EOF'\n{script}EOF\n\
-             chmod 755 $KILN_ROOT/opt/hello/bin/start'''\n\n[instance]\ncommand = [\"/opt/hello/bin/start\"]"
-        ),
-    );
-}
-
 /// Instances that start serving only once `release` exists: a deployment of them waits, holding its lease, until
 /// the test says so.
 fn held_until(repo: &Repo, release: &std::path::Path) {
-    start_through(repo, &format!("while [ ! -e '{}' ]; do sleep 0.05; done\nexec \"$HELLO\"", release.display()));
+    instance_script(
+        repo,
+        "start",
+        &format!("while [ ! -e '{}' ]; do sleep 0.05; done\nexec \"$HELLO\"", release.display()),
+    );
+}
+
+/// `one` deployed to dev, then `two` promoted there, its instances held until the returned `release` file exists.
+fn one_live_then_two_held(repo: &Repo) -> (String, String, std::path::PathBuf) {
+    let one = bake_greeting(repo, "one");
+    promote_only(repo, &one);
+    repo.run(&["deploy", "--stage", "dev"]).ok();
+    let release = repo.file("release");
+    held_until(repo, &release);
+    let two = bake_greeting(repo, "two");
+    promote_only(repo, &two);
+    (one, two, release)
 }
 
 /// Instances that note their SIGTERM in their log and stay up, so a retirement of them lasts the stop grace.
 fn stubborn(repo: &Repo) {
-    start_through(
+    instance_script(
         repo,
+        "start",
         "trap '' TERM\n\"$HELLO\" &\ntrap 'echo \"retiring: got SIGTERM, staying up\"' TERM\nwhile :; do wait; done",
     );
 }
@@ -95,13 +99,7 @@ fn instances(repo: &Repo, group: &str) -> Vec<(u64, u16)> {
 fn a_second_deploy_while_one_holds_the_lease_exits_5_naming_the_holder() {
     let (repo, port) = dev_only(1);
     let _down = Down { repo: &repo, stages: vec!["dev"], pipeline: None };
-    let one = bake_greeting(&repo, "one");
-    promote_only(&repo, &one);
-    repo.run(&["deploy", "--stage", "dev"]).ok();
-    let release = repo.file("release");
-    held_until(&repo, &release);
-    let two = bake_greeting(&repo, "two");
-    promote_only(&repo, &two);
+    let (one, _, release) = one_live_then_two_held(&repo);
 
     let mut holder = spawn_deploy(&repo);
     wait_until("the first deploy took the lease", &mut holder, || open_steps(&repo).is_some());
@@ -177,13 +175,7 @@ fn verify_names_a_group_that_runs_another_digest() {
 fn a_kill_while_the_new_group_starts_leaves_no_orphan_and_the_next_deploy_converges() {
     let (repo, port) = dev_only(2);
     let _down = Down { repo: &repo, stages: vec!["dev"], pipeline: None };
-    let one = bake_greeting(&repo, "one");
-    promote_only(&repo, &one);
-    repo.run(&["deploy", "--stage", "dev"]).ok();
-    let release = repo.file("release");
-    held_until(&repo, &release);
-    let two = bake_greeting(&repo, "two");
-    promote_only(&repo, &two);
+    let (_, two, release) = one_live_then_two_held(&repo);
 
     // Killed with the new group launched and waiting to get healthy: its processes run, traffic has not moved.
     let mut deploy = spawn_deploy(&repo);
