@@ -39,7 +39,12 @@ impl From<Exit> for std::process::ExitCode {
 
 pub fn classify(err: &Error) -> Exit {
     match err {
-        Error::Config(_) | Error::Digest(_) | Error::Clock(_) | Error::Actor(_) | Error::Usage { .. } => Exit::Invalid,
+        Error::Config(_)
+        | Error::Digest(_)
+        | Error::Clock(_)
+        | Error::Actor(_)
+        | Error::Usage { .. }
+        | Error::Provider(ProviderError::Invalid { .. }) => Exit::Invalid,
         Error::Ledger(LedgerError::Tampered { .. }) => Exit::VerifyFailed,
         Error::Ledger(LedgerError::Contended { .. }) => Exit::Busy,
         Error::DirtyTree { .. } | Error::Key(kiln::engine::recipe_key::KeyError::Untracked { .. }) => Exit::Invalid,

@@ -37,6 +37,7 @@ struct AwsPipelineToml {
     region: Option<String>,
     artifact_bucket: Option<String>,
     profile: Option<String>,
+    builder_subnet: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -117,6 +118,8 @@ pub struct AwsPipeline {
     pub region: Option<String>,
     pub artifact_bucket: Option<String>,
     pub profile: Option<String>,
+    /// Where bake builders run; absent: the region's default VPC.
+    pub builder_subnet: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -140,6 +143,25 @@ pub enum VerifyCheck {
     Command { argv: Vec<String>, program: CommandProgram, interval: Duration, timeout: Duration },
     /// AWS: a CloudWatch alarm that must stay OK through the window.
     Alarm { name: String },
+}
+
+impl Stage {
+    /// The regions the stage runs in (AWS `deploy.regions`); empty means the pipeline's own region, and always
+    /// for the local provider.
+    pub fn regions(&self) -> &[String] {
+        match &self.deploy {
+            StageDeploy::Aws { regions, .. } => regions,
+            StageDeploy::Local { .. } => &[],
+        }
+    }
+
+    /// The accounts the stage's images are shared with (AWS `deploy.accounts`); empty for the local provider.
+    pub fn accounts(&self) -> &[String] {
+        match &self.deploy {
+            StageDeploy::Aws { accounts, .. } => accounts,
+            StageDeploy::Local { .. } => &[],
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -449,7 +471,12 @@ fn validate(repo: &Repo, source: &Source, name: &str, raw: PipelineToml) -> Resu
     if provider == ProviderKind::Aws && raw.aws.as_ref().and_then(|a| a.region.as_ref()).is_none() {
         return Err(source.error(0..0, "aws.region", "the aws provider needs `[aws] region = \"…\"`"));
     }
-    let aws = raw.aws.map(|a| AwsPipeline { region: a.region, artifact_bucket: a.artifact_bucket, profile: a.profile });
+    let aws = raw.aws.map(|a| AwsPipeline {
+        region: a.region,
+        artifact_bucket: a.artifact_bucket,
+        profile: a.profile,
+        builder_subnet: a.builder_subnet,
+    });
     Ok(Pipeline { name: name.to_string(), file, image, provider, ledger, aws, stages })
 }
 

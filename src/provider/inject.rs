@@ -245,6 +245,17 @@ impl ImageProvider for Faulty<'_> {
         self.injector.before("pointer")?;
         self.images.pointer(stage)
     }
+    fn prepare_bake(&self, chain: &[Recipe], update_base: bool, plan: bool) -> Result<Vec<String>, ProviderError> {
+        self.injector.before("prepare_bake")?;
+        self.images.prepare_bake(chain, update_base, plan)
+    }
+    fn plan_bake(&self, recipe: &Recipe, recorded: Option<&ImageRef>) -> Vec<String> {
+        self.images.plan_bake(recipe, recorded)
+    }
+    fn image_users(&self, image: &ImageRef) -> Result<Vec<String>, ProviderError> {
+        self.injector.before("image_users")?;
+        self.images.image_users(image)
+    }
 }
 
 impl Fleet for Faulty<'_> {

@@ -161,6 +161,18 @@ impl ImageProvider for MemoryProvider {
     fn pointer(&self, stage: StageRef) -> Result<Option<Digest>, ProviderError> {
         Ok(self.pointer_of(stage))
     }
+    fn prepare_bake(&self, _chain: &[Recipe], _update_base: bool, _plan: bool) -> Result<Vec<String>, ProviderError> {
+        Ok(Vec::new())
+    }
+    fn plan_bake(&self, recipe: &Recipe, recorded: Option<&ImageRef>) -> Vec<String> {
+        match recorded {
+            Some(image) => vec![format!("memory: check that {} is still held", image.image_ref)],
+            None => vec![format!("memory: build recipe `{}`", recipe.name)],
+        }
+    }
+    fn image_users(&self, _image: &ImageRef) -> Result<Vec<String>, ProviderError> {
+        Ok(Vec::new())
+    }
 }
 
 impl Fleet for MemoryProvider {

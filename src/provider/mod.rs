@@ -96,6 +96,10 @@ pub enum ProviderError {
     /// traffic moved: what served the stage before still does.
     #[error("the endpoint of stage {stage} cannot start: {reason}")]
     Endpoint { stage: String, reason: String },
+    /// What the configuration or the lock file names does not exist or cannot be used (a base AMI that is gone,
+    /// an artifact bucket that is missing): the user's input to fix, not a fault to retry.
+    #[error("{provider} provider: {message}")]
+    Invalid { provider: &'static str, message: String },
     #[error("{provider} provider: {message}")]
     Other { provider: &'static str, message: String },
 }
@@ -154,6 +158,17 @@ pub trait ImageProvider {
     fn publish_pointer(&self, stage: StageRef, image: &ImageRef) -> Result<String, ProviderError>;
     /// The digest the stage's pointer names now, as the provider (not the ledger) says; `None` when it has none.
     fn pointer(&self, stage: StageRef) -> Result<Option<Digest>, ProviderError>;
+    /// Settles what a bake of `chain` (root first) depends on outside the repository before any recipe key is
+    /// computed (AWS: resolves each root recipe's base AMI into `kiln.lock`, again with `update_base`). With
+    /// `plan`, changes nothing and makes no call: returns the calls it would make, in order.
+    fn prepare_bake(&self, chain: &[Recipe], update_base: bool, plan: bool) -> Result<Vec<String>, ProviderError>;
+    /// The calls a bake of `recipe` would make, in order, without making any: `recorded` is the image the ledger
+    /// has for its recipe key (a cache hit when the provider still holds it), `None` when the key is unknown
+    /// (an unresolved base) or the ledger has no image for it.
+    fn plan_bake(&self, recipe: &Recipe, recorded: Option<&ImageRef>) -> Vec<String>;
+    /// What outside kiln's ledger still uses the image (AWS: launch template versions naming one of its AMIs), so
+    /// that gc leaves it alone. Empty when nothing does.
+    fn image_users(&self, image: &ImageRef) -> Result<Vec<String>, ProviderError>;
 }
 
 /// Everything the engine needs of one provider: images and the groups that run them.

@@ -1,7 +1,9 @@
 //! The AWS provider. The only module that names `aws_sdk_*` and `aws_config` types; so far it holds the S3 ledger
 //! store (AMI bakes and deploys come next).
 
+pub mod faults;
 pub mod s3_store;
+pub mod sdk;
 
 use std::path::{Path, PathBuf};
 

@@ -432,6 +432,28 @@ impl ImageProvider for LocalProvider {
         let refs = self.store()?.refs().map_err(oci_error)?;
         Ok(refs.into_iter().find(|(name, _)| *name == pointer).map(|(_, digest)| digest))
     }
+
+    fn prepare_bake(&self, _chain: &[Recipe], _update_base: bool, _plan: bool) -> Result<Vec<String>, ProviderError> {
+        // A local root recipe starts from an empty root: there is no base to resolve.
+        Ok(Vec::new())
+    }
+
+    fn plan_bake(&self, recipe: &Recipe, recorded: Option<&ImageRef>) -> Vec<String> {
+        if let Some(image) = recorded {
+            return vec![format!("local: find {} in .kiln/oci (a cache hit builds nothing)", image.image_ref)];
+        }
+        let mut plan = vec![format!("local: unpack the parent's layers into a temporary root for `{}`", recipe.name)];
+        plan.extend(
+            recipe.provision.iter().enumerate().map(|(n, step)| format!("local: step {}: {}", n + 1, describe(step))),
+        );
+        plan.push("local: write the layer, config and manifest to .kiln/oci and tag them".into());
+        plan
+    }
+
+    fn image_users(&self, _image: &ImageRef) -> Result<Vec<String>, ProviderError> {
+        // Local instances run from images kiln's own groups name, which gc already keeps (Fleet::groups).
+        Ok(Vec::new())
+    }
 }
 
 /// The OCI ref of a stage pointer: `<pipeline>-<stage>`, so `skopeo inspect oci:.kiln/oci:hello-prod` shows what
