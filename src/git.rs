@@ -19,6 +19,9 @@ impl SourceState {
     }
 }
 
+/// kiln's lock file at the repository root (see `provider::aws::base`).
+const LOCK_FILE: &str = "kiln.lock";
+
 /// Inspects the repository containing `dir`. Not being in a git repository is not an error: there is simply no
 /// commit to record.
 pub fn inspect(dir: &Path) -> Result<SourceState, git2::Error> {
@@ -31,6 +34,9 @@ pub fn inspect(dir: &Path) -> Result<SourceState, git2::Error> {
         .iter()
         .filter(|entry| entry.status() != git2::Status::CURRENT)
         .filter_map(|entry| entry.path().map(str::to_string))
+        // The lock file holds what the bake itself resolved (base AMI ids), and the recipe key covers every value
+        // in it: a first bake that writes it must not refuse itself as dirty.
+        .filter(|path| path != LOCK_FILE)
         .collect();
     let origin = repo.find_remote("origin").ok().and_then(|r| r.url().map(redact_url));
     Ok(SourceState { commit, dirty_paths, origin })

@@ -168,7 +168,7 @@ impl Ctx {
     pub fn with_engine<T>(&self, f: impl FnOnce(&Context) -> Result<T, Error>) -> Result<T, Error> {
         let pipeline = self.pipeline()?;
         let ledger = self.ledger()?;
-        let provider = kiln::provider::for_pipeline(pipeline, self.state_dir())?;
+        let provider = kiln::provider::for_pipeline(pipeline, &self.repo)?;
         let progress = progress::for_run(self.global.quiet);
         // Tests of the binary inject provider failures on purpose (KILN_INJECT); nobody else sets it.
         let injector = Injector::from_env().map_err(Error::usage)?;

@@ -177,11 +177,11 @@ pub trait Provider: ImageProvider + Fleet {}
 impl<T: ImageProvider + Fleet> Provider for T {}
 
 /// The one place that maps a pipeline to its provider: the CLI (and anything else that runs the engine) asks here,
-/// so adding a provider changes this function, not its callers. `state_dir` is kiln's local state (`.kiln/`).
-pub fn for_pipeline(pipeline: &Pipeline, state_dir: PathBuf) -> Result<Box<dyn Provider>, crate::Error> {
+/// so adding a provider changes this function, not its callers. Local state lives in the repository's `.kiln/`.
+pub fn for_pipeline(pipeline: &Pipeline, repo: &crate::config::Repo) -> Result<Box<dyn Provider>, crate::Error> {
     match pipeline.provider {
-        ProviderKind::Local => Ok(Box::new(local::LocalProvider::new(state_dir))),
-        ProviderKind::Aws => Err(crate::Error::NotYet { what: "the aws provider".into() }),
+        ProviderKind::Local => Ok(Box::new(local::LocalProvider::new(repo.root().join(".kiln")))),
+        ProviderKind::Aws => Ok(Box::new(aws::AwsProvider::connect(pipeline, repo.root())?)),
     }
 }
 

@@ -1,19 +1,247 @@
-//! The AWS provider. The only module that names `aws_sdk_*` and `aws_config` types; so far it holds the S3 ledger
-//! store (AMI bakes and deploys come next).
+//! The AWS provider: AMIs baked through EC2 and SSM Run Command, distributed by CopyImage and launch permissions,
+//! and the S3 ledger store. The only module that names `aws_sdk_*` and `aws_config` types. The engine is
+//! synchronous: the provider owns a current-thread tokio runtime and blocks on each call at the trait boundary.
 
+pub mod ami;
+mod bake;
+pub mod base;
+mod distribute;
 pub mod faults;
+mod fleet;
+mod gc;
 pub mod s3_store;
 pub mod sdk;
 
+use std::collections::BTreeMap;
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use aws_config::{Region, SdkConfig};
 
 use crate::config::pipeline::AwsPipeline;
+use crate::config::{Instance, Pipeline, Recipe};
 use crate::digest::Digest;
 use crate::ledger::{Ledger, StoreError};
+use crate::provider::{BakeJob, ImageCopy, ImageProvider, ImageRef, ProviderError, Reproduction, StageRef};
 use s3_store::{S3Settings, S3Store};
 
 /// The local marker that says the probe passed for this bucket, prefix and endpoint.
 const PROBED_MARKER: &str = "conditional-writes-checked";
+
+/// The clients of one region, made on first use.
+#[derive(Clone)]
+struct Clients {
+    ec2: aws_sdk_ec2::Client,
+    ssm: aws_sdk_ssm::Client,
+    s3: aws_sdk_s3::Client,
+    autoscaling: aws_sdk_autoscaling::Client,
+}
+
+pub struct AwsProvider {
+    runtime: tokio::runtime::Runtime,
+    sdk: SdkConfig,
+    /// The pipeline's region: where images are baked and where the artifact bucket is.
+    home: String,
+    pipeline: String,
+    repo_root: PathBuf,
+    artifact_bucket: Option<String>,
+    builder_subnet: Option<String>,
+    clients: Mutex<BTreeMap<String, Clients>>,
+}
+
+impl AwsProvider {
+    /// Connects with the aws-config default chain and the pipeline's `[aws]` region and profile. Makes no call:
+    /// credentials are looked for on the first request.
+    pub fn connect(pipeline: &Pipeline, repo_root: &Path) -> Result<AwsProvider, ProviderError> {
+        let aws = pipeline.aws.clone().unwrap_or(AwsPipeline {
+            region: None,
+            artifact_bucket: None,
+            profile: None,
+            builder_subnet: None,
+        });
+        let other = |message: String| ProviderError::Other { provider: "aws", message };
+        let runtime = sdk::runtime().map_err(|e| other(format!("cannot start the AWS client runtime: {e}")))?;
+        let sdk = sdk::load(&runtime, aws.region.as_deref(), aws.profile.as_deref()).map_err(other)?;
+        let home = sdk.region().map(|r| r.to_string()).unwrap_or_default();
+        Ok(AwsProvider {
+            runtime,
+            sdk,
+            home,
+            pipeline: pipeline.name.clone(),
+            repo_root: repo_root.to_path_buf(),
+            artifact_bucket: aws.artifact_bucket,
+            builder_subnet: aws.builder_subnet,
+            clients: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    fn clients(&self, region: &str) -> Clients {
+        let mut clients = self.clients.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        clients
+            .entry(region.to_string())
+            .or_insert_with(|| {
+                let region = Region::new(region.to_string());
+                let ec2 = aws_sdk_ec2::config::Builder::from(&self.sdk).region(region.clone()).build();
+                let ssm = aws_sdk_ssm::config::Builder::from(&self.sdk).region(region.clone()).build();
+                let mut s3 = aws_sdk_s3::config::Builder::from(&self.sdk).region(region.clone());
+                if self.sdk.endpoint_url().is_some() {
+                    // Local endpoints have no per-bucket hostnames.
+                    s3 = s3.force_path_style(true);
+                }
+                let autoscaling = aws_sdk_autoscaling::config::Builder::from(&self.sdk).region(region).build();
+                Clients {
+                    ec2: aws_sdk_ec2::Client::from_conf(ec2),
+                    ssm: aws_sdk_ssm::Client::from_conf(ssm),
+                    s3: aws_sdk_s3::Client::from_conf(s3.build()),
+                    autoscaling: aws_sdk_autoscaling::Client::from_conf(autoscaling),
+                }
+            })
+            .clone()
+    }
+
+    fn ec2(&self, region: &str) -> aws_sdk_ec2::Client {
+        self.clients(region).ec2
+    }
+
+    fn block_on<F: Future>(&self, future: F) -> F::Output {
+        self.runtime.block_on(future)
+    }
+
+    /// Every AMI of `image` by region: its recorded copies, else the AMI its `image_ref` names.
+    fn amis(image: &ImageRef) -> Vec<ImageCopy> {
+        if !image.copies.is_empty() {
+            return image.copies.clone();
+        }
+        match ami::parse_image_ref(&image.image_ref) {
+            Some((region, id)) => {
+                vec![ImageCopy { region: region.into(), account: None, id: id.into(), snapshots: Vec::new() }]
+            }
+            None => Vec::new(),
+        }
+    }
+
+    /// The AMI in `region` that the image was baked as or copied to (not an account share).
+    fn ami_in(image: &ImageRef, region: &str) -> Option<ImageCopy> {
+        Self::amis(image).into_iter().find(|c| c.region == region && c.account.is_none())
+    }
+
+    /// Describes the AMIs `ids` in `region`; an id AWS does not know is absent from the answer, not an error.
+    fn describe_images(&self, region: &str, ids: &[String]) -> Result<Vec<aws_sdk_ec2::types::Image>, ProviderError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ec2 = self.ec2(region);
+        let answer = self.block_on(ec2.describe_images().set_image_ids(Some(ids.to_vec())).send());
+        match answer {
+            Ok(out) => Ok(out.images().to_vec()),
+            Err(err) if sdk::code_of(&err).is_some_and(|c| c.starts_with("InvalidAMIID")) => {
+                // One unknown id fails the whole call: ask one by one so the known ones still answer.
+                if ids.len() == 1 {
+                    return Ok(Vec::new());
+                }
+                let mut found = Vec::new();
+                for id in ids {
+                    found.extend(self.describe_images(region, std::slice::from_ref(id))?);
+                }
+                Ok(found)
+            }
+            Err(err) => Err(sdk::error("ec2:DescribeImages", region, &err)),
+        }
+    }
+
+    fn missing(image: &ImageRef, reason: impl Into<String>) -> ProviderError {
+        ProviderError::MissingImage { provider: "aws", image: image.image_ref.clone(), reason: reason.into() }
+    }
+}
+
+impl ImageProvider for AwsProvider {
+    fn name(&self) -> &'static str {
+        "aws"
+    }
+
+    fn build_settings(&self, recipe: &Recipe) -> Result<serde_json::Value, ProviderError> {
+        bake::build_settings(self, recipe)
+    }
+
+    fn has_image(&self, image: &ImageRef) -> Result<bool, ProviderError> {
+        let Some(copy) = Self::amis(image).into_iter().next() else {
+            return Ok(false);
+        };
+        let found = self.describe_images(&copy.region, std::slice::from_ref(&copy.id))?;
+        Ok(found.first().is_some_and(|found| ami::copy_problem(&copy, Some(found), &image.digest).is_none()))
+    }
+
+    fn bake(&self, job: &BakeJob) -> Result<ImageRef, ProviderError> {
+        bake::bake(self, job)
+    }
+
+    fn check_reproducible(&self, _chain: &[(BakeJob, Digest)]) -> Result<Reproduction, ProviderError> {
+        Err(ProviderError::Invalid {
+            provider: "aws",
+            message: "`kiln bake --check` rebuilds images away from the store, which the local provider can do; an \
+                      AMI's digest names its snapshots, and a rebuild makes new ones, so it can never match"
+                .into(),
+        })
+    }
+
+    fn verify_image(&self, image: &ImageRef) -> Result<(), ProviderError> {
+        distribute::verify(self, image)
+    }
+
+    fn delete_image(&self, image: &ImageRef) -> Result<(), ProviderError> {
+        gc::delete_image(self, image)
+    }
+
+    fn collect_garbage(&self) -> Result<u64, ProviderError> {
+        gc::sweep_builders(self)
+    }
+
+    fn image_labels(&self, image: &ImageRef) -> Result<BTreeMap<String, String>, ProviderError> {
+        let copy = Self::amis(image).into_iter().next().ok_or_else(|| Self::missing(image, "no AMI recorded"))?;
+        let found = self.describe_images(&copy.region, std::slice::from_ref(&copy.id))?;
+        let found = found.first().ok_or_else(|| Self::missing(image, "the AMI no longer exists"))?;
+        Ok(ami::tags_of(found))
+    }
+
+    fn instance_of(&self, _image: &ImageRef) -> Result<Option<Instance>, ProviderError> {
+        // AMI tags hold 256 characters: the `baked` event is where the instance section lives.
+        Ok(None)
+    }
+
+    fn distribute(
+        &self,
+        image: &ImageRef,
+        regions: &[String],
+        accounts: &[String],
+    ) -> Result<Vec<ImageCopy>, ProviderError> {
+        distribute::distribute(self, image, regions, accounts)
+    }
+
+    fn protect(&self, image: &ImageRef) -> Result<(), ProviderError> {
+        distribute::protect(self, image)
+    }
+
+    fn publish_pointer(&self, stage: StageRef, image: &ImageRef) -> Result<String, ProviderError> {
+        fleet::publish_pointer(self, stage, image)
+    }
+
+    fn pointer(&self, stage: StageRef) -> Result<Option<Digest>, ProviderError> {
+        fleet::pointer(self, stage)
+    }
+
+    fn prepare_bake(&self, chain: &[Recipe], update_base: bool, plan: bool) -> Result<Vec<String>, ProviderError> {
+        bake::prepare(self, chain, update_base, plan)
+    }
+
+    fn plan_bake(&self, recipe: &Recipe, recorded: Option<&ImageRef>) -> Vec<String> {
+        bake::plan(self, recipe, recorded)
+    }
+
+    fn image_users(&self, image: &ImageRef) -> Result<Vec<String>, ProviderError> {
+        gc::image_users(self, image)
+    }
+}
 
 /// Opens the ledger at `s3://bucket/prefix`, with `[aws]` settings from the pipeline when there is one, and its
 /// view cache under `state_dir/cache/s3/`. The first open on this machine probes whether the store honours
