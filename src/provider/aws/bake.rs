@@ -122,8 +122,8 @@ pub fn prepare(
                     .map_err(|e| sdk::error("ec2:DescribeImages", &region, &e))?
                     .images()
                     .to_vec();
-                // ISO 8601 creation dates sort as strings.
-                images.into_iter().max_by(|a, b| a.creation_date().cmp(&b.creation_date()))
+                // ISO 8601 creation dates sort as strings; names break a tie (they usually carry a date too).
+                images.into_iter().max_by(|a, b| (a.creation_date(), a.name()).cmp(&(b.creation_date(), b.name())))
             }
             None => provider.describe_images(&region, std::slice::from_ref(&source))?.into_iter().next(),
         };
