@@ -1,6 +1,7 @@
 //! A moto server (a local AWS endpoint) per test, started from the virtualenv that scripts/install-test-deps makes,
 //! and stopped when the test drops it. Also runs boto3 from that virtualenv, to check what kiln made in AWS with
 //! calls that share no code with kiln.
+#![allow(dead_code)] // each test binary uses part of the harness
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
