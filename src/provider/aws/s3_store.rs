@@ -5,10 +5,7 @@
 //! current-thread tokio runtime and blocks on each call.
 
 use std::future::Future;
-use std::time::Duration;
 
-use aws_config::retry::RetryConfig;
-use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region};
 use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::config::{RequestChecksumCalculation, ResponseChecksumValidation};
@@ -18,15 +15,7 @@ use aws_sdk_s3::Client;
 
 use crate::ledger::{Created, Store, StoreError};
 
-/// Attempts per call, and the backoff between them: throttling and 5xx are retried with jittered exponential
-/// backoff (the SDK's standard mode), and the whole call, retries included, is bounded by `OPERATION_TIMEOUT`, so
-/// a struggling endpoint costs a command seconds, not minutes.
-const MAX_ATTEMPTS: u32 = 5;
-const INITIAL_BACKOFF: Duration = Duration::from_millis(200);
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(20);
-const OPERATION_TIMEOUT: Duration = Duration::from_secs(60);
+use super::sdk::{causes, retry_config, root_cause, timeout_config, MAX_ATTEMPTS, OPERATION_TIMEOUT};
 
 /// Where the store is and how to reach it; `None` fields fall back to the aws-config default chain.
 #[derive(Debug, Clone, Default)]
@@ -65,17 +54,14 @@ impl Operation {
     }
 }
 
-fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread().enable_all().build()
-}
-
 impl S3Store {
     /// Connects with credentials from the default chain (environment, profiles, SSO, IMDS); `AWS_ENDPOINT_URL`
     /// points it elsewhere, with path-style addressing since local endpoints have no per-bucket hostnames.
     pub fn connect(settings: &S3Settings) -> Result<S3Store, StoreError> {
         let location = location_of(&settings.bucket, &settings.prefix);
         let backend = |message: String| StoreError::Backend { location: location.clone(), message };
-        let runtime = runtime().map_err(|e| backend(format!("cannot start the AWS client runtime: {e}")))?;
+        let runtime =
+            super::sdk::runtime().map_err(|e| backend(format!("cannot start the AWS client runtime: {e}")))?;
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
             .retry_config(retry_config())
             .timeout_config(timeout_config())
@@ -88,6 +74,9 @@ impl S3Store {
         }
         if let Some(profile) = &settings.profile {
             loader = loader.profile_name(profile);
+        }
+        if let Some(client) = super::faults::http_client_from_env().map_err(backend)? {
+            loader = loader.http_client(client);
         }
         let sdk = runtime.block_on(loader.load());
         if sdk.region().is_none() {
@@ -220,46 +209,8 @@ impl S3Store {
     }
 }
 
-/// An error and its sources as one line, each message once (the SDK's wrappers often repeat their source's).
-fn causes(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    let mut next = Some(err);
-    while let Some(err) = next {
-        let text = err.to_string();
-        if !parts.iter().any(|part| part.contains(&text)) {
-            parts.push(text);
-        }
-        next = err.source();
-    }
-    parts.join(": ")
-}
-
-/// The innermost error: for a failed connection, the operating system's reason.
-fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut err = err;
-    while let Some(source) = err.source() {
-        err = source;
-    }
-    err.to_string()
-}
-
 fn status_of<E>(err: &SdkError<E, HttpResponse>) -> Option<u16> {
     err.raw_response().map(|response| response.status().as_u16())
-}
-
-fn retry_config() -> RetryConfig {
-    RetryConfig::standard()
-        .with_max_attempts(MAX_ATTEMPTS)
-        .with_initial_backoff(INITIAL_BACKOFF)
-        .with_max_backoff(MAX_BACKOFF)
-}
-
-fn timeout_config() -> TimeoutConfig {
-    TimeoutConfig::builder()
-        .connect_timeout(CONNECT_TIMEOUT)
-        .operation_attempt_timeout(ATTEMPT_TIMEOUT)
-        .operation_timeout(OPERATION_TIMEOUT)
-        .build()
 }
 
 pub fn location_of(bucket: &str, prefix: &str) -> String {
@@ -340,10 +291,13 @@ mod tests {
     use crate::clock::Clock;
     use crate::digest::Digest;
     use crate::ledger::{Decision, EventBody, Ledger, LedgerError};
+    use crate::provider::aws::sdk::runtime;
+    use aws_config::retry::RetryConfig;
     use std::collections::BTreeMap;
     use std::io::{BufRead, BufReader, Read, Write};
     use std::net::{TcpListener, TcpStream};
     use std::sync::{Arc, Mutex};
+    use std::time::Duration;
 
     #[derive(Default)]
     struct FakeS3 {
