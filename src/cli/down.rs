@@ -19,6 +19,13 @@ pub struct DownArgs {
 pub fn run(ctx: &Ctx, args: DownArgs) -> Result<(), kiln::Error> {
     let seq = ctx.with_engine(|engine| {
         let stage = kiln::engine::promote::stage(engine, &args.stage)?;
+        if engine.pipeline.provider != kiln::config::ProviderKind::Local {
+            return Err(kiln::Error::usage(format!(
+                "`kiln down` stops local stages only; on AWS, retiring stage {} is `kiln gc`'s job, so that no \
+                 command takes a stage down by accident",
+                stage.name
+            )));
+        }
         let target = StageRef { pipeline: &engine.pipeline.name, stage };
         let running = engine.fleet.groups(target)?.iter().any(|g| g.running > 0) || engine.fleet.endpoint_up(target);
         if !running {

@@ -102,6 +102,9 @@ pub enum ProviderError {
     Invalid { provider: &'static str, message: String },
     #[error("{provider} provider: {message}")]
     Other { provider: &'static str, message: String },
+    /// Ctrl-C arrived; `aftermath` says what the provider undid (e.g. "terminated the builder i-…").
+    #[error("interrupted; {aftermath}")]
+    Interrupted { aftermath: String },
 }
 
 fn tail_suffix(tail: &str) -> String {

@@ -215,8 +215,19 @@ pub fn bake(provider: &AwsProvider, job: &BakeJob) -> Result<ImageRef, ProviderE
     // From here the builder exists: whatever happens, it is terminated before bake returns.
     let outcome = provision_and_capture(provider, job, &builder, inputs.as_ref());
     let terminated = terminate(provider, &builder);
-    let image = outcome?;
-    terminated?;
+    let image = match (outcome, terminated) {
+        (Ok(image), Ok(())) => image,
+        (Ok(_), Err(err)) => return Err(err),
+        // An interruption that could not terminate the builder must not claim it did.
+        (Err(ProviderError::Interrupted { .. }), Err(err)) => {
+            return Err(ProviderError::Interrupted {
+                aftermath: format!(
+                    "could not terminate the builder {builder} ({err}); `kiln gc` terminates it after an hour"
+                ),
+            })
+        }
+        (Err(err), _) => return Err(err),
+    };
     tracing::info!(recipe = %job.recipe.name, "baked {} in {region}", image.image_ref);
     Ok(image)
 }
@@ -575,10 +586,10 @@ fn wait_available(provider: &AwsProvider, job: &BakeJob, id: &str) -> Result<Ima
     result
 }
 
-/// Fails once Ctrl-C arrived, saying the builder is being terminated.
+/// Fails once Ctrl-C arrived; `bake` terminates the builder on the way out, whatever the error.
 fn interrupted(builder: &str) -> Result<(), ProviderError> {
     if crate::process::interrupted() {
-        return Err(other(format!("interrupted; terminating the builder {builder}")));
+        return Err(ProviderError::Interrupted { aftermath: format!("terminated the builder {builder}") });
     }
     Ok(())
 }
