@@ -21,7 +21,7 @@ use crate::fault;
 use crate::ledger::event::RollbackRecord;
 use crate::ledger::view::{group_version, OpenDeploy, RENEWAL_STEP, TAKEOVER_STEP};
 use crate::ledger::{Decision, EventBody, GateVerdict, View};
-use crate::provider::{ImageRef, ProviderError, StageRef, Unhealthy};
+use crate::provider::{ImageRef, StageRef, Unhealthy};
 use crate::Error;
 
 /// How far back `kiln` looks for the takeover that closed its deployment, to name who took over.
@@ -530,11 +530,11 @@ fn plan(
     let image = record.image(digest);
     let live = view.stage(&ctx.pipeline.name, &stage.name).and_then(|s| s.live.clone());
     let revoked = view.revocation(&digest);
-    if let Some(VerifyCheck::Alarm { name }) = stage.verify.iter().find(|c| matches!(c, VerifyCheck::Alarm { .. })) {
-        return Err(Error::Provider(ProviderError::Other {
-            provider: ctx.images.name(),
-            message: format!("stage {}: alarm `{name}`: this provider cannot watch CloudWatch alarms", stage.name),
-        }));
+    // Every alarm the window will watch must exist (and the provider must have alarms) before the stage is touched.
+    for check in &stage.verify {
+        if let VerifyCheck::Alarm { name } = check {
+            ctx.fleet.alarm(stage_ref(ctx, stage), name)?;
+        }
     }
     // An image that says nothing about how to start is a recipe problem, refused before the stage is touched.
     if super::bake::instance_of(ctx, &image)?.is_none() {
@@ -970,8 +970,19 @@ fn verify_window(
                         break;
                     }
                 }
-                // `plan` refuses a stage with alarm checks until a provider can watch them.
-                VerifyCheck::Alarm { .. } => {}
+                // Alarms are cheap to read and say what the fleet sees: looked at on every poll.
+                VerifyCheck::Alarm { name } => {
+                    let alarm = ctx.fleet.alarm(target, name)?;
+                    if alarm.firing() {
+                        failure = Some(WindowFailure {
+                            check: format!("alarm {name}"),
+                            detail: format!("alarm {name} is {}: {}", alarm.state, alarm.reason),
+                            evidence: serde_json::json!({ "alarm": name, "state": alarm.state, "reason": alarm.reason }),
+                            log_tail: None,
+                        });
+                        break;
+                    }
+                }
             }
         }
         if let Some(failure) = failure {

@@ -320,6 +320,10 @@ impl Fleet for Faulty<'_> {
         self.injector.before("stop_stage")?;
         self.fleet.stop_stage(stage)
     }
+    fn alarm(&self, stage: StageRef, name: &str) -> Result<super::AlarmState, ProviderError> {
+        self.injector.before("alarm")?;
+        self.fleet.alarm(stage, name)
+    }
 }
 
 #[cfg(test)]

@@ -264,4 +264,7 @@ impl Fleet for MemoryProvider {
         }
         Ok(())
     }
+    fn alarm(&self, _stage: StageRef, name: &str) -> Result<super::AlarmState, ProviderError> {
+        Err(ProviderError::Other { provider: "memory", message: format!("no alarm `{name}` in memory") })
+    }
 }

@@ -273,4 +273,23 @@ pub trait Fleet {
     fn endpoint_up(&self, stage: StageRef) -> bool;
     /// Stops everything the stage runs, endpoint included (local `kiln down`).
     fn stop_stage(&self, stage: StageRef) -> Result<(), ProviderError>;
+    /// The state of a monitoring alarm a verification window watches (AWS: a CloudWatch alarm in the stage's
+    /// region). An error when the provider has no alarms, or the alarm does not exist.
+    fn alarm(&self, stage: StageRef, name: &str) -> Result<AlarmState, ProviderError>;
+}
+
+/// An alarm as its monitoring service reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AlarmState {
+    /// `OK`, `ALARM` or `INSUFFICIENT_DATA`.
+    pub state: String,
+    /// Why it is in that state, as the service says.
+    pub reason: String,
+}
+
+impl AlarmState {
+    /// Only ALARM fails a window: an alarm with too little data (no traffic yet) has seen nothing wrong.
+    pub fn firing(&self) -> bool {
+        self.state == "ALARM"
+    }
 }

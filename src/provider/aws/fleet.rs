@@ -613,6 +613,28 @@ impl Fleet for AwsProvider {
         self.endpoint(stage).is_some()
     }
 
+    fn alarm(&self, stage: StageRef, name: &str) -> Result<crate::provider::AlarmState, ProviderError> {
+        let region = deploy_region(self, stage);
+        let cloudwatch = self.clients(&region).cloudwatch;
+        let out = self
+            .block_on(cloudwatch.describe_alarms().alarm_names(name).send())
+            .map_err(|e| sdk::error("cloudwatch:DescribeAlarms", &region, &e))?;
+        let (state, reason) = if let Some(alarm) = out.metric_alarms().first() {
+            (alarm.state_value().map(|s| s.as_str().to_string()), alarm.state_reason())
+        } else if let Some(alarm) = out.composite_alarms().first() {
+            (alarm.state_value().map(|s| s.as_str().to_string()), alarm.state_reason())
+        } else {
+            return Err(invalid(format!(
+                "stage {}: there is no CloudWatch alarm `{name}` in {region}",
+                stage.stage.name
+            )));
+        };
+        Ok(crate::provider::AlarmState {
+            state: state.unwrap_or_else(|| "INSUFFICIENT_DATA".into()),
+            reason: reason.unwrap_or_default().to_string(),
+        })
+    }
+
     fn stop_stage(&self, stage: StageRef) -> Result<(), ProviderError> {
         Err(invalid(format!(
             "`kiln down` stops local stages only; on AWS, retiring stage {} is `kiln gc`'s job, so that no command \

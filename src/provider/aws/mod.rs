@@ -37,6 +37,7 @@ struct Clients {
     s3: aws_sdk_s3::Client,
     autoscaling: aws_sdk_autoscaling::Client,
     elb: aws_sdk_elasticloadbalancingv2::Client,
+    cloudwatch: aws_sdk_cloudwatch::Client,
 }
 
 pub struct AwsProvider {
@@ -91,13 +92,16 @@ impl AwsProvider {
                     s3 = s3.force_path_style(true);
                 }
                 let autoscaling = aws_sdk_autoscaling::config::Builder::from(&self.sdk).region(region.clone()).build();
-                let elb = aws_sdk_elasticloadbalancingv2::config::Builder::from(&self.sdk).region(region).build();
+                let elb =
+                    aws_sdk_elasticloadbalancingv2::config::Builder::from(&self.sdk).region(region.clone()).build();
+                let cloudwatch = aws_sdk_cloudwatch::config::Builder::from(&self.sdk).region(region).build();
                 Clients {
                     ec2: aws_sdk_ec2::Client::from_conf(ec2),
                     ssm: aws_sdk_ssm::Client::from_conf(ssm),
                     s3: aws_sdk_s3::Client::from_conf(s3.build()),
                     autoscaling: aws_sdk_autoscaling::Client::from_conf(autoscaling),
                     elb: aws_sdk_elasticloadbalancingv2::Client::from_conf(elb),
+                    cloudwatch: aws_sdk_cloudwatch::Client::from_conf(cloudwatch),
                 }
             })
             .clone()

@@ -369,6 +369,16 @@ impl Fleet for LocalProvider {
         self.proxy_alive(stage).is_some()
     }
 
+    fn alarm(&self, stage: StageRef, name: &str) -> Result<crate::provider::AlarmState, ProviderError> {
+        Err(ProviderError::Invalid {
+            provider: "local",
+            message: format!(
+                "stage {}: alarm `{name}`: the local provider has no CloudWatch alarms; use a `command` check",
+                stage.stage.name
+            ),
+        })
+    }
+
     fn stop_stage(&self, stage: StageRef) -> Result<(), ProviderError> {
         for info in self.groups(stage)? {
             self.park(stage, &info.name)?;
