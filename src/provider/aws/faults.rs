@@ -27,6 +27,7 @@ const STATUSES: &[&str] =
 /// (Auto Scaling, ELBv2, CloudWatch, STS) in the awsQuery one.
 const EC2_VERSION: &str = "Version=2016-11-15";
 
+/// What an `aws.` entry does to a matching request (docs/aws.md, "Injecting AWS faults").
 #[derive(Debug, Clone, PartialEq)]
 enum Fault {
     Throttle,
@@ -42,8 +43,8 @@ struct Rule {
     fault: Fault,
 }
 
-/// The rules and how many times each operation was sent; one per process, so `#n` counts across every client.
-#[derive(Debug, Default)]
+/// The rules, and how many times each operation was sent through every connector of one client.
+#[derive(Debug)]
 struct Faults {
     rules: Vec<Rule>,
     counts: Mutex<BTreeMap<String, u32>>,
