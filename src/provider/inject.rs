@@ -65,10 +65,12 @@ impl Injector {
     }
 
     /// Parses `call[#n]=fault[:argument]`, comma-separated; faults are `fail[:message]`, `hang:<duration>`,
-    /// `unhealthy[:reason]` and `crash`.
+    /// `unhealthy[:reason]` and `crash`. Entries starting with `aws.` are faults below the AWS SDK, parsed by
+    /// `provider::aws::faults`.
     pub fn parse(spec: &str, crash: CrashMode) -> Result<Injector, String> {
         let injector = Injector::new(crash);
-        for entry in spec.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let ours = |e: &&str| !e.is_empty() && !e.starts_with(super::aws::faults::PREFIX);
+        for entry in spec.split(',').map(str::trim).filter(ours) {
             let (target, fault) =
                 entry.split_once('=').ok_or_else(|| format!("`{entry}`: write call[#n]=fault, e.g. route#1=fail"))?;
             let (call, nth) = match target.split_once('#') {
@@ -349,6 +351,15 @@ mod tests {
             let err = Injector::parse(spec, CrashMode::Panic).err().unwrap_or_default();
             assert!(err.contains(expected), "{spec}: {err}");
         }
+    }
+
+    #[test]
+    fn aws_entries_are_left_to_the_http_layer() {
+        let injector =
+            Injector::parse("aws.DescribeImages#1=throttle, route=fail, aws.CreateImage=status:x", CrashMode::Panic)
+                .unwrap();
+        let rules = injector.rules.lock().unwrap();
+        assert_eq!(rules.iter().map(|r| r.call.as_str()).collect::<Vec<_>>(), ["route"]);
     }
 
     #[test]
