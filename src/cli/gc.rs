@@ -24,6 +24,9 @@ pub fn run(ctx: &Ctx, args: GcArgs) -> Result<(), kiln::Error> {
         for image in &report.deleted {
             out.push_str(&format!("\n  {} {}", image.digest.short(), image.image_ref));
         }
+        for image in &report.in_use {
+            out.push_str(&format!("\nkept {}: used by {}", image.digest.short(), image.users.join(", ")));
+        }
         out
     })
 }
