@@ -10,7 +10,7 @@ use crate::digest::{Digest, DigestQuery};
 use crate::error::Refusal;
 use crate::ledger::view::ImageRecord;
 use crate::ledger::{Decision, EventBody, GateVerdict, View};
-use crate::provider::{ImageRef, StageRef};
+use crate::provider::{ImageRef, ProviderError, StageRef};
 use crate::Error;
 
 #[derive(Debug, Clone)]
@@ -133,10 +133,29 @@ pub fn promote(ctx: &Context, options: &PromoteOptions) -> Result<PromoteReport,
     };
     let record = own_image(ctx, &view, &digest)?;
     drop(view);
-    let image = if options.plan { record.image(digest) } else { distribute(ctx, stage, &record, digest)? };
-
     // Gates that do not depend on the ledger are judged once, outside the append loop.
-    let content = content_verdict(ctx, stage, &image, options.plan);
+    let (image, content) = if options.plan {
+        let image = record.image(digest);
+        let content = content_verdict(ctx, stage, &image, true);
+        (image, content)
+    } else {
+        match distribute(ctx, stage, &record, digest) {
+            Ok(image) => {
+                let content = content_verdict(ctx, stage, &image, false);
+                (image, content)
+            }
+            // The stage cannot rely on copies that could not be made (the image gone from its home region, a
+            // region that refuses the copy): that is the content gate's verdict, recorded like any other. What the
+            // configuration names wrongly stays a usage error.
+            Err(Error::Provider(err)) if !matches!(err, ProviderError::Invalid { .. }) => {
+                let detail = format!("{} could not be distributed to stage {}: {err}", digest.short(), stage.name);
+                let content =
+                    GateVerdict { gate: "content".into(), passed: false, detail, evidence: serde_json::Value::Null };
+                (record.image(digest), content)
+            }
+            Err(err) => return Err(err),
+        }
+    };
     let commands = gate::command_verdicts(&CommandContext {
         repo: ctx.repo,
         pipeline: ctx.pipeline,
@@ -417,6 +436,7 @@ mod tests {
     use crate::config::{pipeline, Pipeline, Repo};
     use crate::ledger::Ledger;
     use crate::progress::Silent;
+    use crate::provider::inject::{CrashMode, Fault, Faulty, Injector, Rule};
     use crate::provider::memory::MemoryProvider;
     use crate::provider::{ImageCopy, ImageProvider};
 
@@ -429,6 +449,7 @@ mod tests {
         pipeline: Pipeline,
         ledger: Ledger,
         memory: MemoryProvider,
+        injector: Injector,
     }
 
     impl World {
@@ -454,19 +475,21 @@ mod tests {
             let repo = Repo::discover(dir.path()).unwrap();
             let pipeline = pipeline::load(&repo, "app").unwrap();
             let ledger = Ledger::open_dir(&dir.path().join(".kiln/ledger"));
-            World { dir, repo, pipeline, ledger, memory: MemoryProvider::default() }
+            let injector = Injector::new(CrashMode::Panic);
+            World { dir, repo, pipeline, ledger, memory: MemoryProvider::default(), injector }
         }
 
         fn with<T>(&self, f: impl FnOnce(&Context) -> T) -> T {
             let clock = Clock::system();
+            let faulty = Faulty { images: &self.memory, fleet: &self.memory, injector: &self.injector };
             let ctx = Context {
                 repo: &self.repo,
                 pipeline: &self.pipeline,
                 ledger: &self.ledger,
                 clock: &clock,
                 actor: "t",
-                images: &self.memory,
-                fleet: &self.memory,
+                images: &faulty,
+                fleet: &faulty,
                 state_dir: self.dir.path().join(".kiln"),
                 echo: false,
                 lease_holder: "t".into(),
@@ -567,6 +590,21 @@ mod tests {
     }
 
     #[test]
+    fn a_distribution_that_fails_fails_the_content_gate_and_records_no_copy() {
+        let world = World::new();
+        let digest = world.bake();
+        let fault = Fault::Fail("CopyImage: the source AMI is gone".into());
+        world.injector.add(Rule { call: "distribute".into(), nth: None, fault });
+        let Err(Error::Refused { gates, .. }) = world.promote("dev", false) else { panic!("not refused") };
+        let content = gates.iter().find(|g| g.gate == "content").unwrap();
+        assert!(!content.passed, "{content:?}");
+        assert!(content.detail.starts_with(&format!("{} could not be distributed to stage dev: ", digest.short())));
+        assert!(content.detail.contains("the source AMI is gone"), "{content:?}");
+        assert_eq!(world.kinds(), ["refused"]);
+        assert_eq!(world.ledger.view().unwrap().image(&digest).unwrap().copies, vec![copy("us-east-1", None)]);
+    }
+
+    #[test]
     fn a_plan_distributes_nothing_and_says_where_the_image_would_be_copied() {
         let world = World::new();
         let digest = world.bake();
@@ -578,6 +616,7 @@ mod tests {
         assert!(content.detail.contains(&format!("would be shared with account {ACCOUNT}")), "{content:?}");
         assert_eq!(world.ledger.view().unwrap().image(&digest).unwrap().copies, vec![copy("us-east-1", None)]);
         assert!(world.kinds().is_empty(), "a plan records nothing: {:?}", world.kinds());
+        assert_eq!(world.injector.count("distribute"), 0, "a plan copies nothing");
     }
 
     #[test]
