@@ -293,3 +293,53 @@ fn gc_deletes_only_what_no_stage_can_return_to_and_a_rebake_brings_it_back() {
         after["deleted"].as_array().unwrap().iter().map(|i| i["digest"].as_str().unwrap()).collect();
     assert_eq!(planned, [newest.as_str()], "{promoted} reached prod and stays");
 }
+
+#[test]
+fn a_bake_plan_lists_the_steps_and_makes_nothing() {
+    let repo = Repo::example();
+    let events = |repo: &Repo| repo.run(&["log", "--json", "--limit", "100"]).ok().json()["events"].clone();
+    // Before any bake: the root's key is known, the child's is not (its parent has no digest yet).
+    let plan = repo.run(&["bake", "--plan", "--json"]).ok().json();
+    assert_eq!(plan["prepare"], serde_json::json!([]), "the local provider has no base to resolve");
+    let recipes = plan["plan"].as_array().unwrap();
+    assert_eq!(recipes.iter().map(|r| r["recipe"].as_str().unwrap()).collect::<Vec<_>>(), ["base", "hello"]);
+    assert!(recipes[0]["recipe_key"].as_str().unwrap().starts_with("sha256:"), "{plan}");
+    assert_eq!(recipes[0]["unknown_because"], serde_json::Value::Null);
+    assert_eq!(recipes[0]["cached"], false);
+    assert_eq!(recipes[1]["recipe_key"], serde_json::Value::Null);
+    assert_eq!(recipes[1]["unknown_because"], "its parent `base` is not baked yet");
+    let calls: Vec<&str> = recipes[1]["calls"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
+    assert!(calls.iter().any(|c| c.starts_with("local: step 2: run ")), "{calls:?}");
+    assert!(!repo.file(".kiln/oci").exists(), "a plan creates no image store");
+    assert_eq!(events(&repo), serde_json::json!([]), "a plan records nothing");
+
+    // After a bake: every key is known and matches the bake's, every recipe is a cache hit, and nothing changes.
+    let baked = repo.run(&["bake", "--json"]).ok().json();
+    let store = common::snapshot(&repo.file(".kiln/oci"));
+    let recorded = events(&repo);
+    let plan = repo.run(&["bake", "--plan", "--json"]).ok().json();
+    for (planned, image) in plan["plan"].as_array().unwrap().iter().zip(baked["chain"].as_array().unwrap()) {
+        assert_eq!(planned["recipe_key"], image["recipe_key"], "{plan}");
+        assert_eq!(planned["digest"], image["digest"], "{plan}");
+        assert_eq!(planned["cached"], true, "{plan}");
+    }
+    let human = repo.run(&["bake", "--plan"]).ok();
+    let lines: Vec<&str> = human.stdout.lines().collect();
+    let short = |d: &serde_json::Value| d.as_str().unwrap()["sha256:".len().."sha256:".len() + 12].to_string();
+    assert!(lines[0].starts_with("base (recipe key ") && lines[0].contains(&short(&baked["chain"][0]["digest"])));
+    assert!(lines[1].starts_with("  1. local: find base:"), "{lines:?}");
+    assert_eq!(lines.last(), Some(&"plan only: nothing was built, called or recorded"));
+    assert_eq!(common::snapshot(&repo.file(".kiln/oci")), store, "a plan changes nothing in the image store");
+    assert_eq!(events(&repo), recorded, "a plan records nothing");
+}
+
+#[test]
+fn update_base_changes_nothing_for_the_local_provider_and_plan_excludes_check() {
+    let repo = Repo::example();
+    let first = repo.run(&["bake", "--json"]).ok().json();
+    let again = repo.run(&["bake", "--update-base", "--json"]).ok().json();
+    assert_eq!(again["digest"], first["digest"]);
+    assert_eq!(again["cached"], true, "a local root has no base to resolve again");
+    let refused = repo.run(&["bake", "--plan", "--check"]).expect(2);
+    assert!(refused.stderr.contains("--check"), "{}", refused.stderr);
+}

@@ -24,6 +24,8 @@ pub struct BakeOptions {
     pub no_cache: bool,
     pub allow_dirty: bool,
     pub check: bool,
+    /// Resolve what the chain depends on outside the repository again (AWS: the base AMI into `kiln.lock`).
+    pub update_base: bool,
 }
 
 /// One image of the chain, as this bake found or made it.
@@ -58,8 +60,99 @@ impl BakeReport {
     }
 }
 
+/// What `kiln bake --plan` shows: the calls a bake would make, in order, and none made.
+#[derive(Debug, Clone, Serialize)]
+pub struct BakePlan {
+    /// The calls that settle what the chain depends on outside the repository (AWS: resolving base AMIs), before
+    /// any recipe key.
+    pub prepare: Vec<String>,
+    /// Root first.
+    pub plan: Vec<PlannedRecipe>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PlannedRecipe {
+    pub recipe: String,
+    /// Null when it cannot be known before baking: see `unknown_because`.
+    pub recipe_key: Option<Digest>,
+    /// Why the recipe key is unknown (a base not resolved yet, a parent not baked yet); null when it is known.
+    pub unknown_because: Option<String>,
+    /// The ledger has an image for the key: the bake would reuse it if the provider still holds it.
+    pub cached: bool,
+    /// That image, when cached.
+    pub digest: Option<Digest>,
+    pub calls: Vec<String>,
+}
+
+/// The calls a bake of the pipeline's chain would make, without making any: keys are computed from local state
+/// only (the files, the ledger, the lock file), and a recipe whose key depends on something not settled yet (a
+/// base AMI to resolve, a parent to build) is planned as a build with its key unknown.
+pub fn plan(ctx: &Context, options: &BakeOptions) -> Result<BakePlan, Error> {
+    let chain = recipe::load_chain(ctx.repo, &ctx.pipeline.image)?;
+    let prepare = ctx.images.prepare_bake(&chain, options.update_base, true)?;
+    let tracked = crate::git::Tracked::load(ctx.repo.root())?;
+    // Not saved: a plan leaves kiln's state as it found it.
+    let mut hasher = FileHasher::open(Some(ctx.state_dir.join("cache").join("stat.json")));
+    let view = ctx.ledger.view()?;
+    // The parent's digest, once known: it is part of the child's key. With --update-base, a root's key names the
+    // base as it will be resolved, which only the calls listed in `prepare` can tell.
+    let mut parent: Result<Option<Digest>, String> = if options.update_base && !prepare.is_empty() {
+        Err("--update-base resolves the base again before the key is computed".into())
+    } else {
+        Ok(None)
+    };
+    let mut planned = Vec::with_capacity(chain.len());
+    for recipe in &chain {
+        let key = match (&parent, ctx.images.build_settings(recipe)) {
+            (Err(why), _) => Err(why.clone()),
+            (Ok(_), Err(err)) => Err(format!("the provider's build settings are not settled yet ({err})")),
+            (Ok(parent_digest), Ok(settings)) => {
+                let files = hasher.recipe_files(recipe, tracked.as_ref())?;
+                Ok(KeyInputs {
+                    kiln_key_format: KEY_FORMAT,
+                    recipe_name: &recipe.name,
+                    recipe,
+                    parent_digest: *parent_digest,
+                    provider: ctx.images.name(),
+                    provider_settings: settings,
+                    files: &files,
+                }
+                .digest())
+            }
+        };
+        let recorded = key
+            .as_ref()
+            .ok()
+            .filter(|_| !options.no_cache)
+            .and_then(|key| view.image_for_key(key))
+            .and_then(|digest| view.image(&digest).map(|r| (digest, r)))
+            .filter(|(_, record)| !record.deleted)
+            .map(|(digest, record)| record.image(digest));
+        let calls = ctx.images.plan_bake(recipe, recorded.as_ref());
+        parent = match (&key, &recorded) {
+            (Err(_), _) => Err(format!("its parent `{}` has no recipe key yet", recipe.name)),
+            (Ok(_), None) => Err(format!("its parent `{}` is not baked yet", recipe.name)),
+            (Ok(_), Some(image)) => Ok(Some(image.digest)),
+        };
+        planned.push(PlannedRecipe {
+            recipe: recipe.name.clone(),
+            recipe_key: key.as_ref().ok().copied(),
+            unknown_because: key.err(),
+            cached: recorded.is_some(),
+            digest: recorded.map(|image| image.digest),
+            calls,
+        });
+    }
+    if let Some(err) = view.take_failure() {
+        return Err(err.into());
+    }
+    Ok(BakePlan { prepare, plan: planned })
+}
+
 pub fn bake(ctx: &Context, options: &BakeOptions) -> Result<BakeReport, Error> {
     let chain = recipe::load_chain(ctx.repo, &ctx.pipeline.image)?;
+    // What the keys depend on outside the repository is settled first (AWS: the base AMI in kiln.lock).
+    ctx.images.prepare_bake(&chain, options.update_base, false)?;
     // Asking git costs a walk of the work tree, and only a bake that records something needs the answer; a
     // cache hit records nothing, so it does not ask.
     let mut source_state: Option<crate::git::SourceState> = None;
@@ -360,5 +453,55 @@ mod tests {
         instance.command = vec!["/bin/recorded".into()];
         append(baked(recorded, Some(instance.clone())));
         assert_eq!(instance_of(&ctx, &ImageRef::new(recorded, "r")).unwrap(), Some(instance));
+    }
+
+    #[test]
+    fn a_plan_without_a_settled_base_says_so_and_leaves_every_later_key_unknown() {
+        use crate::provider::inject::{CrashMode, Fault, Faulty, Injector, Rule};
+        let dir = tempfile::tempdir().unwrap();
+        for (rel, text) in [
+            ("images/base.toml", "description = \"base\"\n"),
+            ("images/app.toml", "parent = \"base\"\ndescription = \"app\"\n"),
+            ("pipelines/app.toml", "image = \"app\"\n[[stage]]\nname = \"dev\"\ndeploy = { port = 30996 }\n"),
+        ] {
+            let path = dir.path().join(rel);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, text).unwrap();
+        }
+        let repo = Repo::discover(dir.path()).unwrap();
+        let pipeline = pipeline::load(&repo, "app").unwrap();
+        let ledger = Ledger::open_dir(&dir.path().join(".kiln/ledger"));
+        let memory = MemoryProvider::default();
+        let injector = Injector::new(CrashMode::Panic);
+        let faulty = Faulty { images: &memory, fleet: &memory, injector: &injector };
+        let clock = Clock::system();
+        let ctx = Context {
+            repo: &repo,
+            pipeline: &pipeline,
+            ledger: &ledger,
+            clock: &clock,
+            actor: "t",
+            images: &faulty,
+            fleet: &faulty,
+            state_dir: dir.path().join(".kiln"),
+            echo: false,
+            lease_holder: "t".into(),
+            progress: &Silent,
+        };
+        // The root's build settings name a base that is not resolved yet (AWS: no kiln.lock entry).
+        injector.add(Rule { call: "build_settings".into(), nth: Some(1), fault: Fault::Fail("no base yet".into()) });
+        let plan = plan(&ctx, &BakeOptions::default()).unwrap();
+        let [base, app] = &plan.plan[..] else { panic!("{plan:?}") };
+        assert_eq!(base.recipe_key, None);
+        let why = base.unknown_because.clone().unwrap_or_default();
+        assert!(why.starts_with("the provider's build settings are not settled yet") && why.contains("no base yet"));
+        assert_eq!(app.recipe_key, None);
+        assert_eq!(app.unknown_because.as_deref(), Some("its parent `base` has no recipe key yet"));
+        assert_eq!(base.calls, ["memory: build recipe `base`"]);
+        assert!(!base.cached && !app.cached);
+        // Nothing but the offline answers was asked: no cache probe, no bake.
+        let asked: Vec<String> = injector.counts().into_keys().collect();
+        assert_eq!(asked, ["build_settings", "prepare_bake"]);
+        assert_eq!(ledger.view().unwrap().seq(), 0, "a plan records nothing");
     }
 }

@@ -22,9 +22,19 @@ use crate::Error;
 pub struct GcReport {
     pub deleted: Vec<ImageRef>,
     pub kept: usize,
+    /// Images gc would have deleted but kept because something outside the ledger still uses them.
+    pub in_use: Vec<InUse>,
     pub bytes_freed: u64,
     pub dry_run: bool,
     pub seq: Option<u64>,
+}
+
+/// An image no stage needs that something outside kiln's ledger still uses (AWS: a launch template version).
+#[derive(Debug, Clone, Serialize)]
+pub struct InUse {
+    pub digest: Digest,
+    /// What uses it, as the provider names it.
+    pub users: Vec<String>,
 }
 
 /// The pipelines whose images may be in this context's ledger or image store: every pipeline file in `pipelines/`
@@ -142,6 +152,7 @@ pub fn collect(ctx: &Context, dry_run: bool) -> Result<GcReport, Error> {
     let keep = keep_set(ctx, &view, &shared)?;
     let images = view.images();
     let mut doomed: Vec<ImageRef> = Vec::new();
+    let mut in_use: Vec<InUse> = Vec::new();
     for (digest, record) in &images {
         if keep.contains(digest) || record.deleted || record.provider != ctx.images.name() {
             continue;
@@ -149,18 +160,26 @@ pub fn collect(ctx: &Context, dry_run: bool) -> Result<GcReport, Error> {
         let image = record.image(*digest);
         // A provider that cannot say whether it holds the image stops gc: guessing either way deletes blindly or
         // records a deletion that did not happen.
-        if ctx.images.has_image(&image)? {
+        if !ctx.images.has_image(&image)? {
+            continue;
+        }
+        // The ledger does not know everything that runs an image: deleting one a launch template still names
+        // breaks the next scale-out of a group kiln never made.
+        let users = ctx.images.image_users(&image)?;
+        if users.is_empty() {
             doomed.push(image);
+        } else {
+            in_use.push(InUse { digest: *digest, users });
         }
     }
     let kept = images.len() - doomed.len();
     if dry_run {
-        return Ok(GcReport { deleted: doomed, kept, bytes_freed: 0, dry_run, seq: None });
+        return Ok(GcReport { deleted: doomed, kept, in_use, bytes_freed: 0, dry_run, seq: None });
     }
     if doomed.is_empty() {
         // Nothing to record, but the provider may still hold leftovers of killed bakes.
         let bytes_freed = ctx.images.collect_garbage()?;
-        return Ok(GcReport { deleted: doomed, kept, bytes_freed, dry_run, seq: None });
+        return Ok(GcReport { deleted: doomed, kept, in_use, bytes_freed, dry_run, seq: None });
     }
     let digests: Vec<Digest> = doomed.iter().map(|i| i.digest).collect();
     let (_, stored) = ctx.ledger.append::<(), Error>(ctx.actor, ctx.clock, |view| {
@@ -186,7 +205,7 @@ pub fn collect(ctx: &Context, dry_run: bool) -> Result<GcReport, Error> {
         ctx.images.delete_image(image)?;
     }
     let bytes_freed = ctx.images.collect_garbage()?;
-    Ok(GcReport { deleted: doomed, kept, bytes_freed, dry_run, seq: stored.map(|s| s.event.seq) })
+    Ok(GcReport { deleted: doomed, kept, in_use, bytes_freed, dry_run, seq: stored.map(|s| s.event.seq) })
 }
 
 #[cfg(test)]
@@ -228,6 +247,66 @@ mod tests {
 
     fn promoted(pipeline: &str, stage: &str, digest: Digest) -> EventBody {
         EventBody::Promoted { pipeline: pipeline.into(), stage: stage.into(), digest, gates: vec![] }
+    }
+
+    #[test]
+    fn an_image_something_outside_the_ledger_uses_is_kept_and_reported() {
+        use crate::clock::Clock;
+        use crate::provider::memory::MemoryProvider;
+        let dir = tempfile::tempdir().unwrap();
+        for (rel, text) in [
+            ("images/app.toml", "description = \"app\"\n"),
+            ("pipelines/app.toml", "image = \"app\"\n[[stage]]\nname = \"dev\"\ndeploy = { port = 30997 }\n"),
+        ] {
+            let path = dir.path().join(rel);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, text).unwrap();
+        }
+        let repo = crate::config::Repo::discover(dir.path()).unwrap();
+        let pipeline = pipeline::load(&repo, "app").unwrap();
+        let ledger = Ledger::open_dir(&dir.path().join(".kiln/ledger"));
+        let memory = MemoryProvider::default();
+        let clock = Clock::system();
+        let ctx = Context {
+            repo: &repo,
+            pipeline: &pipeline,
+            ledger: &ledger,
+            clock: &clock,
+            actor: "t",
+            images: &memory,
+            fleet: &memory,
+            state_dir: dir.path().join(".kiln"),
+            echo: false,
+            lease_holder: "t".into(),
+            progress: &crate::progress::Silent,
+        };
+        // Three bakes of one recipe: the newest stays; of the two older ones, a launch template uses `used`.
+        let [unused, used, newest] = [&b"unused"[..], b"used", b"newest"].map(Digest::of);
+        for digest in [unused, used, newest] {
+            memory.add_image(digest);
+            let mut body = baked(digest);
+            if let EventBody::Baked { provider, .. } = &mut body {
+                *provider = "memory".into();
+            }
+            ledger.append::<(), Error>("t", &clock, |_| Ok(Decision::Append(Box::new(body.clone()), ()))).unwrap();
+        }
+        memory.add_user(used, "launch template lt-0abc version 3");
+        let planned = collect(&ctx, true).unwrap();
+        let digests = |images: &[ImageRef]| images.iter().map(|i| i.digest).collect::<Vec<_>>();
+        assert_eq!(digests(&planned.deleted), [unused]);
+        assert_eq!(planned.in_use.len(), 1);
+        assert_eq!(planned.in_use[0].digest, used);
+        assert_eq!(planned.in_use[0].users, ["launch template lt-0abc version 3"]);
+        assert_eq!(planned.kept, 2);
+        let done = collect(&ctx, false).unwrap();
+        assert_eq!(digests(&done.deleted), [unused]);
+        assert_eq!(done.in_use.len(), 1);
+        let view = ledger.view().unwrap();
+        assert!(view.image(&unused).unwrap().deleted);
+        assert!(!view.image(&used).unwrap().deleted, "the image in use is not recorded as collected");
+        use crate::provider::ImageProvider;
+        assert!(memory.has_image(&ImageRef::new(used, "memory:used")).unwrap());
+        assert!(!memory.has_image(&ImageRef::new(unused, "memory:unused")).unwrap());
     }
 
     #[test]

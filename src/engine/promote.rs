@@ -10,7 +10,7 @@ use crate::digest::{Digest, DigestQuery};
 use crate::error::Refusal;
 use crate::ledger::view::ImageRecord;
 use crate::ledger::{Decision, EventBody, GateVerdict, View};
-use crate::provider::{ImageRef, StageRef};
+use crate::provider::{ImageRef, ProviderError, StageRef};
 use crate::Error;
 
 #[derive(Debug, Clone)]
@@ -132,23 +132,29 @@ pub fn promote(ctx: &Context, options: &PromoteOptions) -> Result<PromoteReport,
         None => default_digest(ctx, &view, stage)?,
     };
     let record = own_image(ctx, &view, &digest)?;
-    let image = record.image(digest);
     drop(view);
-
     // Gates that do not depend on the ledger are judged once, outside the append loop.
-    let content = match ctx.images.verify_image(&image) {
-        Ok(()) => GateVerdict {
-            gate: "content".into(),
-            passed: true,
-            detail: format!("{} still matches {}", image.image_ref, digest.short()),
-            evidence: serde_json::Value::Null,
-        },
-        Err(err) => GateVerdict {
-            gate: "content".into(),
-            passed: false,
-            detail: err.to_string(),
-            evidence: serde_json::Value::Null,
-        },
+    let (image, content) = if options.plan {
+        let image = record.image(digest);
+        let content = content_verdict(ctx, stage, &image, true);
+        (image, content)
+    } else {
+        match distribute(ctx, stage, &record, digest) {
+            Ok(image) => {
+                let content = content_verdict(ctx, stage, &image, false);
+                (image, content)
+            }
+            // The stage cannot rely on copies that could not be made (the image gone from its home region, a
+            // region that refuses the copy): that is the content gate's verdict, recorded like any other. What the
+            // configuration names wrongly stays a usage error.
+            Err(Error::Provider(err)) if !matches!(err, ProviderError::Invalid { .. }) => {
+                let detail = format!("{} could not be distributed to stage {}: {err}", digest.short(), stage.name);
+                let content =
+                    GateVerdict { gate: "content".into(), passed: false, detail, evidence: serde_json::Value::Null };
+                (record.image(digest), content)
+            }
+            Err(err) => return Err(err),
+        }
     };
     let commands = gate::command_verdicts(&CommandContext {
         repo: ctx.repo,
@@ -279,6 +285,127 @@ pub fn publish_pointer_best_effort(ctx: &Context, stage: &Stage, image: &ImageRe
     }
 }
 
+/// Makes the image available where the stage needs it and records the copies the ledger did not have yet in one
+/// `distributed` event. Returns the image with every copy it has now. The local provider has no regions: it
+/// returns the copies as they are, and nothing is recorded.
+fn distribute(ctx: &Context, stage: &Stage, record: &ImageRecord, digest: Digest) -> Result<ImageRef, Error> {
+    let recorded = record.image(digest);
+    let copies = ctx.images.distribute(&recorded, stage.regions(), stage.accounts())?;
+    if copies.iter().all(|copy| recorded.copies.contains(copy)) {
+        return Ok(recorded);
+    }
+    let body = EventBody::Distributed {
+        pipeline: ctx.pipeline.name.clone(),
+        stage: stage.name.clone(),
+        digest,
+        copies: copies.clone(),
+    };
+    ctx.ledger.append::<(), Error>(ctx.actor, ctx.clock, |view| {
+        // Another kiln may have recorded the same copies meanwhile: one event is enough.
+        let known = view.image(&digest).map(|r| r.copies).unwrap_or_default();
+        if copies.iter().all(|copy| known.contains(copy)) {
+            return Ok(Decision::Skip(()));
+        }
+        Ok(Decision::Append(Box::new(body.clone()), ()))
+    })?;
+    let mut all = recorded.copies;
+    for copy in copies {
+        if !all.contains(&copy) {
+            all.push(copy);
+        }
+    }
+    Ok(ImageRef { copies: all, ..recorded })
+}
+
+/// The copies of `image` the stage relies on, and where it has none: one per region the stage runs in (the
+/// region of the first recorded copy when it names none), and those shared with each of its accounts there.
+/// For an image without copies in a stage without regions or accounts (the local provider) nothing is missing.
+fn relied_on(stage: &Stage, image: &ImageRef) -> (Vec<crate::provider::ImageCopy>, Vec<Missing>) {
+    let regions: Vec<String> = if stage.regions().is_empty() {
+        image.copies.first().map(|c| c.region.clone()).into_iter().collect()
+    } else {
+        stage.regions().to_vec()
+    };
+    let mut relied = Vec::new();
+    let mut missing = Vec::new();
+    for region in &regions {
+        let here: Vec<_> = image.copies.iter().filter(|c| &c.region == region && c.account.is_none()).collect();
+        if here.is_empty() {
+            missing.push(Missing::Region(region.clone()));
+        }
+        relied.extend(here.into_iter().cloned());
+    }
+    for account in stage.accounts() {
+        let shared: Vec<_> = image
+            .copies
+            .iter()
+            .filter(|c| c.account.as_deref() == Some(account.as_str()))
+            .filter(|c| regions.is_empty() || regions.contains(&c.region))
+            .collect();
+        if shared.is_empty() {
+            missing.push(Missing::Account(account.clone()));
+        }
+        relied.extend(shared.into_iter().cloned());
+    }
+    (relied, missing)
+}
+
+/// Somewhere the stage needs a copy of the image and the ledger records none.
+enum Missing {
+    Region(String),
+    Account(String),
+}
+
+impl Missing {
+    fn describe(&self, digest: &Digest, plan: bool) -> String {
+        match (self, plan) {
+            (Missing::Region(region), false) => format!("no copy of {} in region {region}", digest.short()),
+            (Missing::Account(account), false) => {
+                format!("no copy of {} shared with account {account}", digest.short())
+            }
+            (Missing::Region(region), true) => format!("would be copied to region {region}"),
+            (Missing::Account(account), true) => format!("would be shared with account {account}"),
+        }
+    }
+}
+
+/// The content gate: every copy the stage relies on still matches the digest (the provider names a copy that does
+/// not), and none is missing. With `plan` nothing was distributed yet, so a missing copy is what promotion would
+/// make, not a failure.
+fn content_verdict(ctx: &Context, stage: &Stage, image: &ImageRef, plan: bool) -> GateVerdict {
+    let (copies, missing) = relied_on(stage, image);
+    let checked = ImageRef { copies, ..image.clone() };
+    let verdict = |passed: bool, detail: String| GateVerdict {
+        gate: "content".into(),
+        passed,
+        detail,
+        evidence: serde_json::Value::Null,
+    };
+    if !plan && !missing.is_empty() {
+        let reasons: Vec<String> = missing.iter().map(|m| m.describe(&image.digest, false)).collect();
+        return verdict(false, reasons.join("; "));
+    }
+    if let Err(err) = ctx.images.verify_image(&checked) {
+        return verdict(false, err.to_string());
+    }
+    let mut detail = match checked.copies.len() {
+        0 => format!("{} still matches {}", image.image_ref, image.digest.short()),
+        n => format!("{} and its {n} cop{} still match {}", image.image_ref, plural_y(n), image.digest.short()),
+    };
+    for gap in &missing {
+        detail.push_str(&format!("; {}", gap.describe(&image.digest, true)));
+    }
+    verdict(true, detail)
+}
+
+fn plural_y(n: usize) -> &'static str {
+    if n == 1 {
+        "y"
+    } else {
+        "ies"
+    }
+}
+
 /// Implicit gates first, then the configured gates in the order written, then the content check.
 fn ordered_verdicts(
     stage: &Stage,
@@ -300,4 +427,234 @@ fn ordered_verdicts(
     }
     out.push(content.clone());
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::Clock;
+    use crate::config::{pipeline, Pipeline, Repo};
+    use crate::ledger::Ledger;
+    use crate::progress::Silent;
+    use crate::provider::inject::{CrashMode, Fault, Faulty, Injector, Rule};
+    use crate::provider::memory::MemoryProvider;
+    use crate::provider::{ImageCopy, ImageProvider};
+
+    const ACCOUNT: &str = "111122223333";
+
+    /// An AWS-shaped pipeline: `dev` runs in two regions and shares with one account; `prod` names no region.
+    struct World {
+        dir: tempfile::TempDir,
+        repo: Repo,
+        pipeline: Pipeline,
+        ledger: Ledger,
+        memory: MemoryProvider,
+        injector: Injector,
+    }
+
+    impl World {
+        fn new() -> World {
+            let dir = tempfile::tempdir().unwrap();
+            let deploy_dev = format!(
+                "deploy = {{ subnets = [\"subnet-1\"], regions = [\"us-east-1\", \"eu-west-1\"], accounts = [\"{ACCOUNT}\"] }}"
+            );
+            for (rel, text) in [
+                ("images/app.toml", "description = \"app\"\n".to_string()),
+                (
+                    "pipelines/app.toml",
+                    format!(
+                        "image = \"app\"\nprovider = \"aws\"\n[aws]\nregion = \"us-east-1\"\n[[stage]]\nname = \"dev\"\n\
+                         {deploy_dev}\n[[stage]]\nname = \"prod\"\ndeploy = {{ subnets = [\"subnet-1\"] }}\n"
+                    ),
+                ),
+            ] {
+                let path = dir.path().join(rel);
+                std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+                std::fs::write(path, text).unwrap();
+            }
+            let repo = Repo::discover(dir.path()).unwrap();
+            let pipeline = pipeline::load(&repo, "app").unwrap();
+            let ledger = Ledger::open_dir(&dir.path().join(".kiln/ledger"));
+            let injector = Injector::new(CrashMode::Panic);
+            World { dir, repo, pipeline, ledger, memory: MemoryProvider::default(), injector }
+        }
+
+        fn with<T>(&self, f: impl FnOnce(&Context) -> T) -> T {
+            let clock = Clock::system();
+            let faulty = Faulty { images: &self.memory, fleet: &self.memory, injector: &self.injector };
+            let ctx = Context {
+                repo: &self.repo,
+                pipeline: &self.pipeline,
+                ledger: &self.ledger,
+                clock: &clock,
+                actor: "t",
+                images: &faulty,
+                fleet: &faulty,
+                state_dir: self.dir.path().join(".kiln"),
+                echo: false,
+                lease_holder: "t".into(),
+                progress: &Silent,
+            };
+            f(&ctx)
+        }
+
+        /// An image baked in us-east-1: the memory provider holds it and its one copy there.
+        fn bake(&self) -> Digest {
+            let digest = Digest::of(b"app");
+            self.memory.add_image(digest);
+            let home = self.memory.distribute(&ImageRef::new(digest, "memory:app"), &["us-east-1".into()], &[]);
+            let body = EventBody::Baked {
+                pipeline: "app".into(),
+                recipe: "app".into(),
+                digest,
+                recipe_key: digest,
+                parent: None,
+                provider: "memory".into(),
+                image_ref: "memory:app".into(),
+                commit: None,
+                dirty: false,
+                copies: home.unwrap(),
+                instance: None,
+            };
+            self.ledger
+                .append::<(), Error>("t", &Clock::system(), |_| Ok(Decision::Append(Box::new(body.clone()), ())))
+                .unwrap();
+            digest
+        }
+
+        fn promote(&self, stage: &str, plan: bool) -> Result<PromoteReport, Error> {
+            let options = PromoteOptions { stage: stage.into(), digest: None, plan };
+            self.with(|ctx| promote(ctx, &options))
+        }
+
+        fn kinds(&self) -> Vec<String> {
+            let view = self.ledger.view().unwrap();
+            let record = view.image(&Digest::of(b"app")).unwrap();
+            record
+                .events
+                .iter()
+                .map(|seq| self.ledger.read(*seq).unwrap().unwrap().event.body.kind().to_string())
+                .collect()
+        }
+
+        fn content(report: &PromoteReport) -> GateVerdict {
+            report.gates.iter().find(|g| g.gate == "content").cloned().unwrap()
+        }
+    }
+
+    fn copy(region: &str, account: Option<&str>) -> ImageCopy {
+        ImageCopy {
+            region: region.into(),
+            account: account.map(str::to_string),
+            id: format!("memory-{region}-{}", Digest::of(b"app").short()),
+            snapshots: vec![],
+        }
+    }
+
+    #[test]
+    fn promotion_distributes_to_the_stages_regions_and_accounts_and_records_it_once() {
+        let world = World::new();
+        let digest = world.bake();
+        let report = world.promote("dev", false).unwrap();
+        assert_eq!(report.outcome, Outcome::Promoted);
+        let content = World::content(&report);
+        assert!(content.passed && content.detail.contains("its 4 copies still match"), "{content:?}");
+        let record = world.ledger.view().unwrap().image(&digest).unwrap();
+        assert_eq!(
+            record.copies,
+            vec![
+                copy("us-east-1", None),
+                copy("us-east-1", Some(ACCOUNT)),
+                copy("eu-west-1", None),
+                copy("eu-west-1", Some(ACCOUNT))
+            ]
+        );
+        assert_eq!(world.kinds(), ["distributed", "promoted", "pointer-published"]);
+        // Promoting again finds every copy recorded: nothing new is distributed or recorded.
+        let again = world.promote("dev", false).unwrap();
+        assert_eq!(again.outcome, Outcome::AlreadyPromoted);
+        assert_eq!(world.kinds(), ["distributed", "promoted", "pointer-published"]);
+    }
+
+    #[test]
+    fn a_copy_deleted_behind_kilns_back_fails_the_content_gate() {
+        let world = World::new();
+        let digest = world.bake();
+        world.promote("dev", false).unwrap();
+        world.memory.delete_copy(digest, "eu-west-1");
+        let Err(Error::Refused { gates, .. }) = world.promote("dev", false) else { panic!("not refused") };
+        let content = gates.iter().find(|g| g.gate == "content").unwrap();
+        assert!(!content.passed, "{content:?}");
+        assert!(content.detail.contains(&format!("memory-eu-west-1-{}", digest.short())), "{content:?}");
+        assert_eq!(world.kinds().last().map(String::as_str), Some("refused"));
+    }
+
+    #[test]
+    fn a_distribution_that_fails_fails_the_content_gate_and_records_no_copy() {
+        let world = World::new();
+        let digest = world.bake();
+        let fault = Fault::Fail("CopyImage: the source AMI is gone".into());
+        world.injector.add(Rule { call: "distribute".into(), nth: None, fault });
+        let Err(Error::Refused { gates, .. }) = world.promote("dev", false) else { panic!("not refused") };
+        let content = gates.iter().find(|g| g.gate == "content").unwrap();
+        assert!(!content.passed, "{content:?}");
+        assert!(content.detail.starts_with(&format!("{} could not be distributed to stage dev: ", digest.short())));
+        assert!(content.detail.contains("the source AMI is gone"), "{content:?}");
+        assert_eq!(world.kinds(), ["refused"]);
+        assert_eq!(world.ledger.view().unwrap().image(&digest).unwrap().copies, vec![copy("us-east-1", None)]);
+    }
+
+    #[test]
+    fn a_plan_distributes_nothing_and_says_where_the_image_would_be_copied() {
+        let world = World::new();
+        let digest = world.bake();
+        let report = world.promote("dev", true).unwrap();
+        assert_eq!(report.outcome, Outcome::Planned);
+        assert!(report.would_pass, "{:?}", report.gates);
+        let content = World::content(&report);
+        assert!(content.detail.contains("would be copied to region eu-west-1"), "{content:?}");
+        assert!(content.detail.contains(&format!("would be shared with account {ACCOUNT}")), "{content:?}");
+        assert_eq!(world.ledger.view().unwrap().image(&digest).unwrap().copies, vec![copy("us-east-1", None)]);
+        assert!(world.kinds().is_empty(), "a plan records nothing: {:?}", world.kinds());
+        assert_eq!(world.injector.count("distribute"), 0, "a plan copies nothing");
+    }
+
+    #[test]
+    fn the_copies_a_stage_relies_on_and_the_ones_it_misses() {
+        let world = World::new();
+        let digest = Digest::of(b"app");
+        let (dev, prod) = (&world.pipeline.stages[0], &world.pipeline.stages[1]);
+        let image = |copies| ImageRef { digest, image_ref: "memory:app".into(), copies };
+        // A stage that names no region relies on the region of the first recorded copy.
+        let (relied, missing) = relied_on(prod, &image(vec![copy("ap-south-1", None), copy("us-east-1", None)]));
+        assert_eq!(relied, vec![copy("ap-south-1", None)]);
+        assert!(missing.is_empty());
+        // Without copies and without regions (the local provider) it relies on none and misses none.
+        let (relied, missing) = relied_on(prod, &image(vec![]));
+        assert!(relied.is_empty() && missing.is_empty());
+        // Copies in other regions or for other accounts do not count.
+        let (relied, missing) =
+            relied_on(dev, &image(vec![copy("us-east-1", None), copy("ap-south-1", Some(ACCOUNT))]));
+        assert_eq!(relied, vec![copy("us-east-1", None)]);
+        let said: Vec<String> = missing.iter().map(|m| m.describe(&digest, false)).collect();
+        assert_eq!(
+            said,
+            [
+                format!("no copy of {} in region eu-west-1", digest.short()),
+                format!("no copy of {} shared with account {ACCOUNT}", digest.short()),
+            ]
+        );
+        // The gate fails on a missing copy, naming it, when promotion should have made it.
+        world.memory.add_image(digest);
+        let verdict = world.with(|ctx| content_verdict(ctx, dev, &image(vec![]), false));
+        assert!(!verdict.passed);
+        assert_eq!(
+            verdict.detail,
+            format!(
+                "no copy of {0} in region us-east-1; no copy of {0} in region eu-west-1; no copy of {0} shared with \
+                 account {ACCOUNT}",
+                digest.short()
+            )
+        );
+    }
 }

@@ -140,6 +140,16 @@ pub enum EventBody {
         /// The pointer as the provider names it.
         pointer: String,
     },
+    /// Promotion made the image available where the stage needs it (AWS: CopyImage into its regions, launch
+    /// permissions for its accounts) and the provider then held copies the ledger did not have yet.
+    Distributed {
+        pipeline: String,
+        stage: String,
+        digest: Digest,
+        /// Every copy the image has now, the ones recorded before included: the view merges them into the image's
+        /// record, so the latest `distributed` event alone says where the image is.
+        copies: Vec<ImageCopy>,
+    },
     /// `kiln down` stopped the stage on purpose: until its next finished deployment it is stopped, not drifted.
     Stopped {
         pipeline: String,
@@ -168,6 +178,7 @@ impl EventBody {
             EventBody::DeployFailed { .. } => "deploy-failed",
             EventBody::Stopped { .. } => "stopped",
             EventBody::PointerPublished { .. } => "pointer-published",
+            EventBody::Distributed { .. } => "distributed",
         }
     }
 
@@ -182,7 +193,8 @@ impl EventBody {
             | EventBody::DeployFinished { stage, .. }
             | EventBody::DeployFailed { stage, .. }
             | EventBody::Stopped { stage, .. }
-            | EventBody::PointerPublished { stage, .. } => Some(stage),
+            | EventBody::PointerPublished { stage, .. }
+            | EventBody::Distributed { stage, .. } => Some(stage),
             EventBody::Baked { .. } | EventBody::Revoked { .. } | EventBody::Collected { .. } => None,
         }
     }
@@ -198,7 +210,8 @@ impl EventBody {
             | EventBody::DeployStarted { digest, .. }
             | EventBody::DeployFinished { digest, .. }
             | EventBody::DeployFailed { digest, .. }
-            | EventBody::PointerPublished { digest, .. } => Some(digest),
+            | EventBody::PointerPublished { digest, .. }
+            | EventBody::Distributed { digest, .. } => Some(digest),
             EventBody::DeployStep { .. } | EventBody::Collected { .. } | EventBody::Stopped { .. } => None,
         }
     }
@@ -415,6 +428,27 @@ mod tests {
         event.body = body;
         let (stored, _) = encode(&event).unwrap();
         assert!(String::from_utf8_lossy(&stored).contains(r#""kind":"pointer-published""#));
+        assert_eq!(decode(&stored).unwrap().event, event);
+    }
+
+    #[test]
+    fn a_distributed_event_names_its_stage_digest_and_copies() {
+        let copy = ImageCopy { region: "eu-west-1".into(), account: None, id: "ami-0456".into(), snapshots: vec![] };
+        let body = EventBody::Distributed {
+            pipeline: "hello".into(),
+            stage: "prod".into(),
+            digest: Digest::of(b"image"),
+            copies: vec![copy],
+        };
+        assert_eq!(body.kind(), "distributed");
+        assert_eq!(body.stage(), Some("prod"));
+        assert_eq!(body.digest(), Some(&Digest::of(b"image")));
+        let mut event = sample(4);
+        event.body = body;
+        let (stored, _) = encode(&event).unwrap();
+        let text = String::from_utf8_lossy(&stored);
+        assert!(text.contains(r#""copies":[{"id":"ami-0456","region":"eu-west-1"}],"digest""#), "{text}");
+        assert!(text.contains(r#""kind":"distributed""#), "{text}");
         assert_eq!(decode(&stored).unwrap().event, event);
     }
 

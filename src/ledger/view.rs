@@ -137,7 +137,8 @@ pub struct ImageRecord {
     /// "pipeline/stage" → what happened to this image there.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub stages: BTreeMap<String, ImageStage>,
-    /// Where the provider holds the image per region and account, as the `baked` event recorded.
+    /// Where the provider holds the image per region and account: as the `baked` event recorded, and every copy
+    /// a later `distributed` event added.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub copies: Vec<ImageCopy>,
     /// The `[instance]` section the `baked` event recorded (none in events written before it was).
@@ -671,6 +672,15 @@ impl View {
                 self.stage_mut(pipeline, stage).pointer = Some(mark(digest));
                 self.touch_image(digest, seq, |_| {});
             }
+            EventBody::Distributed { digest, copies, .. } => self.touch_image(digest, seq, |r| {
+                // Merged, not replaced: an event that lists fewer copies (a provider that forgot one) must not
+                // make the ledger forget where the image was copied.
+                for copy in copies {
+                    if !r.copies.contains(copy) {
+                        r.copies.push(copy.clone());
+                    }
+                }
+            }),
             EventBody::Stopped { pipeline, stage } => {
                 self.stage_mut(pipeline, stage).stopped =
                     Some(Stop { seq, time: event.time.clone(), actor: event.actor.clone() });
@@ -758,5 +768,45 @@ mod tests {
         };
         fold(&mut view, finished("d1"));
         assert_eq!(view.stage("p", "dev").and_then(|s| s.stopped.clone()), None);
+    }
+
+    #[test]
+    fn distributed_copies_are_merged_into_the_image_record() {
+        let mut view = View::empty(None, true);
+        let digest = Digest::of(b"app");
+        let copy = |region: &str, account: Option<&str>| ImageCopy {
+            region: region.into(),
+            account: account.map(str::to_string),
+            id: format!("ami-{region}"),
+            snapshots: vec![],
+        };
+        fold(
+            &mut view,
+            EventBody::Baked {
+                pipeline: "p".into(),
+                recipe: "app".into(),
+                digest,
+                recipe_key: digest,
+                parent: None,
+                provider: "aws".into(),
+                image_ref: "ami-home".into(),
+                commit: None,
+                dirty: false,
+                copies: vec![copy("us-east-1", None)],
+                instance: None,
+            },
+        );
+        let distributed =
+            |copies| EventBody::Distributed { pipeline: "p".into(), stage: "prod".into(), digest, copies };
+        fold(&mut view, distributed(vec![copy("us-east-1", None), copy("eu-west-1", Some("111122223333"))]));
+        // A later event that lists fewer copies does not make the view forget one.
+        fold(&mut view, distributed(vec![copy("ap-south-1", None)]));
+        let record = view.image(&digest).unwrap();
+        assert_eq!(
+            record.copies,
+            vec![copy("us-east-1", None), copy("eu-west-1", Some("111122223333")), copy("ap-south-1", None)]
+        );
+        assert_eq!(record.events, vec![2, 3], "the image's history lists its distributions");
+        assert_eq!(record.image(digest).copies, record.copies);
     }
 }

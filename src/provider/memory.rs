@@ -31,6 +31,10 @@ struct State {
     /// "pipeline/stage" → the digest its pointer names.
     pointers: BTreeMap<String, Digest>,
     protected: std::collections::BTreeSet<Digest>,
+    /// The copies `distribute` made, per image: what `verify_image` checks an image's copies against.
+    copies: BTreeMap<Digest, Vec<ImageCopy>>,
+    /// What outside kiln uses an image, as `image_users` reports it.
+    users: BTreeMap<Digest, Vec<String>>,
 }
 
 #[derive(Default)]
@@ -73,6 +77,18 @@ impl MemoryProvider {
         self.state().routes.clone()
     }
 
+    /// Deletes the image's copies in `region` behind kiln's back, as someone deregistering an AMI by hand would.
+    pub fn delete_copy(&self, digest: Digest, region: &str) {
+        if let Some(copies) = self.state().copies.get_mut(&digest) {
+            copies.retain(|c| c.region != region);
+        }
+    }
+
+    /// Declares that something outside kiln's ledger uses the image (as a launch template version would on AWS).
+    pub fn add_user(&self, digest: Digest, user: &str) {
+        self.state().users.entry(digest).or_default().push(user.to_string());
+    }
+
     /// Stops one instance of the group, as a crash of that instance would.
     pub fn kill_instance(&self, stage: StageRef, group: &str) {
         if let Some(g) = self.state().groups.get_mut(&key(stage)).and_then(|gs| gs.get_mut(group)) {
@@ -104,14 +120,21 @@ impl ImageProvider for MemoryProvider {
         Ok(Reproduction::Identical)
     }
     fn verify_image(&self, image: &ImageRef) -> Result<(), ProviderError> {
-        if self.has_image(image)? {
-            Ok(())
-        } else {
-            Err(ProviderError::MissingImage {
+        if !self.has_image(image)? {
+            return Err(ProviderError::MissingImage {
                 provider: "memory",
                 image: image.image_ref.clone(),
                 reason: "not in memory".into(),
-            })
+            });
+        }
+        let held = self.state().copies.get(&image.digest).cloned().unwrap_or_default();
+        match image.copies.iter().find(|copy| !held.contains(copy)) {
+            None => Ok(()),
+            Some(gone) => Err(ProviderError::MissingImage {
+                provider: "memory",
+                image: format!("{} (copy in {})", gone.id, gone.region),
+                reason: "not in memory".into(),
+            }),
         }
     }
     fn delete_image(&self, image: &ImageRef) -> Result<(), ProviderError> {
@@ -133,7 +156,11 @@ impl ImageProvider for MemoryProvider {
         regions: &[String],
         accounts: &[String],
     ) -> Result<Vec<ImageCopy>, ProviderError> {
-        // One copy per region, shared with every account, as a multi-region provider would record them.
+        // One copy per region, shared with every account, as a multi-region provider would record them. A copy
+        // the image already records is trusted, not made again: deleting it behind kiln's back is for the content
+        // gate to find.
+        let mut state = self.state();
+        let held = state.copies.entry(image.digest).or_default();
         let mut copies = image.copies.clone();
         for region in regions {
             for account in std::iter::once(None).chain(accounts.iter().map(Some)) {
@@ -144,6 +171,7 @@ impl ImageProvider for MemoryProvider {
                     snapshots: Vec::new(),
                 };
                 if !copies.contains(&copy) {
+                    held.push(copy.clone());
                     copies.push(copy);
                 }
             }
@@ -170,8 +198,8 @@ impl ImageProvider for MemoryProvider {
             None => vec![format!("memory: build recipe `{}`", recipe.name)],
         }
     }
-    fn image_users(&self, _image: &ImageRef) -> Result<Vec<String>, ProviderError> {
-        Ok(Vec::new())
+    fn image_users(&self, image: &ImageRef) -> Result<Vec<String>, ProviderError> {
+        Ok(self.state().users.get(&image.digest).cloned().unwrap_or_default())
     }
 }
 
