@@ -76,6 +76,9 @@ pub struct Recipe {
     pub parent: Option<String>,
     pub provision: Vec<Provision>,
     pub instance: Option<Instance>,
+    /// Left out of the serialised recipe: the AWS provider hashes it through its build settings (with the resolved
+    /// base AMI), so a local key does not change when a recipe gains `[aws]` (docs/recipe-key.md).
+    #[serde(skip)]
     pub aws: Option<AwsRecipe>,
 }
 
