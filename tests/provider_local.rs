@@ -40,7 +40,7 @@ fn a_pipeline_on_a_provider_not_built_yet_is_refused_by_the_factory() {
     let repo = tiny_repo(common::free_port());
     repo.write(
         "pipelines/cloud.toml",
-        "image = \"app\"\nprovider = \"aws\"\n\n[aws]\nregion = \"eu-west-1\"\n\n[[stage]]\nname = \"dev\"\n\
+        "image = \"app\"\nprovider = \"aws\"\n\n[aws]\nregion = \"eu-west-1\"\nartifact-bucket = \"acme-kiln-artifacts\"\n\n[[stage]]\nname = \"dev\"\n\
          deploy = { subnets = [\"subnet-1\"] }\n",
     );
     let refused = repo.run(&["--pipeline", "cloud", "bake"]).expect(1);
