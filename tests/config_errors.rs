@@ -431,6 +431,14 @@ const AWS_RECIPE_AND_LOCAL_EDITS: &[(&str, &str, &str, &str)] = &[
 
 /// Mistakes in the AWS example pipeline (run with `--pipeline hello-aws`); same shape as [`EDITS`].
 const AWS_PIPELINE_EDITS: &[(&str, &str, &str, &str)] = &[
+    // the root recipe of an AWS pipeline starts from an AMI
+    (
+        B,
+        "base = { owner = \"136693071363\", name = \"debian-12-amd64-*\" }\n",
+        "",
+        "images/base.toml:9:1: aws.base: pipeline `hello-aws` bakes `base` on AWS, and a recipe without `parent` \
+         starts from an AMI: set `base = { owner = \"…\", name = \"…\" }` or `base-ami = \"ami-…\"` in its [aws] table",
+    ),
     // [aws]
     (
         A,
@@ -573,6 +581,23 @@ fn each_bad_aws_edit_is_refused_with_its_location() {
         repo.edit(file, old, new);
         assert_refused(&repo, &["--pipeline", "hello-aws", "bake"], fragment, &format!("{file}: {old:?} -> {new:?}"));
     }
+}
+
+/// A root recipe with no [aws] table at all, under an AWS pipeline: the error points at the file's start.
+#[test]
+fn an_aws_pipeline_refuses_a_root_recipe_without_a_base() {
+    let repo = Repo::example_with_every_pipeline();
+    let text = std::fs::read_to_string(repo.file(B)).unwrap();
+    let without_aws = &text[..text.find("[aws]").unwrap()];
+    repo.write(B, without_aws);
+    assert_refused(
+        &repo,
+        &["--pipeline", "hello-aws", "status"],
+        "images/base.toml:1:1: aws.base: pipeline `hello-aws` bakes `base` on AWS, and a recipe without `parent`",
+        "no base",
+    );
+    // The local pipeline beside it bakes base from an empty root, as before.
+    repo.run(&["--pipeline", "hello", "log"]).ok();
 }
 
 /// A cycle needs a parent on the root recipe, whose `[aws] base` would be refused first, so base.toml is replaced

@@ -460,6 +460,13 @@ fn validate(repo: &Repo, source: &Source, name: &str, raw: PipelineToml) -> Resu
             verify,
         });
     }
+    if provider == ProviderKind::Aws {
+        // A recipe that does not load is reported, at its own location, by the command that bakes it; what the
+        // pipeline adds is only that its provider needs a base image.
+        if let Some(root) = super::recipe::load_chain(repo, &image).ok().and_then(|chain| chain.into_iter().next()) {
+            super::recipe::require_aws_base(repo, &root, name)?;
+        }
+    }
     Ok(Pipeline { name: name.to_string(), file, image, provider, ledger, aws, stages })
 }
 

@@ -191,6 +191,40 @@ pub fn load_chain(repo: &Repo, name: &str) -> Result<Vec<Recipe>, ConfigError> {
     Ok(chain)
 }
 
+/// A chain the AWS provider bakes starts from an AMI, so its root recipe must name one. Checked when an AWS
+/// pipeline loads, since a recipe alone does not know which provider bakes it.
+pub(crate) fn require_aws_base(repo: &Repo, root: &Recipe, pipeline: &str) -> Result<(), ConfigError> {
+    if root.aws.as_ref().is_some_and(|aws| aws.base.is_some() || aws.base_ami.is_some()) {
+        return Ok(());
+    }
+    let source = Source::read(repo, &root.file.absolute)?;
+    let span = find_table_span(&source.text, "aws").unwrap_or(0..0);
+    Err(source.error(
+        span,
+        "aws.base",
+        format!(
+            "pipeline `{pipeline}` bakes `{}` on AWS, and a recipe without `parent` starts from an AMI: set \
+             `base = {{ owner = \"…\", name = \"…\" }}` or `base-ami = \"ami-…\"` in its [aws] table",
+            root.name
+        ),
+    ))
+}
+
+/// Where the `[name]` table header is in a TOML text.
+fn find_table_span(text: &str, name: &str) -> Option<std::ops::Range<usize>> {
+    let header = format!("[{name}]");
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let trimmed = line.trim_start();
+        if trimmed.starts_with(&header) {
+            let start = offset + (line.len() - trimmed.len());
+            return Some(start..start + header.len());
+        }
+        offset += line.len();
+    }
+    None
+}
+
 fn parent_error(repo: &Repo, recipe: &Recipe, message: String) -> ConfigError {
     match Source::read(repo, &recipe.file.absolute) {
         Ok(source) => {
@@ -471,6 +505,14 @@ mod tests {
         assert_eq!(image_path("/").unwrap(), "/");
         assert!(image_path("opt/hello").is_err());
         assert!(image_path("/opt/../etc").is_err());
+    }
+
+    #[test]
+    fn finds_table_headers() {
+        let text = "a = 1\n[instance]\nx = 1\n  [aws]\n";
+        assert_eq!(find_table_span(text, "aws"), Some(25..30));
+        assert_eq!(find_table_span(text, "instance"), Some(6..16));
+        assert_eq!(find_table_span("[[aws]]\n", "aws"), None);
     }
 
     #[test]
