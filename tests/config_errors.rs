@@ -8,6 +8,7 @@ use common::Repo;
 const P: &str = "pipelines/hello.toml";
 const R: &str = "images/hello.toml";
 const B: &str = "images/base.toml";
+const A: &str = "pipelines/hello-aws.toml";
 
 /// (file to edit, text to replace, replacement, expected fragment of the error)
 const EDITS: &[(&str, &str, &str, &str)] = &[
@@ -132,12 +133,6 @@ const EDITS: &[(&str, &str, &str, &str)] = &[
         "images/hello.toml:2:10: parent: recipe `hello` names itself as its parent",
     ),
     (
-        B,
-        "description",
-        "parent = \"hello\"\ndescription",
-        "images/base.toml:2:1: parent: parents form a cycle: hello -> base -> hello",
-    ),
-    (
         R,
         "copy = \"files/hello\"",
         "copy = \"../../etc\"",
@@ -203,7 +198,6 @@ const EDITS: &[(&str, &str, &str, &str)] = &[
         "ready-timeout = \"thirty\"",
         "images/hello.toml:17:17: instance.ready-timeout: `thirty` is not a duration",
     ),
-    (R, "[instance]", "[aws]\nbase-ami = \"img-1\"\n[instance]", "aws.base-ami: `img-1` is not an AMI id"),
     // approvals gate keys
     (
         P,
@@ -314,6 +308,251 @@ const EDITS: &[(&str, &str, &str, &str)] = &[
     ),
 ];
 
+/// Mistakes in the `[aws]` sections of recipes (under the local pipeline too: a recipe does not know its pipeline)
+/// and in a local pipeline that names AWS settings it would ignore. Same shape as [`EDITS`].
+const AWS_RECIPE_AND_LOCAL_EDITS: &[(&str, &str, &str, &str)] = &[
+    // a child builds on its parent's image
+    (
+        R,
+        "instance-profile = \"kiln-builder\"",
+        "instance-profile = \"kiln-builder\"\nbase-ami = \"ami-0123abcd\"",
+        "images/hello.toml:23:12: aws.base-ami: a recipe with a parent builds on its parent's image; set the base in \
+         the root recipe, not here (parent = \"base\")",
+    ),
+    (
+        R,
+        "instance-profile = \"kiln-builder\"",
+        "instance-profile = \"kiln-builder\"\nbase = { owner = \"amazon\", name = \"al2023-*\" }",
+        "images/hello.toml:23:8: aws.base: a recipe with a parent builds on its parent's image",
+    ),
+    (
+        R,
+        "instance-profile =",
+        "instance-role =",
+        "images/hello.toml:22:1: aws.instance-role: unknown field `instance-role`",
+    ),
+    // the root's base
+    (
+        B,
+        "volume-size-gib = 8",
+        "volume-size-gib = 8\nbase-ami = \"ami-0123abcd\"",
+        "images/base.toml:15:12: aws.base-ami: set either `base` or `base-ami`, not both",
+    ),
+    (
+        B,
+        "base = { owner = \"136693071363\", name = \"debian-12-amd64-*\" }",
+        "base-ami = \"ami-123\"",
+        "images/base.toml:12:12: aws.base-ami: `ami-123` is not an AMI id (ami- and 8 or 17 hex digits)",
+    ),
+    (
+        B,
+        "base = { owner = \"136693071363\", name = \"debian-12-amd64-*\" }",
+        "base-ami = \"img-0123abcd\"",
+        "aws.base-ami: `img-0123abcd` is not an AMI id",
+    ),
+    (
+        B,
+        "owner = \"136693071363\"",
+        "owner = \"debian\"",
+        "images/base.toml:12:18: aws.base.owner: `debian` is not an image owner: write a 12-digit account id, \
+         \"amazon\", \"self\" or \"aws-marketplace\"",
+    ),
+    (B, "owner = \"136693071363\"", "owner = \"13669307136\"", "aws.base.owner: `13669307136` is not an image owner"),
+    (
+        B,
+        "name = \"debian-12-amd64-*\"",
+        "name = \" \"",
+        "images/base.toml:12:41: aws.base.name: the name filter is empty",
+    ),
+    (B, "name = \"debian-12-amd64-*\"", "nme = \"debian-12-amd64-*\"", "aws.base.nme: unknown field `nme`"),
+    (B, ", name = \"debian-12-amd64-*\"", "", "images/base.toml:12:8: aws.base: missing field `name`"),
+    // the builder
+    (
+        B,
+        "volume-size-gib = 8",
+        "volume-size-gib = 0",
+        "images/base.toml:14:19: aws.volume-size-gib: 0 GiB is outside what EBS allows, 1 to 16384",
+    ),
+    (B, "volume-size-gib = 8", "volume-size-gib = 16385", "aws.volume-size-gib: 16385 GiB is outside what EBS allows"),
+    (B, "volume-size-gib = 8", "volume-size-gib = -8", "images/base.toml:14:19: aws.volume-size-gib: invalid value"),
+    (
+        B,
+        "instance-type = \"t3.small\"",
+        "instance-type = \"t3small\"",
+        "images/base.toml:13:17: aws.instance-type: `t3small` is not an instance type; write family.size, like \
+         \"t3.small\"",
+    ),
+    (
+        B,
+        "instance-type = \"t3.small\"",
+        "instance-type = \"T3.Small\"",
+        "aws.instance-type: `T3.Small` must be lowercase",
+    ),
+    (
+        B,
+        "instance-profile = \"kiln-builder\"",
+        "instance-profile = \"\"",
+        "aws.instance-profile: the instance profile is empty",
+    ),
+    // a local pipeline does not take AWS settings it would ignore
+    (
+        P,
+        "ledger = \".kiln/ledger\"",
+        "ledger = \".kiln/ledger\"\n[aws]\nregion = \"us-east-1\"\nartifact-bucket = \"acme-kiln-artifacts\"",
+        "pipelines/hello.toml:7:19: aws.artifact-bucket: `artifact-bucket` is for provider = \"aws\"; a local pipeline \
+         would ignore it (its [aws] holds only `region` and `profile`, for an s3:// ledger)",
+    ),
+    (
+        P,
+        "ledger = \".kiln/ledger\"",
+        "ledger = \".kiln/ledger\"\n[aws]\nbuilder-subnet = \"subnet-0123abcd\"",
+        "pipelines/hello.toml:6:18: aws.builder-subnet: `builder-subnet` is for provider = \"aws\"",
+    ),
+    (
+        P,
+        "ledger = \".kiln/ledger\"",
+        "ledger = \".kiln/ledger\"\n[aws]\nregion = \"eu-west\"",
+        "pipelines/hello.toml:6:10: aws.region: `eu-west` is not an AWS region",
+    ),
+    (
+        P,
+        "deploy = { port = 18083 }",
+        "deploy = { port = 18083, accounts = [\"111122223333\"] }",
+        "pipelines/hello.toml:25:37: stage[2].deploy.accounts: `accounts` is for provider = \"aws\"; this pipeline's \
+         provider is \"local\"",
+    ),
+    (
+        P,
+        "deploy = { port = 18083 }",
+        "deploy = { port = 18083, instance-type = \"t3.small\" }",
+        "stage[2].deploy.instance-type: `instance-type` is for provider = \"aws\"",
+    ),
+];
+
+/// Mistakes in the AWS example pipeline (run with `--pipeline hello-aws`); same shape as [`EDITS`].
+const AWS_PIPELINE_EDITS: &[(&str, &str, &str, &str)] = &[
+    // the root recipe of an AWS pipeline starts from an AMI
+    (
+        B,
+        "base = { owner = \"136693071363\", name = \"debian-12-amd64-*\" }\n",
+        "",
+        "images/base.toml:9:1: aws.base: pipeline `hello-aws` bakes `base` on AWS, and a recipe without `parent` \
+         starts from an AMI: set `base = { owner = \"…\", name = \"…\" }` or `base-ami = \"ami-…\"` in its [aws] table",
+    ),
+    // [aws]
+    (
+        A,
+        "region = \"us-east-1\"",
+        "region = \"us-east\"",
+        "pipelines/hello-aws.toml:9:10: aws.region: `us-east` is not an AWS region; write one like \"us-east-1\" or \
+         \"eu-central-2\"",
+    ),
+    (
+        A,
+        "region = \"us-east-1\"",
+        "region = \"us-east-1a\"",
+        "aws.region: `us-east-1a` is an availability zone; the region is `us-east-1`",
+    ),
+    (A, "region = \"us-east-1\"", "region = \"US-EAST-1\"", "aws.region: `US-EAST-1` is not an AWS region"),
+    (A, "region = \"us-east-1\"", "", "pipelines/hello-aws.toml:8:1: aws.region: the aws provider needs `region`"),
+    (
+        A,
+        "artifact-bucket = \"acme-kiln-artifacts\"",
+        "",
+        "pipelines/hello-aws.toml:8:1: aws.artifact-bucket: the aws provider needs `artifact-bucket`, the S3 bucket \
+         that stages provisioning files for the builder",
+    ),
+    (
+        A,
+        "artifact-bucket = \"acme-kiln-artifacts\"",
+        "artifact-bucket = \"Acme_Artifacts\"",
+        "pipelines/hello-aws.toml:10:19: aws.artifact-bucket: `Acme_Artifacts` is not a bucket name: 3 to 63 lowercase \
+         letters, digits, `.` and `-`",
+    ),
+    (A, "artifact-bucket = \"acme-kiln-artifacts\"", "artifact-bucket = \"ab\"", "aws.artifact-bucket: `ab` is not a bucket name"),
+    (
+        A,
+        "artifact-bucket = \"acme-kiln-artifacts\"",
+        "artifact-bucket = \"s3://acme-kiln-artifacts/\"",
+        "aws.artifact-bucket: write the bucket name alone, without s3:// (\"acme-kiln-artifacts\")",
+    ),
+    (
+        A,
+        "artifact-bucket =",
+        "artifacts-bucket =",
+        "pipelines/hello-aws.toml:10:1: aws.artifacts-bucket: unknown field `artifacts-bucket`",
+    ),
+    (
+        A,
+        "# builder-subnet = \"subnet-0123456789abcdef0\"",
+        "builder-subnet = \"subnet-1\"",
+        "pipelines/hello-aws.toml:12:18: aws.builder-subnet: `subnet-1` is not a subnet id (subnet- and 8 or 17 hex \
+         digits)",
+    ),
+    (A, "# profile = \"kiln\"", "profile = \"\"", "pipelines/hello-aws.toml:11:11: aws.profile: the profile is empty"),
+    // stage deploy tables
+    (
+        A,
+        "regions = [\"us-east-1\", \"eu-west-1\"]",
+        "regions = [\"us-east-1\", \"eu-west\"]",
+        "pipelines/hello-aws.toml:45:25: stage[2].deploy.regions[1]: `eu-west` is not an AWS region",
+    ),
+    (
+        A,
+        "regions = [\"us-east-1\", \"eu-west-1\"]",
+        "regions = [\"eu-west-1\", \"eu-west-1\"]",
+        "pipelines/hello-aws.toml:45:25: stage[2].deploy.regions[1]: `eu-west-1` is listed twice",
+    ),
+    (
+        A,
+        "accounts = [\"111122223333\"]",
+        "accounts = [\"all\"]",
+        "pipelines/hello-aws.toml:46:13: stage[2].deploy.accounts[0]: kiln never makes an image public: list account ids",
+    ),
+    (
+        A,
+        "accounts = [\"111122223333\"]",
+        "accounts = [\"111122223333\", \"*\"]",
+        "stage[2].deploy.accounts[1]: kiln never makes an image public: list account ids",
+    ),
+    (
+        A,
+        "accounts = [\"111122223333\"]",
+        "accounts = [\"1111-2222-3333\"]",
+        "stage[2].deploy.accounts[0]: `1111-2222-3333` is not an AWS account id (12 digits)",
+    ),
+    (
+        A,
+        "accounts = [\"111122223333\"]",
+        "accounts = [\"111122223333\", \"111122223333\"]",
+        "pipelines/hello-aws.toml:46:29: stage[2].deploy.accounts[1]: `111122223333` is listed twice",
+    ),
+    (
+        A,
+        "instance-type = \"t3.small\"",
+        "instance-type = \"t3\"",
+        "pipelines/hello-aws.toml:21:17: stage[0].deploy.instance-type: `t3` is not an instance type",
+    ),
+    (
+        A,
+        "instance-type = \"t3.small\"",
+        "instance-type = \"t3.small\"\nport = 8080",
+        "pipelines/hello-aws.toml:22:8: stage[0].deploy.port: `port` is for the local provider",
+    ),
+    (
+        A,
+        "subnets = [\"subnet-0123456789abcdef0\", \"subnet-0fedcba9876543210\"]",
+        "subnets = []",
+        "stage[0].deploy.subnets: an AWS stage needs `subnets` for its Auto Scaling groups",
+    ),
+    (
+        A,
+        "accounts = [\"111122223333\"]",
+        "acounts = [\"111122223333\"]",
+        "pipelines/hello-aws.toml:46:1: stage[2].deploy.acounts: unknown field `acounts`",
+    ),
+];
+
 fn assert_refused(repo: &Repo, args: &[&str], fragment: &str, what: &str) {
     let run = repo.run(args).expect(2);
     assert!(run.stderr.contains(fragment), "{what}: wanted {fragment:?} in:\n{}", run.stderr);
@@ -328,6 +567,51 @@ fn each_bad_edit_is_refused_with_its_location() {
         repo.edit(file, old, new);
         assert_refused(&repo, &["bake"], fragment, &format!("{file}: {old:?} -> {new:?}"));
     }
+}
+
+#[test]
+fn each_bad_aws_edit_is_refused_with_its_location() {
+    for (file, old, new, fragment) in AWS_RECIPE_AND_LOCAL_EDITS {
+        let repo = Repo::example();
+        repo.edit(file, old, new);
+        assert_refused(&repo, &["bake"], fragment, &format!("{file}: {old:?} -> {new:?}"));
+    }
+    for (file, old, new, fragment) in AWS_PIPELINE_EDITS {
+        let repo = Repo::example_with_every_pipeline();
+        repo.edit(file, old, new);
+        assert_refused(&repo, &["--pipeline", "hello-aws", "bake"], fragment, &format!("{file}: {old:?} -> {new:?}"));
+    }
+}
+
+/// A root recipe with no [aws] table at all, under an AWS pipeline: the error points at the file's start.
+#[test]
+fn an_aws_pipeline_refuses_a_root_recipe_without_a_base() {
+    let repo = Repo::example_with_every_pipeline();
+    let text = std::fs::read_to_string(repo.file(B)).unwrap();
+    let without_aws = &text[..text.find("[aws]").unwrap()];
+    repo.write(B, without_aws);
+    assert_refused(
+        &repo,
+        &["--pipeline", "hello-aws", "status"],
+        "images/base.toml:1:1: aws.base: pipeline `hello-aws` bakes `base` on AWS, and a recipe without `parent`",
+        "no base",
+    );
+    // The local pipeline beside it bakes base from an empty root, as before.
+    repo.run(&["--pipeline", "hello", "log"]).ok();
+}
+
+/// A cycle needs a parent on the root recipe, whose `[aws] base` would be refused first, so base.toml is replaced
+/// whole rather than edited.
+#[test]
+fn a_parent_cycle_is_refused_at_the_parent_key() {
+    let repo = Repo::example();
+    repo.write(B, "description = \"base\"\nparent = \"hello\"\n");
+    assert_refused(
+        &repo,
+        &["bake"],
+        "images/base.toml:2:1: parent: parents form a cycle: hello -> base -> hello",
+        "cycle",
+    );
 }
 
 #[test]
@@ -376,6 +660,47 @@ fn pipeline_choice_errors() {
     let empty = Repo::empty();
     std::fs::create_dir(empty.file("pipelines")).unwrap();
     assert_refused(&empty, &["bake"], "no pipeline found", "none");
+}
+
+/// The repository as shipped holds two pipelines (hello and hello-aws): a command that names none is refused with
+/// both names and the way out, and the README's `--pipeline hello` (or `KILN_PIPELINE=hello`) works.
+#[test]
+fn the_repository_as_shipped_needs_the_pipeline_named() {
+    let repo = Repo::example_with_every_pipeline();
+    for args in [&["run"][..], &["status"], &["bake"]] {
+        let refused = repo.run(args).expect(2);
+        for wanted in [
+            "pipelines/ holds 2 pipelines (hello, hello-aws): choose one with --pipeline",
+            "hint: pass --pipeline NAME or set KILN_PIPELINE",
+        ] {
+            assert!(
+                refused.stderr.contains(wanted),
+                "`kiln {}`: wanted {wanted:?} in:\n{}",
+                args.join(" "),
+                refused.stderr
+            );
+        }
+    }
+    assert!(!repo.file(".kiln").exists(), "a refused command wrote nothing");
+    let named = repo.run(&["status", "--pipeline", "hello", "--json"]).ok();
+    assert_eq!(named.json()["pipeline"], "hello");
+    let from_env = repo.kiln().args(["status", "--json"]).env("KILN_PIPELINE", "hello").output().unwrap();
+    let from_env = common::Run::of(from_env, &["status", "--json"]).ok();
+    assert_eq!(from_env.json()["pipeline"], "hello");
+}
+
+/// A local pipeline may keep its ledger in S3 (in the file, or through `--ledger`/`KILN_LEDGER`), and that ledger's
+/// client reads `[aws] region` and `profile`: those stay accepted.
+#[test]
+fn a_local_pipeline_keeps_aws_region_and_profile_for_an_s3_ledger() {
+    let repo = Repo::example();
+    repo.edit(
+        P,
+        "ledger = \".kiln/ledger\"",
+        "ledger = \".kiln/ledger\"\n[aws]\nregion = \"eu-west-1\"\nprofile = \"ci\"",
+    );
+    let run = repo.run(&["log", "--json"]).ok();
+    assert_eq!(run.json()["events"], serde_json::json!([]));
 }
 
 #[test]

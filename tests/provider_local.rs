@@ -39,8 +39,12 @@ fn a_baked_event_records_the_instance_section_its_instances_start_with() {
 fn a_pipeline_on_a_provider_not_built_yet_is_refused_by_the_factory() {
     let repo = tiny_repo(common::free_port());
     repo.write(
+        "images/base.toml",
+        "[[provision]]\ncopy = \"files/base\"\nto = \"/etc/base\"\n[aws]\nbase-ami = \"ami-0123abcd\"\n",
+    );
+    repo.write(
         "pipelines/cloud.toml",
-        "image = \"app\"\nprovider = \"aws\"\n\n[aws]\nregion = \"eu-west-1\"\n\n[[stage]]\nname = \"dev\"\n\
+        "image = \"app\"\nprovider = \"aws\"\n\n[aws]\nregion = \"eu-west-1\"\nartifact-bucket = \"acme-kiln-artifacts\"\n\n[[stage]]\nname = \"dev\"\n\
          deploy = { subnets = [\"subnet-1\"] }\n",
     );
     let refused = repo.run(&["--pipeline", "cloud", "bake"]).expect(1);

@@ -221,6 +221,185 @@ pub(crate) fn name_problem(name: &str) -> Option<String> {
     name.starts_with('.').then(|| "it starts with `.`; a name may contain `.` but not start with it".to_string())
 }
 
+/// The shapes of AWS names and ids, checked at load so that a typo is a config error with its line, not an API
+/// error after a builder was launched. Each returns the message for the field, or `Ok`.
+pub(crate) mod aws_shape {
+    /// `us-east-1`, `eu-central-2`, `us-gov-west-1`, `us-isob-east-1`: a lowercase prefix, words, a number.
+    pub fn region(text: &str) -> Result<(), String> {
+        let parts: Vec<&str> = text.split('-').collect();
+        let lower_word = |p: &&str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_lowercase());
+        let (Some(number), Some(prefix)) = (parts.last(), parts.first()) else {
+            return Err(not_a_region(text));
+        };
+        if parts.len() >= 3
+            && (2..=4).contains(&prefix.len())
+            && parts[..parts.len() - 1].iter().all(lower_word)
+            && (1..=2).contains(&number.len())
+            && number.bytes().all(|b| b.is_ascii_digit())
+        {
+            return Ok(());
+        }
+        // `us-east-1a` is the most likely slip: an availability zone copied from the console.
+        let zone_of = text.trim_end_matches(|c: char| c.is_ascii_lowercase());
+        if zone_of != text && zone_of.ends_with(|c: char| c.is_ascii_digit()) && region(zone_of).is_ok() {
+            return Err(format!("`{text}` is an availability zone; the region is `{zone_of}`"));
+        }
+        Err(not_a_region(text))
+    }
+
+    fn not_a_region(text: &str) -> String {
+        format!("`{}` is not an AWS region; write one like \"us-east-1\" or \"eu-central-2\"", text.escape_debug())
+    }
+
+    /// Words that would share an image with everyone; launch permissions never get them.
+    const PUBLIC: &[&str] = &["all", "public", "everyone", "*"];
+
+    /// A 12-digit account id; anything that means "everyone" is refused on its own terms.
+    pub fn account(text: &str) -> Result<(), String> {
+        if PUBLIC.contains(&text.trim().to_ascii_lowercase().as_str()) {
+            return Err("kiln never makes an image public: list account ids".into());
+        }
+        if text.len() == 12 && text.bytes().all(|b| b.is_ascii_digit()) {
+            return Ok(());
+        }
+        Err(format!("`{}` is not an AWS account id (12 digits)", text.escape_debug()))
+    }
+
+    /// The owner of a base AMI filter: an account id or one of the aliases EC2 accepts.
+    pub fn image_owner(text: &str) -> Result<(), String> {
+        if matches!(text, "amazon" | "self" | "aws-marketplace") || account(text).is_ok() {
+            return Ok(());
+        }
+        Err(format!(
+            "`{}` is not an image owner: write a 12-digit account id, \"amazon\", \"self\" or \"aws-marketplace\"",
+            text.escape_debug()
+        ))
+    }
+
+    /// `<prefix>-` and 8 or 17 lowercase hex digits: the two lengths EC2 has handed out.
+    pub fn resource_id(text: &str, prefix: &str, what: &str) -> Result<(), String> {
+        let ok = text.strip_prefix(prefix).and_then(|rest| rest.strip_prefix('-')).is_some_and(|hex| {
+            matches!(hex.len(), 8 | 17) && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        });
+        if ok {
+            Ok(())
+        } else {
+            Err(format!("`{}` is not {what} ({prefix}- and 8 or 17 hex digits)", text.escape_debug()))
+        }
+    }
+
+    /// `family.size` in lowercase, as EC2 names them: `t3.small`, `m7i-flex.large`, `m7i.metal-24xl`.
+    pub fn instance_type(text: &str) -> Result<(), String> {
+        let part =
+            |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        let ok = text.split_once('.').is_some_and(|(family, size)| {
+            part(family) && part(size) && family.starts_with(|c: char| c.is_ascii_lowercase())
+        });
+        if ok {
+            Ok(())
+        } else if text != text.to_ascii_lowercase() && instance_type(&text.to_ascii_lowercase()).is_ok() {
+            Err(format!("`{}` must be lowercase: \"{}\"", text.escape_debug(), text.to_ascii_lowercase()))
+        } else {
+            Err(format!("`{}` is not an instance type; write family.size, like \"t3.small\"", text.escape_debug()))
+        }
+    }
+
+    /// An S3 bucket name: 3 to 63 lowercase letters, digits, dots and hyphens, starting and ending with a letter or
+    /// digit.
+    pub fn bucket(text: &str) -> Result<(), String> {
+        if let Some(rest) = text.strip_prefix("s3://") {
+            return Err(format!("write the bucket name alone, without s3:// (\"{}\")", rest.trim_end_matches('/')));
+        }
+        let allowed = text.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-');
+        let ends = |b: Option<u8>| b.is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+        if (3..=63).contains(&text.len()) && allowed && ends(text.bytes().next()) && ends(text.bytes().last()) {
+            return Ok(());
+        }
+        Err(format!(
+            "`{}` is not a bucket name: 3 to 63 lowercase letters, digits, `.` and `-`, starting and ending with a \
+             letter or digit",
+            text.escape_debug()
+        ))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn regions() {
+            for good in
+                ["us-east-1", "eu-central-2", "us-gov-west-1", "ap-southeast-3", "us-isob-east-1", "eusc-de-east-1"]
+            {
+                assert_eq!(region(good), Ok(()), "{good}");
+            }
+            for bad in
+                ["us-east", "US-EAST-1", "useast1", "us-east-1-", "", "eu_west_1", "us-east-100", "europe-west-1"]
+            {
+                assert!(region(bad).unwrap_err().contains("is not an AWS region"), "{bad}");
+            }
+            assert_eq!(
+                region("us-east-1a").unwrap_err(),
+                "`us-east-1a` is an availability zone; the region is `us-east-1`"
+            );
+        }
+
+        #[test]
+        fn accounts_and_owners() {
+            assert_eq!(account("111122223333"), Ok(()));
+            for public in ["all", "ALL", "public", "*", " all "] {
+                assert_eq!(account(public).unwrap_err(), "kiln never makes an image public: list account ids");
+            }
+            for bad in ["11112222333", "1111-2222-3333", "11112222333a", ""] {
+                assert!(account(bad).unwrap_err().contains("is not an AWS account id"), "{bad}");
+            }
+            for good in ["amazon", "self", "aws-marketplace", "136693071363"] {
+                assert_eq!(image_owner(good), Ok(()), "{good}");
+            }
+            for bad in ["Amazon", "all", "debian", ""] {
+                assert!(image_owner(bad).unwrap_err().contains("is not an image owner"), "{bad}");
+            }
+        }
+
+        #[test]
+        fn resource_ids() {
+            assert_eq!(resource_id("ami-0123abcd", "ami", "an AMI id"), Ok(()));
+            assert_eq!(resource_id("ami-0123456789abcdef0", "ami", "an AMI id"), Ok(()));
+            for bad in
+                ["ami-0123abc", "ami-0123ABCD", "ami-0123abcg", "img-0123abcd", "ami0123abcd", "ami-0123456789abcdef"]
+            {
+                assert!(resource_id(bad, "ami", "an AMI id").is_err(), "{bad}");
+            }
+            assert_eq!(
+                resource_id("subnet-1", "subnet", "a subnet id").unwrap_err(),
+                "`subnet-1` is not a subnet id (subnet- and 8 or 17 hex digits)"
+            );
+        }
+
+        #[test]
+        fn instance_types() {
+            for good in ["t3.small", "m7i-flex.large", "m7i.metal-24xl", "u-6tb1.metal", "c6gn.16xlarge"] {
+                assert_eq!(instance_type(good), Ok(()), "{good}");
+            }
+            assert_eq!(instance_type("T3.Small").unwrap_err(), "`T3.Small` must be lowercase: \"t3.small\"");
+            for bad in ["t3", "t3.", ".small", "3t.small", "t3 small", "t3.small.x", ""] {
+                assert!(instance_type(bad).unwrap_err().contains("is not an instance type"), "{bad}");
+            }
+        }
+
+        #[test]
+        fn buckets() {
+            for good in ["acme-kiln-artifacts", "abc", "a.b-c", &"a".repeat(63)] {
+                assert_eq!(bucket(good), Ok(()), "{good}");
+            }
+            for bad in ["ab", "Acme", "acme_kiln", "-acme", "acme.", &"a".repeat(64)] {
+                assert!(bucket(bad).unwrap_err().contains("is not a bucket name"), "{bad}");
+            }
+            assert!(bucket("s3://acme/").unwrap_err().contains("without s3:// (\"acme\")"));
+        }
+    }
+}
+
 /// The `*.toml` stems in `dir`, sorted.
 pub(crate) fn toml_stems(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
@@ -279,6 +458,39 @@ mod tests {
             let found = name_problem(bad).unwrap_or_default();
             assert!(found.starts_with(problem), "{bad:?}: {found}");
         }
+    }
+
+    /// The repository's own recipes and pipelines load under the same strict rules as a user's, the AWS example
+    /// included, though no test runs it against AWS.
+    #[test]
+    fn every_example_in_the_repository_loads() {
+        let repo = Repo::at(Path::new(env!("CARGO_MANIFEST_DIR"))).unwrap();
+        let recipes = toml_stems(&repo.root().join(IMAGES_DIR));
+        assert!(recipes.len() >= 2, "{recipes:?}");
+        for name in &recipes {
+            recipe::load_chain(&repo, name).unwrap_or_else(|err| panic!("images/{name}.toml: {err}"));
+        }
+        let pipelines = toml_stems(&repo.root().join(PIPELINES_DIR));
+        assert_eq!(pipelines, ["hello", "hello-aws"]);
+        for name in &pipelines {
+            pipeline::load(&repo, name).unwrap_or_else(|err| panic!("pipelines/{name}.toml: {err}"));
+        }
+
+        let base = recipe::load(&repo, "base").unwrap().aws.expect("base.toml has [aws]");
+        assert_eq!(base.base.map(|b| b.owner).as_deref(), Some("136693071363"));
+        let hello = recipe::load(&repo, "hello").unwrap().aws.expect("hello.toml has [aws]");
+        assert_eq!(hello.instance_profile.as_deref(), Some("kiln-builder"));
+        let aws = pipeline::load(&repo, "hello-aws").unwrap();
+        assert_eq!((aws.provider, aws.image.as_str()), (ProviderKind::Aws, "hello"));
+        assert_eq!(aws.ledger, LedgerLocation::S3 { bucket: "acme-kiln-ledger".into(), prefix: "hello".into() });
+        let settings = aws.aws.as_ref().expect("[aws]");
+        assert_eq!(settings.region.as_deref(), Some("us-east-1"));
+        assert_eq!(settings.artifact_bucket.as_deref(), Some("acme-kiln-artifacts"));
+        assert_eq!(aws.stage_names(), ["dev", "test", "prod"]);
+        let prod = aws.stage("prod").unwrap();
+        assert_eq!(prod.regions(), ["us-east-1", "eu-west-1"]);
+        assert_eq!(prod.accounts(), ["111122223333"]);
+        assert_eq!(pipeline::load(&repo, "hello").unwrap().provider, ProviderKind::Local);
     }
 
     #[test]

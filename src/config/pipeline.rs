@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 use super::{
-    check_name, name_problem, parse_duration, toml_stems, ConfigError, Repo, RepoPath, Source, IMAGES_DIR,
+    aws_shape, check_name, name_problem, parse_duration, toml_stems, ConfigError, Repo, RepoPath, Source, IMAGES_DIR,
     PIPELINES_DIR,
 };
 
@@ -26,7 +26,7 @@ struct PipelineToml {
     image: Spanned<String>,
     provider: Option<Spanned<String>>,
     ledger: Option<Spanned<String>>,
-    aws: Option<AwsPipelineToml>,
+    aws: Option<Spanned<AwsPipelineToml>>,
     #[serde(rename = "stage", default)]
     stages: Vec<Spanned<StageToml>>,
 }
@@ -34,10 +34,10 @@ struct PipelineToml {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct AwsPipelineToml {
-    region: Option<String>,
-    artifact_bucket: Option<String>,
-    profile: Option<String>,
-    builder_subnet: Option<String>,
+    region: Option<Spanned<String>>,
+    artifact_bucket: Option<Spanned<String>>,
+    profile: Option<Spanned<String>>,
+    builder_subnet: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -69,12 +69,29 @@ struct VerifyToml {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct DeployToml {
     port: Option<Spanned<u16>>,
-    target_group_arn: Option<String>,
-    subnets: Option<Vec<String>>,
-    instance_type: Option<String>,
-    regions: Option<Vec<String>>,
-    accounts: Option<Vec<String>>,
-    security_groups: Option<Vec<String>>,
+    target_group_arn: Option<Spanned<String>>,
+    subnets: Option<Spanned<Vec<String>>>,
+    instance_type: Option<Spanned<String>>,
+    regions: Option<Spanned<Vec<Spanned<String>>>>,
+    accounts: Option<Spanned<Vec<Spanned<String>>>>,
+    security_groups: Option<Spanned<Vec<String>>>,
+}
+
+impl DeployToml {
+    /// The first AWS key set, with where it is: a local stage names it in its error.
+    fn first_aws_key(&self) -> Option<(&'static str, std::ops::Range<usize>)> {
+        [
+            self.target_group_arn.as_ref().map(|v| ("target-group-arn", v.span())),
+            self.subnets.as_ref().map(|v| ("subnets", v.span())),
+            self.instance_type.as_ref().map(|v| ("instance-type", v.span())),
+            self.regions.as_ref().map(|v| ("regions", v.span())),
+            self.accounts.as_ref().map(|v| ("accounts", v.span())),
+            self.security_groups.as_ref().map(|v| ("security-groups", v.span())),
+        ]
+        .into_iter()
+        .flatten()
+        .min_by_key(|(_, span)| span.start)
+    }
 }
 
 #[derive(Deserialize)]
@@ -314,6 +331,7 @@ fn validate(repo: &Repo, source: &Source, name: &str, raw: PipelineToml) -> Resu
             ))
         }
     };
+    let aws = validate_aws(source, provider, raw.aws)?;
     let ledger = match &raw.ledger {
         Some(l) => LedgerLocation::parse(repo, l.get_ref()).map_err(|m| source.error(l.span(), "ledger", m))?,
         None => LedgerLocation::default_for(repo),
@@ -376,11 +394,11 @@ fn validate(repo: &Repo, source: &Source, name: &str, raw: PipelineToml) -> Resu
             (ProviderKind::Local, Some(deploy)) => {
                 let span = deploy.span();
                 let deploy = deploy.into_inner();
-                if deploy.target_group_arn.is_some() || deploy.subnets.is_some() || deploy.regions.is_some() {
+                if let Some((key, at)) = deploy.first_aws_key() {
                     return Err(source.error(
-                        span,
-                        format!("{field}.deploy"),
-                        "AWS deploy keys are set but the provider is \"local\"",
+                        at,
+                        format!("{field}.deploy.{key}"),
+                        format!("`{key}` is for provider = \"aws\"; this pipeline's provider is \"local\""),
                     ));
                 }
                 let port = deploy.port.ok_or_else(|| {
@@ -406,33 +424,7 @@ fn validate(repo: &Repo, source: &Source, name: &str, raw: PipelineToml) -> Resu
                 }
                 StageDeploy::Local { port: *port.get_ref() }
             }
-            (ProviderKind::Aws, deploy) => {
-                let deploy = deploy.map(Spanned::into_inner);
-                let subnets = deploy.as_ref().and_then(|d| d.subnets.clone()).unwrap_or_default();
-                if subnets.is_empty() {
-                    return Err(source.error(
-                        stage_span,
-                        format!("{field}.deploy.subnets"),
-                        "an AWS stage needs `subnets` for its Auto Scaling groups",
-                    ));
-                }
-                let deploy = deploy.expect("subnets came from it");
-                if let Some(port) = deploy.port {
-                    return Err(source.error(
-                        port.span(),
-                        format!("{field}.deploy.port"),
-                        "`port` is for the local provider",
-                    ));
-                }
-                StageDeploy::Aws {
-                    target_group_arn: deploy.target_group_arn,
-                    subnets,
-                    instance_type: deploy.instance_type,
-                    regions: deploy.regions.unwrap_or_default(),
-                    accounts: deploy.accounts.unwrap_or_default(),
-                    security_groups: deploy.security_groups.unwrap_or_default(),
-                }
-            }
+            (ProviderKind::Aws, deploy) => validate_aws_deploy(source, &field, stage_span.clone(), deploy)?,
         };
         let mut gates = Vec::with_capacity(stage.gates.len());
         for (gate_index, gate) in stage.gates.into_iter().enumerate() {
@@ -468,16 +460,153 @@ fn validate(repo: &Repo, source: &Source, name: &str, raw: PipelineToml) -> Resu
             verify,
         });
     }
-    if provider == ProviderKind::Aws && raw.aws.as_ref().and_then(|a| a.region.as_ref()).is_none() {
-        return Err(source.error(0..0, "aws.region", "the aws provider needs `[aws] region = \"…\"`"));
+    if provider == ProviderKind::Aws {
+        // A recipe that does not load is reported, at its own location, by the command that bakes it; what the
+        // pipeline adds is only that its provider needs a base image.
+        if let Some(root) = super::recipe::load_chain(repo, &image).ok().and_then(|chain| chain.into_iter().next()) {
+            super::recipe::require_aws_base(repo, &root, name)?;
+        }
     }
-    let aws = raw.aws.map(|a| AwsPipeline {
-        region: a.region,
-        artifact_bucket: a.artifact_bucket,
-        profile: a.profile,
-        builder_subnet: a.builder_subnet,
-    });
     Ok(Pipeline { name: name.to_string(), file, image, provider, ledger, aws, stages })
+}
+
+/// The pipeline's `[aws]` table. The aws provider needs it, with `region` and `artifact-bucket`. A local pipeline
+/// may keep its ledger in S3 (in the file, `--ledger` or `KILN_LEDGER`), whose client takes `region` and `profile`
+/// from here; the provider's own keys would be ignored there, so they are refused.
+fn validate_aws(
+    source: &Source,
+    provider: ProviderKind,
+    raw: Option<Spanned<AwsPipelineToml>>,
+) -> Result<Option<AwsPipeline>, ConfigError> {
+    let Some(raw) = raw else {
+        if provider == ProviderKind::Aws {
+            return Err(source.error(
+                0..0,
+                "aws",
+                "the aws provider needs an [aws] table with `region` and `artifact-bucket`",
+            ));
+        }
+        return Ok(None);
+    };
+    let span = raw.span();
+    if provider == ProviderKind::Local {
+        let raw = raw.into_inner();
+        let provider_only = [("artifact-bucket", &raw.artifact_bucket), ("builder-subnet", &raw.builder_subnet)];
+        if let Some((key, value)) = provider_only.into_iter().find_map(|(key, value)| value.as_ref().map(|v| (key, v)))
+        {
+            return Err(source.error(
+                value.span(),
+                format!("aws.{key}"),
+                format!(
+                    "`{key}` is for provider = \"aws\"; a local pipeline would ignore it (its [aws] holds only \
+                     `region` and `profile`, for an s3:// ledger)"
+                ),
+            ));
+        }
+        if let Some(region) = &raw.region {
+            aws_shape::region(region.get_ref()).map_err(|m| source.error(region.span(), "aws.region", m))?;
+        }
+        check_profile(source, &raw.profile)?;
+        return Ok(Some(AwsPipeline {
+            region: raw.region.map(Spanned::into_inner),
+            artifact_bucket: None,
+            profile: raw.profile.map(Spanned::into_inner),
+            builder_subnet: None,
+        }));
+    }
+    let raw = raw.into_inner();
+    let region = raw.region.ok_or_else(|| {
+        source.error(span.clone(), "aws.region", "the aws provider needs `region`, like \"us-east-1\"")
+    })?;
+    aws_shape::region(region.get_ref()).map_err(|m| source.error(region.span(), "aws.region", m))?;
+    let bucket = raw.artifact_bucket.ok_or_else(|| {
+        source.error(
+            span.clone(),
+            "aws.artifact-bucket",
+            "the aws provider needs `artifact-bucket`, the S3 bucket that stages provisioning files for the builder",
+        )
+    })?;
+    aws_shape::bucket(bucket.get_ref()).map_err(|m| source.error(bucket.span(), "aws.artifact-bucket", m))?;
+    if let Some(subnet) = &raw.builder_subnet {
+        aws_shape::resource_id(subnet.get_ref(), "subnet", "a subnet id")
+            .map_err(|m| source.error(subnet.span(), "aws.builder-subnet", m))?;
+    }
+    check_profile(source, &raw.profile)?;
+    Ok(Some(AwsPipeline {
+        region: Some(region.into_inner()),
+        artifact_bucket: Some(bucket.into_inner()),
+        profile: raw.profile.map(Spanned::into_inner),
+        builder_subnet: raw.builder_subnet.map(Spanned::into_inner),
+    }))
+}
+
+fn check_profile(source: &Source, profile: &Option<Spanned<String>>) -> Result<(), ConfigError> {
+    match profile {
+        Some(profile) if profile.get_ref().trim().is_empty() => Err(source.error(
+            profile.span(),
+            "aws.profile",
+            "the profile is empty; name one from ~/.aws/config, or leave `profile` out",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// An AWS stage's `deploy` table.
+fn validate_aws_deploy(
+    source: &Source,
+    field: &str,
+    stage_span: std::ops::Range<usize>,
+    deploy: Option<Spanned<DeployToml>>,
+) -> Result<StageDeploy, ConfigError> {
+    let Some(deploy) =
+        deploy.map(Spanned::into_inner).filter(|d| d.subnets.as_ref().is_some_and(|s| !s.get_ref().is_empty()))
+    else {
+        return Err(source.error(
+            stage_span,
+            format!("{field}.deploy.subnets"),
+            "an AWS stage needs `subnets` for its Auto Scaling groups",
+        ));
+    };
+    if let Some(port) = deploy.port {
+        return Err(source.error(port.span(), format!("{field}.deploy.port"), "`port` is for the local provider"));
+    }
+    if let Some(instance_type) = &deploy.instance_type {
+        aws_shape::instance_type(instance_type.get_ref())
+            .map_err(|m| source.error(instance_type.span(), format!("{field}.deploy.instance-type"), m))?;
+    }
+    let regions = checked_list(source, &format!("{field}.deploy.regions"), deploy.regions, aws_shape::region)?;
+    let accounts = checked_list(source, &format!("{field}.deploy.accounts"), deploy.accounts, aws_shape::account)?;
+    Ok(StageDeploy::Aws {
+        target_group_arn: deploy.target_group_arn.map(Spanned::into_inner),
+        subnets: deploy.subnets.map(Spanned::into_inner).unwrap_or_default(),
+        instance_type: deploy.instance_type.map(Spanned::into_inner),
+        regions,
+        accounts,
+        security_groups: deploy.security_groups.map(Spanned::into_inner).unwrap_or_default(),
+    })
+}
+
+/// A list whose every entry passes `check` and appears once; errors point at the entry, as `field[i]`.
+fn checked_list(
+    source: &Source,
+    field: &str,
+    list: Option<Spanned<Vec<Spanned<String>>>>,
+    check: fn(&str) -> Result<(), String>,
+) -> Result<Vec<String>, ConfigError> {
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    for (index, entry) in list.map(Spanned::into_inner).unwrap_or_default().into_iter().enumerate() {
+        check(entry.get_ref()).map_err(|m| source.error(entry.span(), format!("{field}[{index}]"), m))?;
+        if !seen.insert(entry.get_ref().clone()) {
+            return Err(source.error(
+                entry.span(),
+                format!("{field}[{index}]"),
+                format!("`{}` is listed twice", entry.get_ref()),
+            ));
+        }
+        out.push(entry.into_inner());
+    }
+    Ok(out)
 }
 
 fn validate_verify(

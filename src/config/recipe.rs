@@ -7,7 +7,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
-use super::{check_name, name_problem, parse_duration, toml_stems, ConfigError, Repo, RepoPath, Source, IMAGES_DIR};
+use super::{
+    aws_shape, check_name, name_problem, parse_duration, toml_stems, ConfigError, Repo, RepoPath, Source, IMAGES_DIR,
+};
 
 const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(600);
 const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -53,11 +55,18 @@ struct HealthToml {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct AwsRecipeToml {
-    base: Option<AwsBase>,
+    base: Option<Spanned<AwsBaseToml>>,
     base_ami: Option<Spanned<String>>,
-    instance_type: Option<String>,
-    volume_size_gib: Option<u32>,
-    instance_profile: Option<String>,
+    instance_type: Option<Spanned<String>>,
+    volume_size_gib: Option<Spanned<u32>>,
+    instance_profile: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct AwsBaseToml {
+    owner: Spanned<String>,
+    name: Spanned<String>,
 }
 
 /// A validated recipe. Its serialised form is the normalised recipe that goes into the recipe key, so it holds
@@ -76,6 +85,9 @@ pub struct Recipe {
     pub parent: Option<String>,
     pub provision: Vec<Provision>,
     pub instance: Option<Instance>,
+    /// Left out of the serialised recipe: the AWS provider hashes it through its build settings (with the resolved
+    /// base AMI), so a local key does not change when a recipe gains `[aws]` (docs/recipe-key.md).
+    #[serde(skip)]
     pub aws: Option<AwsRecipe>,
 }
 
@@ -177,6 +189,40 @@ pub fn load_chain(repo: &Repo, name: &str) -> Result<Vec<Recipe>, ConfigError> {
     }
     chain.reverse();
     Ok(chain)
+}
+
+/// A chain the AWS provider bakes starts from an AMI, so its root recipe must name one. Checked when an AWS
+/// pipeline loads, since a recipe alone does not know which provider bakes it.
+pub(crate) fn require_aws_base(repo: &Repo, root: &Recipe, pipeline: &str) -> Result<(), ConfigError> {
+    if root.aws.as_ref().is_some_and(|aws| aws.base.is_some() || aws.base_ami.is_some()) {
+        return Ok(());
+    }
+    let source = Source::read(repo, &root.file.absolute)?;
+    let span = find_table_span(&source.text, "aws").unwrap_or(0..0);
+    Err(source.error(
+        span,
+        "aws.base",
+        format!(
+            "pipeline `{pipeline}` bakes `{}` on AWS, and a recipe without `parent` starts from an AMI: set \
+             `base = {{ owner = \"…\", name = \"…\" }}` or `base-ami = \"ami-…\"` in its [aws] table",
+            root.name
+        ),
+    ))
+}
+
+/// Where the `[name]` table header is in a TOML text.
+fn find_table_span(text: &str, name: &str) -> Option<std::ops::Range<usize>> {
+    let header = format!("[{name}]");
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let trimmed = line.trim_start();
+        if trimmed.starts_with(&header) {
+            let start = offset + (line.len() - trimmed.len());
+            return Some(start..start + header.len());
+        }
+        offset += line.len();
+    }
+    None
 }
 
 fn parent_error(repo: &Repo, recipe: &Recipe, message: String) -> ConfigError {
@@ -289,33 +335,82 @@ fn validate(repo: &Repo, source: &Source, name: &str, raw: RecipeToml) -> Result
     }
 
     let instance = raw.instance.map(|i| validate_instance(source, i)).transpose()?;
-    let aws = raw
-        .aws
-        .map(|aws| {
-            if let (Some(_), Some(ami)) = (&aws.base, &aws.base_ami) {
-                let at = ami.span();
-                return Err(source.error(at, "aws.base-ami", "set either `base` or `base-ami`, not both"));
-            }
-            if let Some(ami) = &aws.base_ami {
-                if !ami.get_ref().starts_with("ami-") {
-                    return Err(source.error(
-                        ami.span(),
-                        "aws.base-ami",
-                        format!("`{}` is not an AMI id (ami-…)", ami.get_ref()),
-                    ));
-                }
-            }
-            Ok(AwsRecipe {
-                base: aws.base,
-                base_ami: aws.base_ami.map(Spanned::into_inner),
-                instance_type: aws.instance_type,
-                volume_size_gib: aws.volume_size_gib,
-                instance_profile: aws.instance_profile,
-            })
-        })
-        .transpose()?;
+    let aws = raw.aws.map(|aws| validate_aws(source, parent.as_deref(), aws)).transpose()?;
 
     Ok(Recipe { name: name.to_string(), file, description: raw.description, parent, provision, instance, aws })
+}
+
+/// EBS allows volumes of 1 GiB to 16 TiB.
+const VOLUME_SIZE_GIB: std::ops::RangeInclusive<u32> = 1..=16384;
+
+fn validate_aws(source: &Source, parent: Option<&str>, raw: AwsRecipeToml) -> Result<AwsRecipe, ConfigError> {
+    // A child bakes on its parent's image, so a base of its own would be ignored or, worse, win silently.
+    if let Some(parent) = parent {
+        let own_base = raw.base.as_ref().map(|b| ("aws.base", b.span()));
+        if let Some((field, span)) = own_base.or(raw.base_ami.as_ref().map(|a| ("aws.base-ami", a.span()))) {
+            return Err(source.error(
+                span,
+                field,
+                format!(
+                    "a recipe with a parent builds on its parent's image; set the base in the root recipe, not here \
+                     (parent = \"{parent}\")"
+                ),
+            ));
+        }
+    }
+    if let (Some(_), Some(ami)) = (&raw.base, &raw.base_ami) {
+        return Err(source.error(ami.span(), "aws.base-ami", "set either `base` or `base-ami`, not both"));
+    }
+    if let Some(ami) = &raw.base_ami {
+        aws_shape::resource_id(ami.get_ref(), "ami", "an AMI id")
+            .map_err(|m| source.error(ami.span(), "aws.base-ami", m))?;
+    }
+    let base = match raw.base {
+        Some(base) => {
+            let base = base.into_inner();
+            aws_shape::image_owner(base.owner.get_ref())
+                .map_err(|m| source.error(base.owner.span(), "aws.base.owner", m))?;
+            if base.name.get_ref().trim().is_empty() {
+                return Err(source.error(
+                    base.name.span(),
+                    "aws.base.name",
+                    "the name filter is empty; write the AMI name, with `*` for the changing part, like \
+                     \"debian-12-amd64-*\"",
+                ));
+            }
+            Some(AwsBase { owner: base.owner.into_inner(), name: base.name.into_inner() })
+        }
+        None => None,
+    };
+    if let Some(instance_type) = &raw.instance_type {
+        aws_shape::instance_type(instance_type.get_ref())
+            .map_err(|m| source.error(instance_type.span(), "aws.instance-type", m))?;
+    }
+    if let Some(size) = &raw.volume_size_gib {
+        if !VOLUME_SIZE_GIB.contains(size.get_ref()) {
+            return Err(source.error(
+                size.span(),
+                "aws.volume-size-gib",
+                format!("{} GiB is outside what EBS allows, 1 to 16384", size.get_ref()),
+            ));
+        }
+    }
+    if let Some(profile) = &raw.instance_profile {
+        if profile.get_ref().trim().is_empty() {
+            return Err(source.error(
+                profile.span(),
+                "aws.instance-profile",
+                "the instance profile is empty; name one that lets SSM reach the builder",
+            ));
+        }
+    }
+    Ok(AwsRecipe {
+        base,
+        base_ami: raw.base_ami.map(Spanned::into_inner),
+        instance_type: raw.instance_type.map(Spanned::into_inner),
+        volume_size_gib: raw.volume_size_gib.map(Spanned::into_inner),
+        instance_profile: raw.instance_profile.map(Spanned::into_inner),
+    })
 }
 
 fn validate_instance(source: &Source, raw: InstanceToml) -> Result<Instance, ConfigError> {
@@ -410,6 +505,14 @@ mod tests {
         assert_eq!(image_path("/").unwrap(), "/");
         assert!(image_path("opt/hello").is_err());
         assert!(image_path("/opt/../etc").is_err());
+    }
+
+    #[test]
+    fn finds_table_headers() {
+        let text = "a = 1\n[instance]\nx = 1\n  [aws]\n";
+        assert_eq!(find_table_span(text, "aws"), Some(25..30));
+        assert_eq!(find_table_span(text, "instance"), Some(6..16));
+        assert_eq!(find_table_span("[[aws]]\n", "aws"), None);
     }
 
     #[test]

@@ -16,7 +16,8 @@ use crate::digest::{canonical_json, Digest, StreamHasher};
 use crate::git::Tracked;
 
 /// Bump when the key's inputs or encoding change: old keys then miss the cache instead of matching wrongly.
-pub const KEY_FORMAT: u32 = 1;
+/// 2: the recipe's `[aws]` section left the recipe encoding; the AWS provider hashes it in its build settings.
+pub const KEY_FORMAT: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -384,6 +385,55 @@ fn check_kind(path: &Path, meta: &fs::Metadata) -> Result<(), KeyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::recipe::{AwsBase, AwsRecipe};
+    use crate::config::RepoPath;
+
+    fn local_key(recipe: &Recipe) -> Digest {
+        let files = BTreeMap::from([(
+            "images/files/a".to_string(),
+            FileInput::File { sha256: Digest::of(b"a"), executable: false },
+        )]);
+        KeyInputs {
+            kiln_key_format: KEY_FORMAT,
+            recipe_name: &recipe.name,
+            recipe,
+            parent_digest: None,
+            provider: "local",
+            provider_settings: serde_json::json!({ "os": "linux" }),
+            files: &files,
+        }
+        .digest()
+    }
+
+    #[test]
+    fn an_aws_section_leaves_the_local_key_alone() {
+        let plain = Recipe {
+            name: "base".into(),
+            file: RepoPath { relative: "images/base.toml".into(), absolute: "/repo/images/base.toml".into() },
+            description: None,
+            parent: None,
+            provision: vec![Provision::Shell { command: "true".into(), timeout_secs: 600 }],
+            instance: None,
+            aws: None,
+        };
+        let with_aws = Recipe {
+            aws: Some(AwsRecipe {
+                base: Some(AwsBase { owner: "136693071363".into(), name: "debian-12-amd64-*".into() }),
+                base_ami: None,
+                instance_type: Some("t3.small".into()),
+                volume_size_gib: Some(8),
+                instance_profile: Some("kiln-builder".into()),
+            }),
+            ..plain.clone()
+        };
+        assert_eq!(local_key(&plain), local_key(&with_aws));
+        // The comparison can fail: a change the key does cover moves it.
+        let other_step = Recipe {
+            provision: vec![Provision::Shell { command: "false".into(), timeout_secs: 600 }],
+            ..plain.clone()
+        };
+        assert_ne!(local_key(&plain), local_key(&other_step));
+    }
 
     #[test]
     fn the_stat_cache_skips_unchanged_files_and_notices_changes() {

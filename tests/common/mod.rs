@@ -25,9 +25,23 @@ pub fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// The example pipelines that [`Repo::example`] leaves out: AWS pipelines need an AWS endpoint, and with them
+/// `pipelines/` would hold more than one pipeline, so every `kiln` call would need `--pipeline`.
+pub const AWS_EXAMPLE_PIPELINES: &[&str] = &["hello-aws.toml"];
+
 impl Repo {
-    /// A temp dir holding a copy of this repository's `images/` and `pipelines/`.
+    /// A temp dir holding a copy of this repository's `images/` and `pipelines/`, without the AWS example
+    /// pipelines: `pipelines/hello.toml` is the only pipeline, so `kiln` finds it without `--pipeline`.
     pub fn example() -> Repo {
+        let repo = Repo::example_with_every_pipeline();
+        for name in AWS_EXAMPLE_PIPELINES {
+            std::fs::remove_file(repo.file(&format!("pipelines/{name}"))).unwrap();
+        }
+        repo
+    }
+
+    /// A temp dir holding a copy of this repository's `images/` and `pipelines/` as they are.
+    pub fn example_with_every_pipeline() -> Repo {
         let dir = tempfile::tempdir().unwrap();
         let src = Path::new(env!("CARGO_MANIFEST_DIR"));
         for sub in ["images", "pipelines"] {
