@@ -69,3 +69,30 @@ fn hidden_subcommands_are_not_offered() {
         );
     }
 }
+
+/// `kiln status --json | head -1`: the reader leaves before kiln has written everything. That is no failure of
+/// kiln's (it panicked with "failed printing to stdout" once), so it exits 0 and says nothing.
+#[test]
+fn a_reader_that_goes_away_early_is_not_an_error() {
+    let repo = Repo::example();
+    let cases: [&[&str]; 3] = [
+        &["--pipeline", "hello", "status", "--json"],
+        &["--pipeline", "hello", "log"],
+        &["--pipeline", "nope", "status", "--json"],
+    ];
+    for args in cases {
+        let mut child = repo
+            .kiln()
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        let expected = if args.contains(&"nope") { 2 } else { 0 };
+        assert_eq!(out.status.code(), Some(expected), "{args:?}: {stderr}");
+    }
+}

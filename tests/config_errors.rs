@@ -340,32 +340,32 @@ const AWS_RECIPE_AND_LOCAL_EDITS: &[(&str, &str, &str, &str)] = &[
     ),
     (
         B,
-        "base = { owner = \"136693071363\", name = \"debian-12-amd64-*\" }",
+        "base = { owner = \"amazon\", name = \"al2023-ami-2023.*-kernel-6.12-x86_64\" }",
         "base-ami = \"ami-123\"",
         "images/base.toml:12:12: aws.base-ami: `ami-123` is not an AMI id (ami- and 8 or 17 hex digits)",
     ),
     (
         B,
-        "base = { owner = \"136693071363\", name = \"debian-12-amd64-*\" }",
+        "base = { owner = \"amazon\", name = \"al2023-ami-2023.*-kernel-6.12-x86_64\" }",
         "base-ami = \"img-0123abcd\"",
         "aws.base-ami: `img-0123abcd` is not an AMI id",
     ),
     (
         B,
-        "owner = \"136693071363\"",
+        "owner = \"amazon\"",
         "owner = \"debian\"",
         "images/base.toml:12:18: aws.base.owner: `debian` is not an image owner: write a 12-digit account id, \
          \"amazon\", \"self\" or \"aws-marketplace\"",
     ),
-    (B, "owner = \"136693071363\"", "owner = \"13669307136\"", "aws.base.owner: `13669307136` is not an image owner"),
+    (B, "owner = \"amazon\"", "owner = \"13669307136\"", "aws.base.owner: `13669307136` is not an image owner"),
     (
         B,
-        "name = \"debian-12-amd64-*\"",
+        "name = \"al2023-ami-2023.*-kernel-6.12-x86_64\"",
         "name = \" \"",
-        "images/base.toml:12:41: aws.base.name: the name filter is empty",
+        "images/base.toml:12:35: aws.base.name: the name filter is empty",
     ),
-    (B, "name = \"debian-12-amd64-*\"", "nme = \"debian-12-amd64-*\"", "aws.base.nme: unknown field `nme`"),
-    (B, ", name = \"debian-12-amd64-*\"", "", "images/base.toml:12:8: aws.base: missing field `name`"),
+    (B, "name = \"al2023-ami-2023.*-kernel-6.12-x86_64\"", "nme = \"x\"", "aws.base.nme: unknown field `nme`"),
+    (B, ", name = \"al2023-ami-2023.*-kernel-6.12-x86_64\"", "", "images/base.toml:12:8: aws.base: missing field `name`"),
     // the builder
     (
         B,
@@ -434,7 +434,7 @@ const AWS_PIPELINE_EDITS: &[(&str, &str, &str, &str)] = &[
     // the root recipe of an AWS pipeline starts from an AMI
     (
         B,
-        "base = { owner = \"136693071363\", name = \"debian-12-amd64-*\" }\n",
+        "base = { owner = \"amazon\", name = \"al2023-ami-2023.*-kernel-6.12-x86_64\" }\n",
         "",
         "images/base.toml:9:1: aws.base: pipeline `hello-aws` bakes `base` on AWS, and a recipe without `parent` \
          starts from an AMI: set `base = { owner = \"…\", name = \"…\" }` or `base-ami = \"ami-…\"` in its [aws] table",

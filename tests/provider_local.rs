@@ -36,7 +36,7 @@ fn a_baked_event_records_the_instance_section_its_instances_start_with() {
 }
 
 #[test]
-fn a_pipeline_on_a_provider_not_built_yet_is_refused_by_the_factory() {
+fn the_factory_gives_an_aws_pipeline_the_aws_provider_and_leaves_the_local_one_alone() {
     let repo = tiny_repo(common::free_port());
     repo.write(
         "images/base.toml",
@@ -47,8 +47,19 @@ fn a_pipeline_on_a_provider_not_built_yet_is_refused_by_the_factory() {
         "image = \"app\"\nprovider = \"aws\"\n\n[aws]\nregion = \"eu-west-1\"\nartifact-bucket = \"acme-kiln-artifacts\"\n\n[[stage]]\nname = \"dev\"\n\
          deploy = { subnets = [\"subnet-1\"] }\n",
     );
-    let refused = repo.run(&["--pipeline", "cloud", "bake"]).expect(1);
-    assert!(refused.stderr.contains("the aws provider is not implemented yet"), "{}", refused.stderr);
+    // The AWS provider, reaching for an endpoint where nothing listens: its error, not the local provider's.
+    let closed = format!("http://127.0.0.1:{}", common::free_port());
+    let out = repo
+        .kiln()
+        .args(["--pipeline", "cloud", "bake"])
+        .env("AWS_ENDPOINT_URL", &closed)
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .output()
+        .unwrap();
+    let refused = common::Run::of(out, &["--pipeline", "cloud", "bake"]).expect(1);
+    assert!(refused.stderr.contains("cannot reach AWS for ec2:DescribeImages in eu-west-1"), "{}", refused.stderr);
     // The local pipeline beside it is unaffected.
     repo.run(&["--pipeline", "app", "bake"]).ok();
 }

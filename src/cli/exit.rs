@@ -127,7 +127,7 @@ pub fn report_usage(err: clap::Error, json: bool) -> Exit {
             "hint": "run `kiln --help` or `kiln <command> --help`",
             "details": serde_json::Value::Null,
         });
-        println!("{doc:#}");
+        super::output::print_stdout(&format!("{doc:#}\n"));
     }
     Exit::Invalid
 }
@@ -154,7 +154,7 @@ pub fn report(err: &Error, json: bool) -> Exit {
             "hint": hint,
             "details": err.json_details(),
         });
-        println!("{doc:#}");
+        super::output::print_stdout(&format!("{doc:#}\n"));
     }
     exit
 }

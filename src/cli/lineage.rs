@@ -29,7 +29,7 @@ pub fn run(ctx: &Ctx, args: LineageArgs) -> Result<(), kiln::Error> {
     if ctx.out.json || args.format == LineageFormat::Json {
         let text = serde_json::to_string_pretty(&found)
             .map_err(|source| kiln::Error::Encode { what: "the lineage", source })?;
-        println!("{text}");
+        super::output::print_stdout(&format!("{text}\n"));
         return Ok(());
     }
     let rendered = match args.format {
@@ -37,7 +37,7 @@ pub fn run(ctx: &Ctx, args: LineageArgs) -> Result<(), kiln::Error> {
         LineageFormat::Dot => dot(&found),
         LineageFormat::Mermaid => mermaid(&found),
     };
-    print!("{rendered}");
+    super::output::print_stdout(&rendered);
     Ok(())
 }
 

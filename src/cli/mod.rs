@@ -125,6 +125,9 @@ impl Ctx {
         };
         let repo = Repo::discover(&start).map_err(Error::io(start))?;
         let clock = pinned_clock()?;
+        // AWS faults in KILN_INJECT (tests) are parsed when the first AWS client is made; a bad one is a usage
+        // error however deep that happens, so it is checked here, first.
+        kiln::provider::aws::faults::http_client_from_env().map_err(Error::usage)?;
         Ok(Ctx {
             out: Output { json: global.json },
             global,

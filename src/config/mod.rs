@@ -477,7 +477,7 @@ mod tests {
         }
 
         let base = recipe::load(&repo, "base").unwrap().aws.expect("base.toml has [aws]");
-        assert_eq!(base.base.map(|b| b.owner).as_deref(), Some("136693071363"));
+        assert_eq!(base.base.map(|b| b.owner).as_deref(), Some("amazon"));
         let hello = recipe::load(&repo, "hello").unwrap().aws.expect("hello.toml has [aws]");
         assert_eq!(hello.instance_profile.as_deref(), Some("kiln-builder"));
         let aws = pipeline::load(&repo, "hello-aws").unwrap();

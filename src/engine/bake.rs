@@ -251,10 +251,7 @@ pub fn bake(ctx: &Context, options: &BakeOptions) -> Result<BakeReport, Error> {
                     echo_output: ctx.echo,
                     progress: ctx.progress,
                 };
-                let image = ctx
-                    .images
-                    .bake(&job)
-                    .map_err(|err| interruption(&recipe.name).err().unwrap_or(Error::from(err)))?;
+                let image = ctx.images.bake(&job).map_err(|err| interrupted_bake(&recipe.name, err))?;
                 interruption(&recipe.name)?;
                 let seq = record(
                     ctx,
@@ -333,6 +330,17 @@ pub fn instance_of(ctx: &Context, image: &ImageRef) -> Result<Option<Instance>, 
         return Ok(Some(recorded));
     }
     Ok(ctx.images.instance_of(image)?)
+}
+
+/// A failed provider bake, as the interruption it was when Ctrl-C caused it: with the provider's own account of
+/// what it undid when it gives one (AWS: the builder it terminated), else the local provider's.
+fn interrupted_bake(recipe: &str, err: crate::provider::ProviderError) -> Error {
+    match err {
+        crate::provider::ProviderError::Interrupted { aftermath } => {
+            Error::Interrupted { during: format!("the bake of recipe `{recipe}`"), aftermath }
+        }
+        err => interruption(recipe).err().unwrap_or(Error::from(err)),
+    }
 }
 
 /// Fails once SIGINT or SIGTERM has arrived (when the CLI catches them), so the bake unwinds and cleans up.

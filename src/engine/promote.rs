@@ -459,11 +459,11 @@ mod tests {
                 "deploy = {{ subnets = [\"subnet-1\"], regions = [\"us-east-1\", \"eu-west-1\"], accounts = [\"{ACCOUNT}\"] }}"
             );
             for (rel, text) in [
-                ("images/app.toml", "description = \"app\"\n".to_string()),
+                ("images/app.toml", "description = \"app\"\n[aws]\nbase-ami = \"ami-0123456789abcdef0\"\n".to_string()),
                 (
                     "pipelines/app.toml",
                     format!(
-                        "image = \"app\"\nprovider = \"aws\"\n[aws]\nregion = \"us-east-1\"\n[[stage]]\nname = \"dev\"\n\
+                        "image = \"app\"\nprovider = \"aws\"\n[aws]\nregion = \"us-east-1\"\nartifact-bucket = \"kiln-artifacts\"\n[[stage]]\nname = \"dev\"\n\
                          {deploy_dev}\n[[stage]]\nname = \"prod\"\ndeploy = {{ subnets = [\"subnet-1\"] }}\n"
                     ),
                 ),
