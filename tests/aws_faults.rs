@@ -8,37 +8,8 @@ mod moto;
 use std::time::{Duration, Instant};
 
 use common::{Repo, Run};
+use moto::app::aws_repo;
 use moto::Moto;
-
-const BUCKET: &str = "kiln-artifacts";
-
-/// A one-recipe AWS repository on a base this account owns, with a copy, a script and a shell step.
-fn aws_repo(moto: &Moto) -> Repo {
-    moto.boto3(&format!(
-        "s3.create_bucket(Bucket='{BUCKET}')\n\
-         iam.create_instance_profile(InstanceProfileName='kiln-builder')\n\
-         i = ec2.run_instances(ImageId='ami-04681a1dbd79675a5', MinCount=1, MaxCount=1)['Instances'][0]['InstanceId']\n\
-         ec2.create_image(InstanceId=i, Name='kiln-test-base-1')\n\
-         ec2.terminate_instances(InstanceIds=[i])"
-    ));
-    let repo = Repo::empty();
-    repo.write(
-        "images/app.toml",
-        "[[provision]]\ncopy = \"files/app\"\nto = \"/opt/app\"\n\n[[provision]]\nrun = \"scripts/setup.sh\"\n\n\
-         [[provision]]\nshell = \"echo ready > /var/lib/app-state\"\n\n\
-         [aws]\nbase = { owner = \"self\", name = \"kiln-test-base-*\" }\ninstance-profile = \"kiln-builder\"\n",
-    );
-    repo.write("images/files/app/config.txt", "mode=fast\n");
-    repo.write("images/scripts/setup.sh", "#!/bin/sh\nset -e\nmkdir -p /opt/app/bin\n");
-    repo.write(
-        "pipelines/app.toml",
-        &format!(
-            "image = \"app\"\nprovider = \"aws\"\n\n[aws]\nregion = \"us-east-1\"\nartifact-bucket = \"{BUCKET}\"\n\n\
-             [[stage]]\nname = \"dev\"\ndeploy = {{ subnets = [\"subnet-00000001\"] }}\n"
-        ),
-    );
-    repo
-}
 
 fn bake_with(moto: &Moto, repo: &Repo, inject: &str) -> Run {
     Run::of(moto.kiln(repo).env("KILN_INJECT", inject).args(["bake"]).output().unwrap(), &["bake", inject])
@@ -46,11 +17,7 @@ fn bake_with(moto: &Moto, repo: &Repo, inject: &str) -> Run {
 
 /// (instance id, state) of every builder.
 fn builders(moto: &Moto) -> Vec<(String, String)> {
-    let out = moto.boto3(
-        "print(json.dumps([[i['InstanceId'], i['State']['Name']] for r in ec2.describe_instances(Filters=[{'Name': \
-         'tag:kiln:role', 'Values': ['builder']}])['Reservations'] for i in r['Instances']]))",
-    );
-    serde_json::from_str(&out).unwrap()
+    moto::app::builders(moto).into_iter().map(|(id, state, _, _)| (id, state)).collect()
 }
 
 fn kiln_images(moto: &Moto) -> usize {

@@ -3,6 +3,8 @@
 //! calls that share no code with kiln.
 #![allow(dead_code)] // each test binary uses part of the harness
 
+pub mod app;
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
