@@ -1,5 +1,5 @@
 //! The AWS provider: AMIs baked through EC2 and SSM Run Command, distributed by CopyImage and launch permissions,
-//! and the S3 ledger store. The only module that names `aws_sdk_*` and `aws_config` types. The engine is
+//! deployed as Auto Scaling groups behind a target group, and the S3 ledger store. The only module that names `aws_sdk_*` and `aws_config` types. The engine is
 //! synchronous: the provider owns a current-thread tokio runtime and blocks on each call at the trait boundary.
 
 pub mod ami;
