@@ -2,6 +2,7 @@
 
 mod approve;
 mod bake;
+mod completions;
 mod deploy;
 mod down;
 pub mod exit;
@@ -9,6 +10,7 @@ mod gc;
 mod images;
 mod lineage;
 mod log;
+mod man;
 pub mod output;
 mod progress;
 mod promote;
@@ -102,6 +104,10 @@ enum Command {
     Down(down::DownArgs),
     /// List baked images
     Images(images::ImagesArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
+    Completions(completions::CompletionsArgs),
+    /// Print the manual page (roff), or write one page per subcommand with --out
+    Man(man::ManArgs),
     /// Internal: the stage endpoint proxy that `kiln deploy` starts, detached
     #[command(hide = true)]
     ProxyServe(proxy_serve::ProxyServeArgs),
@@ -283,6 +289,8 @@ pub fn main() -> std::process::ExitCode {
         Command::Gc(args) => gc::run(&ctx, args),
         Command::Down(args) => down::run(&ctx, args),
         Command::Images(args) => images::run(&ctx, args),
+        Command::Completions(args) => completions::run(&ctx, args),
+        Command::Man(args) => man::run(&ctx, args),
         Command::ProxyServe(args) => proxy_serve::run(&ctx, args),
     });
     match result {
