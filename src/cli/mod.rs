@@ -11,6 +11,7 @@ mod images;
 mod lineage;
 mod log;
 mod man;
+mod metrics;
 pub mod output;
 mod progress;
 mod promote;
@@ -108,6 +109,8 @@ enum Command {
     Completions(completions::CompletionsArgs),
     /// Print the manual page (roff), or write one page per subcommand with --out
     Man(man::ManArgs),
+    /// The four DORA keys from the ledger: deployment frequency, lead time, change-failure rate, time to restore
+    Metrics(metrics::MetricsArgs),
     /// Internal: the stage endpoint proxy that `kiln deploy` starts, detached
     #[command(hide = true)]
     ProxyServe(proxy_serve::ProxyServeArgs),
@@ -291,6 +294,7 @@ pub fn main() -> std::process::ExitCode {
         Command::Images(args) => images::run(&ctx, args),
         Command::Completions(args) => completions::run(&ctx, args),
         Command::Man(args) => man::run(&ctx, args),
+        Command::Metrics(args) => metrics::run(&ctx, args),
         Command::ProxyServe(args) => proxy_serve::run(&ctx, args),
     });
     match result {

@@ -8,6 +8,7 @@ pub mod drift;
 pub mod gate;
 pub mod gc;
 pub mod lineage;
+pub mod metrics;
 pub mod promote;
 pub mod recipe_key;
 #[cfg(test)]
