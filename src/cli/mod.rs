@@ -12,6 +12,7 @@ mod lineage;
 mod log;
 mod man;
 mod metrics;
+mod outdated;
 pub mod output;
 mod progress;
 mod promote;
@@ -111,6 +112,8 @@ enum Command {
     Man(man::ManArgs),
     /// The four DORA keys from the ledger: deployment frequency, lead time, change-failure rate, time to restore
     Metrics(metrics::MetricsArgs),
+    /// Stage images built on a base that a newer bake of the same base recipe has superseded
+    Outdated(outdated::OutdatedArgs),
     /// Internal: the stage endpoint proxy that `kiln deploy` starts, detached
     #[command(hide = true)]
     ProxyServe(proxy_serve::ProxyServeArgs),
@@ -295,6 +298,7 @@ pub fn main() -> std::process::ExitCode {
         Command::Completions(args) => completions::run(&ctx, args),
         Command::Man(args) => man::run(&ctx, args),
         Command::Metrics(args) => metrics::run(&ctx, args),
+        Command::Outdated(args) => outdated::run(&ctx, args),
         Command::ProxyServe(args) => proxy_serve::run(&ctx, args),
     });
     match result {
