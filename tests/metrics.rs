@@ -2,11 +2,15 @@
 
 mod common;
 
-use common::{dev_only, Down, Repo};
+use common::{dev_only, git, Down, Repo};
 
 /// Runs kiln with its clock pinned `hours` after a fixed start, so the durations below are exact.
 fn at(repo: &Repo, hours: u64, args: &[&str]) -> common::Run {
-    let now = format!("2026-03-01T{hours:02}:00:00Z");
+    on_day(repo, "2026-03-01", hours, args)
+}
+
+fn on_day(repo: &Repo, day: &str, hours: u64, args: &[&str]) -> common::Run {
+    let now = format!("{day}T{hours:02}:00:00Z");
     common::Run::of(repo.kiln().args(args).env("KILN_NOW", now).output().unwrap(), args)
 }
 
@@ -63,6 +67,26 @@ fn metrics_count_deployments_a_rollback_and_lead_time_on_the_last_stage() {
     // A window that opens after both deployments counts neither.
     let later = at(&repo, 5, &["metrics", "--since", "30m", "--json"]).ok().json();
     assert_eq!(later["stages"][0]["deployments"], 0, "{later}");
+}
+
+#[test]
+fn lead_time_from_the_commit_asks_git_when_the_commit_was_made() {
+    let (repo, _port) = dev_only(1);
+    let _down = Down { repo: &repo, stages: vec!["dev"], pipeline: None };
+    repo.write(".gitignore", ".kiln/\n");
+    // common::git commits at 2026-01-01T00:00:00Z.
+    git(repo.path(), &["init", "-q", "-b", "main"]);
+    git(repo.path(), &["add", "."]);
+    git(repo.path(), &["commit", "-q", "-m", "hello"]);
+    let baked = on_day(&repo, "2026-01-01", 2, &["bake", "--json"]).ok().json();
+    assert!(baked["commit"].is_string(), "{baked}");
+    on_day(&repo, "2026-01-01", 3, &["promote", "--stage", "dev"]).ok();
+    let doc = on_day(&repo, "2026-01-01", 4, &["metrics", "--json"]).ok().json();
+    let lead = &doc["lead_time"];
+    assert_eq!(lead["bake_to_prod"], serde_json::json!({"count": 1, "median_secs": 3600, "p90_secs": 3600}));
+    assert_eq!(lead["commit_to_prod"], serde_json::json!({"count": 1, "median_secs": 10800, "p90_secs": 10800}));
+    let text = on_day(&repo, "2026-01-01", 4, &["metrics"]).ok().stdout;
+    assert!(text.contains("commit → dev  median 3h, p90 3h (of 1)"), "{text}");
 }
 
 #[test]
