@@ -105,7 +105,9 @@ fn events_for(
             continue;
         }
         let stage = match &event.body {
+            // Steps too: a verification window that failed just after the window opened began before it.
             EventBody::DeployStarted { pipeline: p, stage, .. }
+            | EventBody::DeployStep { pipeline: p, stage, .. }
             | EventBody::DeployFinished { pipeline: p, stage, .. }
                 if p == pipeline =>
             {
