@@ -5,10 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use aws_sdk_ec2::types::{
-    CreateVolumePermission, CreateVolumePermissionModifications, ImageAttributeName, LaunchPermission,
-    LaunchPermissionModifications,
-};
+use aws_sdk_ec2::types::{ImageAttributeName, LaunchPermission, LaunchPermissionModifications};
 
 use super::ami::{self, TAG_DIGEST};
 use super::{sdk, AwsProvider};
@@ -170,15 +167,15 @@ fn share(provider: &AwsProvider, copy: &ImageCopy, account: &str) -> Result<(), 
         .block_on(ec2.modify_image_attribute().image_id(&copy.id).launch_permission(permission).send())
         .map_err(|e| sdk::error("ec2:ModifyImageAttribute", region, &e))?;
     for snapshot in &copy.snapshots {
-        let volumes = CreateVolumePermissionModifications::builder()
-            .add(CreateVolumePermission::builder().user_id(account).build())
-            .build();
+        // `OperationType=add` with `UserId.N` rather than `CreateVolumePermission.Add`: EC2 takes both, and moto
+        // ignores the latter, so only this form lets the tests see the share.
         provider
             .block_on(
                 ec2.modify_snapshot_attribute()
                     .snapshot_id(snapshot)
                     .attribute(aws_sdk_ec2::types::SnapshotAttributeName::CreateVolumePermission)
-                    .create_volume_permission(volumes)
+                    .operation_type(aws_sdk_ec2::types::OperationType::Add)
+                    .user_ids(account)
                     .send(),
             )
             .map_err(|e| sdk::error("ec2:ModifySnapshotAttribute", region, &e))?;

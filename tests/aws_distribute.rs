@@ -1,0 +1,159 @@
+//! Distribution, the content gate and gc on AWS against moto with the real binary: promotion copies an image to
+//! the stage's other regions and shares it with its accounts (never publicly), re-checks every copy before relying
+//! on it, and gc deletes only what nothing needs. What kiln made is checked with boto3, never through kiln's code.
+
+mod common;
+mod moto;
+
+use common::Repo;
+use moto::app::{aws_repo, bake, run, tag};
+use moto::Moto;
+
+const OTHER_ACCOUNT: &str = "111122223333";
+const OTHER_REGION: &str = "eu-west-1";
+
+/// The test application with one stage, prod, in `deploy`'s regions and accounts. Prod is the first stage so that
+/// it has no upstream gate: passing one needs a healthy deployment in dev, and these tests deploy nothing.
+fn prod_only_repo(moto: &Moto, deploy: &str) -> Repo {
+    let repo = aws_repo(moto);
+    let pipeline = std::fs::read_to_string(repo.file("pipelines/app.toml")).unwrap();
+    let (settings, _) = pipeline.split_once("[[stage]]").unwrap();
+    repo.write(
+        "pipelines/app.toml",
+        &format!("{settings}[[stage]]\nname = \"prod\"\ndeploy = {{ subnets = [\"subnet-00000001\"]{deploy} }}\n"),
+    );
+    repo
+}
+
+fn distributed_repo(moto: &Moto) -> Repo {
+    prod_only_repo(moto, &format!(r#", regions = ["us-east-1", "{OTHER_REGION}"], accounts = ["{OTHER_ACCOUNT}"]"#))
+}
+
+fn events(moto: &Moto, repo: &Repo) -> Vec<serde_json::Value> {
+    let log = run(moto, repo, &["log", "--json"]).ok().json();
+    let events = log.as_array().or(log["events"].as_array()).unwrap_or_else(|| panic!("no events in {log}"));
+    events.clone()
+}
+
+fn kinds(events: &[serde_json::Value]) -> Vec<String> {
+    events.iter().map(|e| e["kind"].as_str().unwrap_or_default().to_string()).collect()
+}
+
+fn count_kind(events: &[serde_json::Value], kind: &str) -> usize {
+    kinds(events).iter().filter(|k| *k == kind).count()
+}
+
+/// The AMIs this account owns in `region` carrying `digest`, as boto3 sees them.
+fn amis_with_digest(moto: &Moto, region: &str, digest: &str) -> Vec<serde_json::Value> {
+    let out = moto.boto3(&format!(
+        "print(json.dumps(client('ec2', '{region}').describe_images(Owners=['self'], \
+         Filters=[{{'Name': 'tag:kiln:digest', 'Values': ['{digest}']}}])['Images']))"
+    ));
+    serde_json::from_str::<serde_json::Value>(&out).unwrap().as_array().unwrap().clone()
+}
+
+fn kiln_tags(image: &serde_json::Value) -> Vec<(String, String)> {
+    let mut tags: Vec<(String, String)> = image["Tags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["Key"].as_str().unwrap().to_string(), t["Value"].as_str().unwrap().to_string()))
+        .filter(|(k, _)| k.starts_with("kiln:"))
+        .collect();
+    tags.sort();
+    tags
+}
+
+fn snapshot_of(image: &serde_json::Value) -> String {
+    image["BlockDeviceMappings"][0]["Ebs"]["SnapshotId"].as_str().unwrap().to_string()
+}
+
+/// The launch permissions of an AMI: (UserId or Group) entries.
+fn launch_permissions(moto: &Moto, region: &str, ami: &str) -> serde_json::Value {
+    let out = moto.boto3(&format!(
+        "print(json.dumps(client('ec2', '{region}').describe_image_attribute(ImageId='{ami}', \
+         Attribute='launchPermission')['LaunchPermissions']))"
+    ));
+    serde_json::from_str(&out).unwrap()
+}
+
+fn lists_only_the_account(permissions: &serde_json::Value) -> bool {
+    let entries = permissions.as_array().unwrap();
+    entries.iter().any(|p| p["UserId"] == OTHER_ACCOUNT) && !entries.iter().any(|p| p.get("Group").is_some())
+}
+
+/// Bakes, then promotes to prod with its second region and account; returns the digest, the home AMI
+/// and the copy in the other region.
+fn distributed_to_prod(moto: &Moto, repo: &Repo) -> (String, String, String) {
+    let digest = bake(moto, repo, &[])["digest"].as_str().unwrap().to_string();
+    let home = amis_with_digest(moto, "us-east-1", &digest);
+    assert_eq!(home.len(), 1, "{home:?}");
+    moto.start_recording();
+    run(moto, repo, &["promote", "--stage", "prod", "--no-deploy"]).ok();
+    let ops = moto.stop_recording();
+    eprintln!("B6 promote to prod with a copy and a share: {} calls: {}", ops.len(), ops.join(", "));
+    assert_eq!(ops.iter().filter(|op| *op == "ec2:CopyImage").count(), 1, "{ops:?}");
+    // Two regions, one account, one snapshot each: find-or-copy, tag, share, re-check, two pointers, protect.
+    assert!(ops.len() <= 16, "{ops:?}");
+    let copies = amis_with_digest(moto, OTHER_REGION, &digest);
+    assert_eq!(copies.len(), 1, "one copy in {OTHER_REGION}: {copies:?}");
+    (digest, home[0]["ImageId"].as_str().unwrap().to_string(), copies[0]["ImageId"].as_str().unwrap().to_string())
+}
+
+#[test]
+fn promotion_copies_to_the_stages_regions_shares_with_its_accounts_and_records_it_once() {
+    let moto = Moto::start();
+    let repo = distributed_repo(&moto);
+    let (digest, home_ami, copy_ami) = distributed_to_prod(&moto, &repo);
+
+    // The copy carries the source's kiln tags, digest included, and so does its snapshot.
+    let home = &amis_with_digest(&moto, "us-east-1", &digest)[0];
+    let copy = &amis_with_digest(&moto, OTHER_REGION, &digest)[0];
+    assert_eq!(kiln_tags(copy), kiln_tags(home), "copy {copy_ami} vs source {home_ami}");
+    assert_eq!(tag(copy, "kiln:digest"), Some(digest.as_str()));
+    let copy_snapshot = snapshot_of(copy);
+    let snapshot_tags = moto.boto3(&format!(
+        "print(json.dumps(client('ec2', '{OTHER_REGION}').describe_snapshots(SnapshotIds=['{copy_snapshot}'])\
+         ['Snapshots'][0].get('Tags', [])))"
+    ));
+    assert!(snapshot_tags.contains(&digest), "the copy's snapshot carries the digest: {snapshot_tags}");
+
+    // Both AMIs are shared with the account and with no one else; so are their snapshots' volumes.
+    for (region, ami, image) in [("us-east-1", &home_ami, home), (OTHER_REGION, &copy_ami, copy)] {
+        let permissions = launch_permissions(&moto, region, ami);
+        assert!(lists_only_the_account(&permissions), "{region}/{ami}: {permissions}");
+        let snapshot = snapshot_of(image);
+        let volumes = moto.boto3(&format!(
+            "print(json.dumps(client('ec2', '{region}').describe_snapshot_attribute(SnapshotId='{snapshot}', \
+             Attribute='createVolumePermission')['CreateVolumePermissions']))"
+        ));
+        assert!(volumes.contains(OTHER_ACCOUNT), "{region}/{snapshot}: {volumes}");
+        assert!(!volumes.contains("\"all\""), "{region}/{snapshot}: {volumes}");
+    }
+
+    // The stage pointer, in each region, names that region's AMI.
+    for (region, ami) in [("us-east-1", &home_ami), (OTHER_REGION, &copy_ami)] {
+        let pointer = moto.boto3(&format!(
+            "c = client('ssm', '{region}')\n\
+             v = c.get_parameter(Name='/kiln/app/prod')['Parameter']\n\
+             d = c.describe_parameters(ParameterFilters=[{{'Key': 'Name', 'Option': 'Equals', 'Values': ['/kiln/app/prod']}}])['Parameters'][0]\n\
+             print(json.dumps([v['Value'], v.get('DataType'), d.get('Description')]))"
+        ));
+        let pointer: serde_json::Value = serde_json::from_str(&pointer).unwrap();
+        assert_eq!(pointer[0], ami.as_str(), "{region}: {pointer}");
+        assert_eq!(pointer[1], "aws:ec2:image", "{region}: {pointer}");
+        assert!(pointer[2].as_str().unwrap_or_default().contains(&digest), "{region}: {pointer}");
+    }
+
+    let before = events(&moto, &repo);
+    assert_eq!(count_kind(&before, "distributed"), 1, "{:?}", kinds(&before));
+
+    // Promoting again copies nothing and records no new distribution.
+    run(&moto, &repo, &["promote", "--stage", "prod", "--no-deploy"]).ok();
+    assert_eq!(amis_with_digest(&moto, OTHER_REGION, &digest).len(), 1);
+    let all_in_other_region =
+        moto.boto3(&format!("print(len(client('ec2', '{OTHER_REGION}').describe_images(Owners=['self'])['Images']))"));
+    assert_eq!(all_in_other_region.trim(), "1");
+    let after = events(&moto, &repo);
+    assert_eq!(count_kind(&after, "distributed"), 1, "{:?}", kinds(&after));
+}
