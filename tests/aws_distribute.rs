@@ -157,3 +157,61 @@ fn promotion_copies_to_the_stages_regions_shares_with_its_accounts_and_records_i
     let after = events(&moto, &repo);
     assert_eq!(count_kind(&after, "distributed"), 1, "{:?}", kinds(&after));
 }
+
+/// The newest event's kind and the events before it (`kiln log` lists the newest first).
+fn split_newest(events: &[serde_json::Value]) -> (&[serde_json::Value], &str) {
+    let (last, rest) = events.split_first().unwrap();
+    (rest, last["kind"].as_str().unwrap_or_default())
+}
+
+#[test]
+fn promotion_refuses_a_copy_that_was_removed_retagged_or_unshared_and_names_it_once() {
+    let moto = Moto::start();
+    let repo = distributed_repo(&moto);
+    let (digest, _, copy) = distributed_to_prod(&moto, &repo);
+    let at = format!("{OTHER_REGION}/{copy}");
+    let other = format!("sha256:{}", "0".repeat(64));
+    let ec2 = format!("c = client('ec2', '{OTHER_REGION}')\n");
+    // (what drifted, how, how to undo it, what the content gate says)
+    let cases = [
+        (
+            "unshared",
+            format!(
+                "c.modify_image_attribute(ImageId='{copy}', Attribute='launchPermission', \
+                 OperationType='remove', UserIds=['{OTHER_ACCOUNT}'])"
+            ),
+            format!(
+                "c.modify_image_attribute(ImageId='{copy}', Attribute='launchPermission', \
+                 OperationType='add', UserIds=['{OTHER_ACCOUNT}'])"
+            ),
+            format!("{at} is no longer shared with account {OTHER_ACCOUNT}"),
+        ),
+        (
+            "retagged",
+            format!("c.create_tags(Resources=['{copy}'], Tags=[{{'Key': 'kiln:digest', 'Value': '{other}'}}])"),
+            format!("c.create_tags(Resources=['{copy}'], Tags=[{{'Key': 'kiln:digest', 'Value': '{digest}'}}])"),
+            format!("{at} is tagged kiln:digest={other}, not {digest}"),
+        ),
+        (
+            "deregistered",
+            format!("c.deregister_image(ImageId='{copy}')"),
+            String::new(),
+            format!("{at} no longer exists"),
+        ),
+    ];
+    for (what, drift, undo, said) in cases {
+        let before = events(&moto, &repo);
+        moto.boto3(&format!("{ec2}{drift}"));
+        let refused = run(&moto, &repo, &["promote", "--stage", "prod", "--no-deploy"]).expect(3);
+        assert!(refused.stderr.contains(&said), "{what}: {}", refused.stderr);
+        assert_eq!(refused.stderr.matches(&at).count(), 1, "{what}: each problem is said once: {}", refused.stderr);
+        let after = events(&moto, &repo);
+        let (rest, last) = split_newest(&after);
+        assert_eq!((rest, last), (before.as_slice(), "refused"), "{what}: only a refusal is recorded");
+        assert!(amis_with_digest(&moto, OTHER_REGION, &digest).len() <= 1, "{what}: nothing is copied again");
+        if !undo.is_empty() {
+            moto.boto3(&format!("{ec2}{undo}"));
+            run(&moto, &repo, &["promote", "--stage", "prod", "--no-deploy"]).ok();
+        }
+    }
+}

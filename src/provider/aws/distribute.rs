@@ -2,7 +2,7 @@
 //! explicitly, since CopyImage drops them), launch permissions for other accounts (never `all`), and re-checking
 //! every copy before promotion relies on it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use aws_sdk_ec2::types::{ImageAttributeName, LaunchPermission, LaunchPermissionModifications};
@@ -200,9 +200,15 @@ pub fn verify(provider: &AwsProvider, image: &ImageRef) -> Result<(), ProviderEr
         ids.dedup();
         let found = provider.describe_images(region, &ids)?;
         let mut checked_shares: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        // A region's AMI and its shares with accounts are one AMI: what is wrong with it is said once.
+        let mut broken: BTreeSet<String> = BTreeSet::new();
         for copy in copies {
+            if broken.contains(&copy.id) {
+                continue;
+            }
             let image_found = found.iter().find(|i| i.image_id() == Some(copy.id.as_str()));
             if let Some(problem) = ami::copy_problem(copy, image_found, &image.digest) {
+                broken.insert(copy.id.clone());
                 problems.push(problem);
                 continue;
             }
