@@ -215,3 +215,67 @@ fn promotion_refuses_a_copy_that_was_removed_retagged_or_unshared_and_names_it_o
         }
     }
 }
+
+fn ami_of(moto: &Moto, digest: &str) -> (String, String) {
+    let images = amis_with_digest(moto, "us-east-1", digest);
+    assert_eq!(images.len(), 1, "{digest}: {images:?}");
+    (images[0]["ImageId"].as_str().unwrap().to_string(), snapshot_of(&images[0]))
+}
+
+/// Which of `amis` and `snapshots` still exist in us-east-1, as boto3 sees them.
+fn still_there(moto: &Moto, amis: &[&str], snapshots: &[&str]) -> (Vec<String>, Vec<String>) {
+    let out = moto.boto3(&format!(
+        "i = [x['ImageId'] for x in ec2.describe_images(Owners=['self'])['Images']]\n\
+         s = [x['SnapshotId'] for x in ec2.describe_snapshots(OwnerIds=['self'])['Snapshots']]\n\
+         print(json.dumps([sorted(x for x in i if x in {amis:?}), sorted(x for x in s if x in {snapshots:?})]))"
+    ));
+    serde_json::from_str(&out).unwrap()
+}
+
+#[test]
+fn gc_deletes_an_image_no_stage_needs_with_its_snapshots_and_keeps_prod_and_what_a_launch_template_uses() {
+    let moto = Moto::start();
+    let repo = prod_only_repo(&moto, "");
+    let mut digests = Vec::new();
+    for (n, mode) in ["released", "superseded", "templated", "newest"].into_iter().enumerate() {
+        repo.write("images/files/app/config.txt", &format!("mode={mode}\n"));
+        digests.push(bake(&moto, &repo, &[])["digest"].as_str().unwrap().to_string());
+        if n == 0 {
+            run(&moto, &repo, &["promote", "--stage", "prod", "--no-deploy"]).ok();
+        }
+    }
+    // What prod holds, the newest bake and what a launch template names stay; the one image in between goes.
+    let [released, superseded, templated, newest] = [0, 1, 2, 3].map(|n| ami_of(&moto, &digests[n]));
+    moto.boto3(&format!(
+        "ec2.create_launch_template(LaunchTemplateName='not-kiln', LaunchTemplateData={{'ImageId': '{}'}})",
+        templated.0
+    ));
+    let all_amis = [&released, &superseded, &templated, &newest].map(|(ami, _)| ami.as_str());
+    let all_snapshots = [&released, &superseded, &templated, &newest].map(|(_, snapshot)| snapshot.as_str());
+    let everything = still_there(&moto, &all_amis, &all_snapshots);
+    assert_eq!(everything.0.len(), 4, "{everything:?}");
+
+    let plan = run(&moto, &repo, &["gc", "--dry-run", "--json"]).ok().json();
+    let plan_text = plan.to_string();
+    assert_eq!(plan["deleted"].as_array().map(Vec::len), Some(1), "{plan}");
+    assert!(plan["deleted"].to_string().contains(&digests[1]), "{plan}");
+    assert_eq!(plan["in_use"].as_array().map(Vec::len), Some(1), "{plan}");
+    assert_eq!(plan["in_use"][0]["digest"], digests[2].as_str(), "{plan}");
+    assert!(plan["in_use"][0]["users"].to_string().contains("launch template not-kiln version 1"), "{plan}");
+    for kept in [&digests[0], &digests[3]] {
+        assert!(!plan_text.contains(kept.as_str()), "{kept} is neither deleted nor in use: {plan}");
+    }
+    assert_eq!(still_there(&moto, &all_amis, &all_snapshots), everything, "a dry run deletes nothing");
+
+    let done = run(&moto, &repo, &["gc", "--json"]).ok().json();
+    assert!(done["deleted"].to_string().contains(&digests[1]), "{done}");
+    let (amis, snapshots) = still_there(&moto, &all_amis, &all_snapshots);
+    let mut expected_amis = vec![released.0.clone(), templated.0.clone(), newest.0.clone()];
+    expected_amis.sort();
+    let mut expected_snapshots = vec![released.1.clone(), templated.1.clone(), newest.1.clone()];
+    expected_snapshots.sort();
+    assert_eq!(amis, expected_amis, "only {} is deregistered", superseded.0);
+    assert_eq!(snapshots, expected_snapshots, "only {} is deleted", superseded.1);
+    let log = events(&moto, &repo);
+    assert_eq!(split_newest(&log).1, "collected", "{:?}", kinds(&log));
+}
