@@ -148,8 +148,12 @@ fn promotion_copies_to_the_stages_regions_shares_with_its_accounts_and_records_i
     let before = events(&moto, &repo);
     assert_eq!(count_kind(&before, "distributed"), 1, "{:?}", kinds(&before));
 
-    // Promoting again copies nothing and records no new distribution.
+    // Promoting again copies nothing and records no new distribution: it only re-checks and re-publishes.
+    moto.start_recording();
     run(&moto, &repo, &["promote", "--stage", "prod", "--no-deploy"]).ok();
+    let ops = moto.stop_recording();
+    eprintln!("B6 promote to prod again, everything in place: {} calls: {}", ops.len(), ops.join(", "));
+    assert!(!ops.iter().any(|op| op.starts_with("ec2:CopyImage") || op.starts_with("ec2:Modify")), "{ops:?}");
     assert_eq!(amis_with_digest(&moto, OTHER_REGION, &digest).len(), 1);
     let all_in_other_region =
         moto.boto3(&format!("print(len(client('ec2', '{OTHER_REGION}').describe_images(Owners=['self'])['Images']))"));
