@@ -76,7 +76,11 @@ fn plans_of_promote_deploy_and_rollback_list_local_actions_and_change_nothing() 
     assert_eq!(group_files(&repo).len(), 1, "a plan starts no group");
     let human = repo.run(&["deploy", "--stage", "dev", "--plan"]).ok();
     assert!(human.stdout.contains("  1. local: read the groups of dev"), "{}", human.stdout);
-    assert!(human.stdout.ends_with("plan only: nothing was called, changed or recorded\n"), "{}", human.stdout);
+    assert!(
+        human.stdout.ends_with("plan only: no provider call made, nothing changed or recorded\n"),
+        "{}",
+        human.stdout
+    );
 
     repo.run(&["deploy", "--stage", "dev"]).ok();
     assert_eq!(greeting(port), "two");
@@ -98,6 +102,12 @@ fn plans_of_promote_deploy_and_rollback_list_local_actions_and_change_nothing() 
     let rolled = repo.run(&["rollback", "--stage", "dev", "--json"]).ok().json();
     assert_eq!(rolled["group"], "hello-dev-v001");
     assert_eq!(greeting(port), "one");
+
+    // Held on the rollback, a deploy plan keeps the live group: it is only checked, and nothing else is listed.
+    let plan = repo.run(&["deploy", "--stage", "dev", "--plan", "--json"]).ok().json();
+    assert_eq!((plan["start"].as_str(), plan["group"].as_str()), (Some("live"), Some("hello-dev-v001")));
+    assert_eq!(plan["digest"], one.as_str());
+    assert_eq!(calls(&plan).len(), 2, "{plan}");
 }
 
 #[test]

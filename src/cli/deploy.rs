@@ -21,9 +21,9 @@ pub fn run(ctx: &Ctx, args: DeployArgs) -> Result<(), kiln::Error> {
     super::catch_interrupts()?;
     if args.plan {
         let plan = ctx.with_engine(|engine| deploy::plan_deploy(engine, &args.stage, &Want::Promoted))?;
-        return ctx
-            .out
-            .emit(&plan, || format!("{}plan only: nothing was called, changed or recorded\n", render_plan(&plan)));
+        return ctx.out.emit(&plan, || {
+            format!("{}plan only: no provider call made, nothing changed or recorded\n", render_plan(&plan))
+        });
     }
     let report = ctx.with_engine(|engine| deploy::deploy(engine, &args.stage, Want::Promoted))?;
     ctx.out.emit(&report, || render(&report))

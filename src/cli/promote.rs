@@ -65,7 +65,7 @@ pub fn run(ctx: &Ctx, args: PromoteArgs) -> Result<(), kiln::Error> {
                 None if args.no_deploy => out.push_str("no deployment (--no-deploy)\n"),
                 None => {}
             }
-            out.push_str("plan only: nothing was called, changed or recorded\n");
+            out.push_str("plan only: no provider call made, nothing changed or recorded\n");
         }
         out
     })?;

@@ -35,7 +35,10 @@ pub fn run(ctx: &Ctx, args: RollbackArgs) -> Result<(), kiln::Error> {
             deploy::plan_deploy(engine, &args.stage, &want)
         })?;
         return ctx.out.emit(&plan, || {
-            format!("{}plan only: nothing was called, changed or recorded\n", super::deploy::render_plan(&plan))
+            format!(
+                "{}plan only: no provider call made, nothing changed or recorded\n",
+                super::deploy::render_plan(&plan)
+            )
         });
     }
     let report = ctx.with_engine(|engine| {
