@@ -9,6 +9,7 @@ mod distribute;
 pub mod faults;
 mod fleet;
 mod gc;
+mod plan;
 pub mod s3_store;
 pub mod sdk;
 
@@ -247,6 +248,10 @@ impl ImageProvider for AwsProvider {
 
     fn image_users(&self, image: &ImageRef) -> Result<Vec<String>, ProviderError> {
         gc::image_users(self, image)
+    }
+
+    fn plan_promote(&self, stage: StageRef, image: &ImageRef, protect: bool) -> Vec<String> {
+        plan::promote(self, stage, image, protect)
     }
 }
 
