@@ -134,11 +134,21 @@ pub fn promote(ctx: &Context, options: &PromoteOptions) -> Result<PromoteReport,
         None => default_digest(ctx, &view, stage)?,
     };
     let record = own_image(ctx, &view, &digest)?;
+    // Copying an image to a stage's regions and sharing it with its accounts is a change outside kiln (another
+    // account can launch it from then on), so it waits until the gates the ledger answers have passed. They are
+    // judged again at the append: an approval that lands meanwhile finds the copies missing and the content gate
+    // failing, never a promotion without its copies.
+    let ledger_refuses =
+        gate::ledger_verdicts(ctx.pipeline, stage, &digest, &view, ctx.clock, ctx.actor).iter().any(|g| !g.passed);
     drop(view);
     // Gates that do not depend on the ledger are judged once, outside the append loop.
     let (image, content) = if options.plan {
         let image = record.image(digest);
         let content = planned_content_verdict(stage, &image);
+        (image, content)
+    } else if ledger_refuses {
+        let image = record.image(digest);
+        let content = held_back_content_verdict(ctx, stage, &image);
         (image, content)
     } else {
         match distribute(ctx, stage, &record, digest) {
@@ -406,6 +416,21 @@ fn content_verdict(ctx: &Context, stage: &Stage, image: &ImageRef) -> GateVerdic
     verdict(true, detail)
 }
 
+/// The content gate when other gates refuse: the copies that exist are checked, and a missing one fails the gate
+/// saying why it was not made (a promotion refused anyway copies and shares nothing).
+fn held_back_content_verdict(ctx: &Context, stage: &Stage, image: &ImageRef) -> GateVerdict {
+    let (_, missing) = relied_on(stage, image);
+    let mut verdict = content_verdict(ctx, stage, image);
+    if !missing.is_empty() {
+        verdict.detail = format!(
+            "{}: not copied or shared, because other gates refuse this promotion (kiln distributes an image only \
+             once they pass)",
+            verdict.detail
+        );
+    }
+    verdict
+}
+
 /// The content gate as a plan judges it: from the ledger's record alone, since checking the copies is a provider
 /// call (AWS: DescribeImages), which a plan lists rather than makes. It passes unless the promotion itself finds
 /// otherwise, and says so.
@@ -606,6 +631,34 @@ mod tests {
         let again = world.promote("dev", false).unwrap();
         assert_eq!(again.outcome, Outcome::AlreadyPromoted);
         assert_eq!(world.kinds(), ["distributed", "promoted", "pointer-published"]);
+    }
+
+    #[test]
+    fn a_promotion_other_gates_refuse_copies_and_shares_nothing() {
+        let mut world = World::new();
+        // prod needs copies in eu-west-1 and a share with the account; its upstream gate refuses (dev never ran).
+        let file = world.dir.path().join("pipelines/app.toml");
+        let text = std::fs::read_to_string(&file).unwrap().replace(
+            "name = \"prod\"\ndeploy = { subnets = [\"subnet-1\"] }",
+            &format!(
+                "name = \"prod\"\ndeploy = {{ subnets = [\"subnet-1\"], regions = [\"us-east-1\", \"eu-west-1\"], accounts = [\"{ACCOUNT}\"] }}"
+            ),
+        );
+        std::fs::write(&file, text).unwrap();
+        world.pipeline = pipeline::load(&world.repo, "app").unwrap();
+        let digest = world.bake();
+        let options = PromoteOptions { stage: "prod".into(), digest: Some(digest.to_string()), plan: false };
+        let err = world.with(|ctx| promote(ctx, &options)).unwrap_err();
+        let Error::Refused { gates, .. } = err else { panic!("refused, not {err:?}") };
+        assert!(gates.iter().any(|g| g.gate == "upstream" && !g.passed), "{gates:?}");
+        let content = gates.iter().find(|g| g.gate == "content").unwrap();
+        assert!(!content.passed, "the copies do not exist, so the gate cannot pass: {content:?}");
+        assert!(
+            content.detail.contains("no copy of") && content.detail.contains("not copied or shared"),
+            "{content:?}"
+        );
+        assert_eq!(world.injector.count("distribute"), 0, "nothing was copied or shared");
+        assert!(!world.kinds().contains(&"distributed".to_string()));
     }
 
     #[test]
