@@ -1,0 +1,294 @@
+//! Deploys on AWS against moto with the real binary: `pipelines/hello-aws.toml` itself end to end (bake, promote
+//! dev → test → prod through its gates, a second image, rollback, revoke, gc), CloudWatch alarms in the
+//! verification window, `kiln down` refused, and drift found on the instances. What AWS then holds is checked with
+//! boto3, never through kiln's own code.
+
+mod common;
+mod moto;
+
+use std::path::Path;
+
+use common::{copy_dir, Repo, Run};
+use moto::app::tag;
+use moto::Moto;
+
+const NOW: &str = "2026-11-28T12:00:00Z";
+const LATER: &str = "2026-11-28T12:11:00Z";
+
+fn at(moto: &Moto, repo: &Repo, now: &str, actor: &str, args: &[&str]) -> Run {
+    let out = moto.kiln(repo).env("KILN_NOW", now).env("KILN_ACTOR", actor).args(args).output().unwrap();
+    Run::of(out, args)
+}
+
+/// What a stage deploys into, made in moto as Terraform would: the default VPC's subnets, a security group, one
+/// load balancer, and a target group (with a listener) per stage.
+struct Network {
+    subnets: Vec<String>,
+    security_group: String,
+    /// Target group ARN per stage, in the order asked for.
+    target_groups: Vec<String>,
+}
+
+fn network(moto: &Moto, stages: &[&str]) -> Network {
+    let names: Vec<String> = stages.iter().map(|s| format!("'{s}'")).collect();
+    let out = moto.boto3(&format!(
+        "elb = client('elbv2')\n\
+         vpc = ec2.describe_vpcs(Filters=[{{'Name': 'isDefault', 'Values': ['true']}}])['Vpcs'][0]['VpcId']\n\
+         subnets = [s['SubnetId'] for s in ec2.describe_subnets(Filters=[{{'Name': 'vpc-id', 'Values': [vpc]}}])['Subnets']][:2]\n\
+         sg = ec2.create_security_group(GroupName='hello-instances', Description='hello', VpcId=vpc)['GroupId']\n\
+         lb = elb.create_load_balancer(Name='hello', Subnets=subnets)['LoadBalancers'][0]['LoadBalancerArn']\n\
+         tgs = []\n\
+         for i, stage in enumerate([{}]):\n\
+         \x20   tg = elb.create_target_group(Name='hello-' + stage, Protocol='HTTP', Port=8080, VpcId=vpc, TargetType='instance')['TargetGroups'][0]['TargetGroupArn']\n\
+         \x20   elb.create_listener(LoadBalancerArn=lb, Protocol='HTTP', Port=8000 + i, DefaultActions=[{{'Type': 'forward', 'TargetGroupArn': tg}}])\n\
+         \x20   tgs.append(tg)\n\
+         print(json.dumps({{'subnets': subnets, 'sg': sg, 'tgs': tgs}}))",
+        names.join(", ")
+    ));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let strings =
+        |v: &serde_json::Value| v.as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect();
+    Network {
+        subnets: strings(&v["subnets"]),
+        security_group: v["sg"].as_str().unwrap().to_string(),
+        target_groups: strings(&v["tgs"]),
+    }
+}
+
+/// A copy of this repository's `images/` and `pipelines/hello-aws.toml` (the only pipeline), its REPLACE values
+/// replaced with moto's, and moto set up for it: the buckets, the builder's instance profile, the network.
+fn hello_aws(moto: &Moto) -> (Repo, Network) {
+    moto.boto3(
+        "s3.create_bucket(Bucket='acme-kiln-ledger')\n\
+         s3.create_bucket(Bucket='acme-kiln-artifacts')\n\
+         iam.create_instance_profile(InstanceProfileName='kiln-builder')",
+    );
+    let net = network(moto, &["dev", "test", "prod"]);
+    let repo = Repo::empty();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"));
+    copy_dir(&src.join("images"), &repo.file("images"));
+    copy_dir(&src.join("pipelines/scripts"), &repo.file("pipelines/scripts"));
+    let mut pipeline = std::fs::read_to_string(src.join("pipelines/hello-aws.toml")).unwrap();
+    let subnets =
+        format!("subnets = [\"{}\"]\nsecurity-groups = [\"{}\"]", net.subnets.join("\", \""), net.security_group);
+    pipeline = pipeline.replace("subnets = [\"subnet-0123456789abcdef0\", \"subnet-0fedcba9876543210\"]", &subnets);
+    for (stage, arn) in ["dev", "test", "prod"].iter().zip(&net.target_groups) {
+        let placeholder = format!(
+            "\"arn:aws:elasticloadbalancing:us-east-1:111122223333:targetgroup/hello-{stage}/0123456789abcdef\""
+        );
+        assert!(pipeline.contains(&placeholder), "hello-aws.toml no longer has {placeholder}");
+        pipeline = pipeline.replace(&placeholder, &format!("\"{arn}\""));
+    }
+    let left = pipeline.lines().filter(|l| !l.trim_start().starts_with('#')).find(|l| l.contains("0123456789abcdef"));
+    assert_eq!(left, None, "a REPLACE value is left:\n{pipeline}");
+    repo.write("pipelines/hello-aws.toml", &pipeline);
+    (repo, net)
+}
+
+/// The Auto Scaling groups kiln made, by name: the whole description as boto3 gives it.
+fn asgs(moto: &Moto) -> serde_json::Value {
+    let out = moto.boto3(
+        "groups = client('autoscaling').describe_auto_scaling_groups()['AutoScalingGroups']\n\
+         print(json.dumps({g['AutoScalingGroupName']: g for g in groups}, default=str))",
+    );
+    serde_json::from_str(&out).unwrap()
+}
+
+fn group_names(moto: &Moto, stage: &str) -> Vec<String> {
+    let all = asgs(moto);
+    all.as_object().unwrap().keys().filter(|k| k.starts_with(&format!("hello-aws-{stage}-"))).cloned().collect()
+}
+
+/// The groups attached to the target group, by name.
+fn attached(moto: &Moto, target_group: &str) -> Vec<String> {
+    let all = asgs(moto);
+    let mut names: Vec<String> = all
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(_, g)| g["TargetGroupARNs"].as_array().unwrap().iter().any(|a| a == target_group))
+        .map(|(n, _)| n.clone())
+        .collect();
+    names.sort();
+    names
+}
+
+/// The ImageId of every running instance of the group.
+fn instance_images(moto: &Moto, group: &str) -> Vec<String> {
+    let out = moto.boto3(&format!(
+        "ids = [i['InstanceId'] for g in client('autoscaling').describe_auto_scaling_groups(AutoScalingGroupNames=['{group}'])['AutoScalingGroups'] for i in g['Instances']]\n\
+         images = []\n\
+         if ids:\n\
+         \x20   for r in ec2.describe_instances(InstanceIds=ids)['Reservations']:\n\
+         \x20       images += [i['ImageId'] for i in r['Instances'] if i['State']['Name'] == 'running']\n\
+         print(json.dumps(images))"
+    ));
+    serde_json::from_str(&out).unwrap()
+}
+
+/// The launch template version a group is pinned to: its data as boto3 gives it.
+fn template_data(moto: &Moto, group: &str) -> serde_json::Value {
+    let out = moto.boto3(&format!(
+        "g = client('autoscaling').describe_auto_scaling_groups(AutoScalingGroupNames=['{group}'])['AutoScalingGroups'][0]\n\
+         spec = g['LaunchTemplate']\n\
+         v = ec2.describe_launch_template_versions(LaunchTemplateId=spec['LaunchTemplateId'], Versions=[spec['Version']])['LaunchTemplateVersions'][0]\n\
+         print(json.dumps({{'name': v['LaunchTemplateName'], 'version': v['VersionNumber'], 'data': v['LaunchTemplateData']}}, default=str))"
+    ));
+    serde_json::from_str(&out).unwrap()
+}
+
+fn pointer(moto: &Moto, name: &str) -> (String, String, String) {
+    let out = moto.boto3(&format!(
+        "p = ssm.get_parameter(Name='{name}')['Parameter']\n\
+         d = ssm.describe_parameters(ParameterFilters=[{{'Key': 'Name', 'Values': ['{name}']}}])['Parameters'][0]\n\
+         print(json.dumps([p['Value'], p['DataType'], d.get('Description', '')]))"
+    ));
+    let v: (String, String, String) = serde_json::from_str(&out).unwrap();
+    v
+}
+
+/// The AMI id of `digest` in us-east-1, found by its tag.
+fn ami_of(moto: &Moto, digest: &str) -> String {
+    let images = moto::app::images_tagged(moto, "kiln:digest", digest);
+    images.as_array().unwrap().iter().map(|i| i["ImageId"].as_str().unwrap().to_string()).next().unwrap()
+}
+
+/// Checks everything a deployed group must be: its template version's data, its size and health checks, its tags,
+/// and that its instances run `ami`.
+fn assert_group(moto: &Moto, net: &Network, group: &str, stage: &str, digest: &str, ami: &str, capacity: u64) {
+    let all = asgs(moto);
+    let g = &all[group];
+    assert!(g.is_object(), "group {group} does not exist: {}", all);
+    for field in ["MinSize", "MaxSize", "DesiredCapacity"] {
+        assert_eq!(g[field].as_u64(), Some(capacity), "{group} {field}: {g}");
+    }
+    assert_eq!(g["HealthCheckType"], "ELB", "{g}");
+    let subnets: Vec<&str> = g["VPCZoneIdentifier"].as_str().unwrap().split(',').collect();
+    assert_eq!(subnets, net.subnets.iter().map(String::as_str).collect::<Vec<_>>(), "{g}");
+    for (key, value) in
+        [("kiln:pipeline", "hello-aws"), ("kiln:stage", stage), ("kiln:digest", digest), ("kiln:group", group)]
+    {
+        let t = g["Tags"].as_array().unwrap().iter().find(|t| t["Key"] == key).unwrap_or_else(|| panic!("{key}: {g}"));
+        assert_eq!((t["Value"].as_str(), t["PropagateAtLaunch"].as_bool()), (Some(value), Some(true)), "{key}: {g}");
+    }
+    let template = template_data(moto, group);
+    assert_eq!(template["name"], format!("kiln-hello-aws-{stage}"));
+    let data = &template["data"];
+    assert_eq!(data["ImageId"], ami, "{data}");
+    assert_eq!(data["InstanceType"], "t3.small", "{data}");
+    assert_eq!(data["MetadataOptions"]["HttpTokens"], "required", "IMDSv2: {data}");
+    let devices = data["BlockDeviceMappings"].as_array().unwrap();
+    assert!(!devices.is_empty() && devices.iter().all(|d| d["Ebs"]["Encrypted"] == true), "encrypted: {data}");
+    assert_eq!(data["SecurityGroupIds"], serde_json::json!([net.security_group]), "{data}");
+    let instance_tags = data["TagSpecifications"].as_array().unwrap().iter().find(|s| s["ResourceType"] == "instance");
+    let instance_tags = instance_tags.unwrap_or_else(|| panic!("no instance tags: {data}"));
+    assert_eq!(tag(instance_tags, "kiln:digest"), Some(digest), "{data}");
+    assert_eq!(tag(instance_tags, "kiln:group"), Some(group), "{data}");
+    let images = instance_images(moto, group);
+    assert_eq!(images.len() as u64, capacity, "{group}'s instances: {images:?}");
+    assert!(images.iter().all(|i| i == ami), "{group}'s instances run {images:?}, not {ami}");
+}
+
+/// `images/files/hello/main.rs` changed, so the next bake is another image; returns its digest.
+fn bake_another(moto: &Moto, repo: &Repo, marker: &str) -> String {
+    let main = repo.file("images/files/hello/main.rs");
+    let mut text = std::fs::read_to_string(&main).unwrap();
+    text.push_str(&format!("\n// {marker}\n"));
+    std::fs::write(&main, text).unwrap();
+    at(moto, repo, NOW, "ci", &["bake", "--json"]).ok().json()["digest"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn the_hello_aws_pipeline_end_to_end() {
+    let moto = Moto::start();
+    let (repo, net) = hello_aws(&moto);
+    let (dev_tg, test_tg, prod_tg) = (&net.target_groups[0], &net.target_groups[1], &net.target_groups[2]);
+
+    // Bake: the base resolves to the newest Amazon Linux 2023 that moto has, hello is baked on it.
+    let v1 = at(&moto, &repo, NOW, "ci", &["bake", "--json"]).ok().json()["digest"].as_str().unwrap().to_string();
+    let ami1 = ami_of(&moto, &v1);
+
+    // dev: the smoke gate passes and the promotion deploys group v001, the only one in dev's target group.
+    let dev = at(&moto, &repo, NOW, "ci", &["promote", "--stage", "dev", "--json"]).ok().json();
+    assert_eq!(dev["outcome"], "promoted", "{dev}");
+    assert_eq!(dev["deployment"]["outcome"], "deployed", "{dev}");
+    assert_group(&moto, &net, "hello-aws-dev-v001", "dev", &v1, &ami1, 2);
+    assert_eq!(attached(&moto, dev_tg), ["hello-aws-dev-v001"]);
+    assert_eq!(pointer(&moto, "/kiln/hello-aws/dev"), (ami1.clone(), "aws:ec2:image".into(), v1.clone()));
+
+    // test soaks 10 minutes after dev went live: refused now, promoted 11 minutes later.
+    let early = at(&moto, &repo, NOW, "ci", &["promote", "--stage", "test"]).expect(3);
+    assert!(early.stderr.contains("soak"), "{}", early.stderr);
+    at(&moto, &repo, LATER, "ci", &["promote", "--stage", "test"]).ok();
+    assert_group(&moto, &net, "hello-aws-test-v001", "test", &v1, &ami1, 2);
+    assert_eq!(attached(&moto, test_tg), ["hello-aws-test-v001"]);
+
+    // prod needs one approval; then it gets 3 instances, a copy in eu-west-1 and both pointers.
+    let unapproved = at(&moto, &repo, LATER, "ci", &["promote", "--stage", "prod"]).expect(3);
+    assert!(unapproved.stderr.contains("approv"), "{}", unapproved.stderr);
+    at(&moto, &repo, LATER, "ana", &["approve", "--stage", "prod", "--digest", &v1]).ok();
+    at(&moto, &repo, LATER, "ci", &["promote", "--stage", "prod"]).ok();
+    assert_group(&moto, &net, "hello-aws-prod-v001", "prod", &v1, &ami1, 3);
+    assert_eq!(attached(&moto, prod_tg), ["hello-aws-prod-v001"]);
+    assert_eq!(pointer(&moto, "/kiln/hello-aws/prod"), (ami1.clone(), "aws:ec2:image".into(), v1.clone()));
+
+    // A second image in dev: group v002 takes the traffic, v001 is parked (dev keeps one previous group), with its
+    // launch template version.
+    let v2 = bake_another(&moto, &repo, "v002");
+    let ami2 = ami_of(&moto, &v2);
+    at(&moto, &repo, LATER, "ci", &["promote", "--stage", "dev"]).ok();
+    assert_group(&moto, &net, "hello-aws-dev-v002", "dev", &v2, &ami2, 2);
+    assert_eq!(attached(&moto, dev_tg), ["hello-aws-dev-v002"]);
+    let parked = &asgs(&moto)["hello-aws-dev-v001"];
+    assert_eq!((parked["DesiredCapacity"].as_u64(), parked["MaxSize"].as_u64()), (Some(0), Some(0)), "{parked}");
+    assert_eq!(template_data(&moto, "hello-aws-dev-v001")["data"]["ImageId"], ami1.as_str());
+    assert_eq!(pointer(&moto, "/kiln/hello-aws/dev").0, ami2);
+
+    // Rollback: the kept group is scaled back up and takes the traffic; the pointer names v1 again.
+    at(&moto, &repo, LATER, "oncall", &["rollback", "--stage", "dev", "--reason", "v2 is slow"]).ok();
+    assert_group(&moto, &net, "hello-aws-dev-v001", "dev", &v1, &ami1, 2);
+    assert_eq!(attached(&moto, dev_tg), ["hello-aws-dev-v001"]);
+    assert_eq!(pointer(&moto, "/kiln/hello-aws/dev"), (ami1.clone(), "aws:ec2:image".into(), v1.clone()));
+    let after_rollback = asgs(&moto);
+    assert_eq!(after_rollback["hello-aws-dev-v002"]["DesiredCapacity"].as_u64(), Some(0), "v002 parked");
+    at(&moto, &repo, LATER, "ci", &["verify"]).ok();
+
+    // A third image pushes the oldest kept group out: deleted with its launch template version.
+    // moto has no DeleteLaunchTemplateVersions: kiln says which version stays and finishes the deploy.
+    let v3 = bake_another(&moto, &repo, "v003");
+    let third = at(&moto, &repo, LATER, "ci", &["promote", "--stage", "dev"]).ok();
+    let names = group_names(&moto, "dev");
+    assert_eq!(names, ["hello-aws-dev-v001", "hello-aws-dev-v003"], "the new group and the one kept");
+    assert_eq!(attached(&moto, dev_tg), ["hello-aws-dev-v003"]);
+    assert_eq!(instance_images(&moto, "hello-aws-dev-v003"), vec![ami_of(&moto, &v3); 2]);
+    assert_eq!(asgs(&moto)["hello-aws-dev-v001"]["DesiredCapacity"].as_u64(), Some(0), "v001 parked again");
+    assert!(
+        third.stderr.contains("cannot delete launch template versions")
+            && third.stderr.contains("of kiln-hello-aws-dev stays"),
+        "{}",
+        third.stderr
+    );
+
+    // Revoke what dev runs: a deploy of it is refused, and nothing in AWS changes.
+    let before = asgs(&moto);
+    at(&moto, &repo, LATER, "sec", &["revoke", &v3, "--reason", "CVE-2026-0002"]).ok();
+    let refused = at(&moto, &repo, LATER, "ci", &["deploy", "--stage", "dev"]);
+    assert_ne!(refused.code, 0, "{}", refused.stderr);
+    assert!(refused.stderr.contains("revoked"), "{}", refused.stderr);
+    let after = asgs(&moto);
+    assert_eq!(
+        before.as_object().unwrap().keys().collect::<Vec<_>>(),
+        after.as_object().unwrap().keys().collect::<Vec<_>>()
+    );
+
+    // gc: the images every stage can return to stay.
+    at(&moto, &repo, LATER, "ci", &["gc"]).ok();
+    for digest in [&v1, &v2] {
+        assert_eq!(
+            moto::app::images_tagged(&moto, "kiln:digest", digest).as_array().unwrap().len(),
+            1,
+            "{digest} stays"
+        );
+    }
+    at(&moto, &repo, LATER, "ci", &["verify"]).ok();
+}
