@@ -94,9 +94,9 @@ fn asgs(moto: &Moto) -> serde_json::Value {
     serde_json::from_str(&out).unwrap()
 }
 
-fn group_names(moto: &Moto, stage: &str) -> Vec<String> {
+fn group_names_of(moto: &Moto, prefix: &str) -> Vec<String> {
     let all = asgs(moto);
-    all.as_object().unwrap().keys().filter(|k| k.starts_with(&format!("hello-aws-{stage}-"))).cloned().collect()
+    all.as_object().unwrap().keys().filter(|k| k.starts_with(prefix)).cloned().collect()
 }
 
 /// The groups attached to the target group, by name.
@@ -257,7 +257,7 @@ fn the_hello_aws_pipeline_end_to_end() {
     // moto has no DeleteLaunchTemplateVersions: kiln says which version stays and finishes the deploy.
     let v3 = bake_another(&moto, &repo, "v003");
     let third = at(&moto, &repo, LATER, "ci", &["promote", "--stage", "dev"]).ok();
-    let names = group_names(&moto, "dev");
+    let names = group_names_of(&moto, "hello-aws-dev-");
     assert_eq!(names, ["hello-aws-dev-v001", "hello-aws-dev-v003"], "the new group and the one kept");
     assert_eq!(attached(&moto, dev_tg), ["hello-aws-dev-v003"]);
     assert_eq!(instance_images(&moto, "hello-aws-dev-v003"), vec![ami_of(&moto, &v3); 2]);
@@ -272,9 +272,8 @@ fn the_hello_aws_pipeline_end_to_end() {
     // Revoke what dev runs: a deploy of it is refused, and nothing in AWS changes.
     let before = asgs(&moto);
     at(&moto, &repo, LATER, "sec", &["revoke", &v3, "--reason", "CVE-2026-0002"]).ok();
-    let refused = at(&moto, &repo, LATER, "ci", &["deploy", "--stage", "dev"]);
-    assert_ne!(refused.code, 0, "{}", refused.stderr);
-    assert!(refused.stderr.contains("revoked"), "{}", refused.stderr);
+    let refused = at(&moto, &repo, LATER, "ci", &["deploy", "--stage", "dev"]).expect(3);
+    assert!(refused.stderr.contains("it is revoked: CVE-2026-0002"), "{}", refused.stderr);
     let after = asgs(&moto);
     assert_eq!(
         before.as_object().unwrap().keys().collect::<Vec<_>>(),
@@ -291,4 +290,146 @@ fn the_hello_aws_pipeline_end_to_end() {
         );
     }
     at(&moto, &repo, LATER, "ci", &["verify"]).ok();
+}
+
+/// The test application (`moto::app`) with its pipeline rewritten for deploys: dev and prod each behind their own
+/// target group, one instance each; dev with `dev_extra` (a window, checks) added to its table.
+fn app(moto: &Moto, dev_extra: &str) -> (Repo, Network) {
+    let repo = moto::app::aws_repo(moto);
+    let net = network(moto, &["dev", "prod"]);
+    let subnets = net.subnets.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(", ");
+    repo.write(
+        "pipelines/app.toml",
+        &format!(
+            r#"image = "app"
+provider = "aws"
+
+[aws]
+region = "us-east-1"
+artifact-bucket = "{bucket}"
+
+[[stage]]
+name = "dev"
+capacity = 1
+{dev_extra}
+[stage.deploy]
+target-group-arn = "{dev}"
+subnets = [{subnets}]
+
+[[stage]]
+name = "prod"
+capacity = 1
+[stage.deploy]
+target-group-arn = "{prod}"
+subnets = [{subnets}]
+"#,
+            bucket = moto::app::BUCKET,
+            dev = net.target_groups[0],
+            prod = net.target_groups[1],
+        ),
+    );
+    (repo, net)
+}
+
+/// Bakes the app with `config.txt` saying `mode`, promotes it to dev without deploying; returns its digest.
+fn app_release(moto: &Moto, repo: &Repo, mode: &str) -> String {
+    repo.write("images/files/app/config.txt", &format!("mode={mode}\n"));
+    let digest = moto::app::bake(moto, repo, &[])["digest"].as_str().unwrap().to_string();
+    moto::app::run(moto, repo, &["promote", "--stage", "dev", "--no-deploy"]).ok();
+    digest
+}
+
+fn set_alarm(moto: &Moto, name: &str, state: &str) {
+    moto.boto3(&format!(
+        "client('cloudwatch').set_alarm_state(AlarmName='{name}', StateValue='{state}', StateReason='set by the test')"
+    ));
+}
+
+fn put_alarm(moto: &Moto, name: &str) {
+    moto.boto3(&format!(
+        "client('cloudwatch').put_metric_alarm(AlarmName='{name}', MetricName='HTTPCode_Target_5XX_Count', \
+         Namespace='AWS/ApplicationELB', Statistic='Sum', Period=60, EvaluationPeriods=1, Threshold=1, \
+         ComparisonOperator='GreaterThanOrEqualToThreshold')"
+    ));
+    set_alarm(moto, name, "OK");
+}
+
+fn ledger_events(moto: &Moto, repo: &Repo) -> Vec<serde_json::Value> {
+    let log = moto::app::run(moto, repo, &["log", "--json", "--limit", "100000"]).ok().json();
+    let mut all = log["events"].as_array().unwrap().clone();
+    all.reverse();
+    all
+}
+
+#[test]
+fn an_alarm_that_fires_inside_the_window_sends_traffic_back_to_the_previous_group() {
+    let moto = Moto::start();
+    let (repo, net) = app(&moto, "verify-for = \"1s\"\n[[stage.verify]]\nalarm = \"hello-5xx\"\n");
+    let dev_tg = &net.target_groups[0];
+    put_alarm(&moto, "hello-5xx");
+
+    // The alarm stays OK through the window: the deploy passes.
+    let first = app_release(&moto, &repo, "one");
+    let deployed = moto::app::run(&moto, &repo, &["deploy", "--stage", "dev", "--json"]).ok().json();
+    assert_eq!(deployed["outcome"], "deployed", "{deployed}");
+    assert_eq!(attached(&moto, dev_tg), ["app-dev-v001"]);
+    assert!(ledger_events(&moto, &repo).iter().any(|e| e["step"] == "verified"));
+
+    // The next release: kiln stops once the window has begun, the alarm fires, kiln goes on.
+    let second = app_release(&moto, &repo, "two");
+    assert_ne!(first, second);
+    let child = moto
+        .kiln(&repo)
+        .env("KILN_FAULT", "stop:deploy:after-verifying")
+        .args(["deploy", "--stage", "dev", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    common::hello::wait_stopped(child.id());
+    assert_eq!(attached(&moto, dev_tg), ["app-dev-v002"], "the window watches the new group serving");
+    set_alarm(&moto, "hello-5xx", "ALARM");
+    common::hello::signal(child.id(), "CONT");
+    let failed = Run::of(child.wait_with_output().unwrap(), &["deploy (alarm fires)"]).expect(4);
+    assert!(failed.stderr.contains("alarm hello-5xx is ALARM"), "{}", failed.stderr);
+    assert!(failed.stderr.contains("traffic moved back to group app-dev-v001"), "{}", failed.stderr);
+
+    // Traffic is back on the previous group, the new one is gone, and the ledger says why.
+    assert_eq!(attached(&moto, dev_tg), ["app-dev-v001"]);
+    assert_eq!(group_names_of(&moto, "app-dev-"), ["app-dev-v001"]);
+    assert_eq!(asgs(&moto)["app-dev-v001"]["DesiredCapacity"].as_u64(), Some(1));
+    let events = ledger_events(&moto, &repo);
+    let verification = events.iter().find(|e| e["step"] == "verification-failed").expect("recorded");
+    assert_eq!(verification["detail"]["evidence"]["state"], "ALARM", "{verification}");
+    let restored = events.iter().find(|e| e["step"] == "traffic-restored").expect("recorded");
+    assert_eq!(restored["detail"]["group"], "app-dev-v001");
+    assert!(events.iter().any(|e| e["kind"] == "deploy-failed"), "{events:#?}");
+    let status = moto::app::run(&moto, &repo, &["status", "--json"]).ok().json();
+    assert_eq!(status["stages"][0]["live"]["digest"], first.as_str(), "{status}");
+}
+
+#[test]
+fn an_alarm_that_does_not_exist_is_refused_before_anything_is_touched() {
+    let moto = Moto::start();
+    let (repo, net) = app(&moto, "verify-for = \"1s\"\n[[stage.verify]]\nalarm = \"no-such-alarm\"\n");
+    app_release(&moto, &repo, "one");
+    let before = ledger_events(&moto, &repo).len();
+    let refused = moto::app::run(&moto, &repo, &["deploy", "--stage", "dev"]).expect(2);
+    assert!(refused.stderr.contains("there is no CloudWatch alarm `no-such-alarm` in us-east-1"), "{}", refused.stderr);
+    assert_eq!(ledger_events(&moto, &repo).len(), before, "nothing recorded");
+    assert_eq!(asgs(&moto), serde_json::json!({}), "no group");
+    assert!(attached(&moto, &net.target_groups[0]).is_empty());
+}
+
+#[test]
+fn kiln_down_is_refused_on_aws_and_changes_nothing() {
+    let moto = Moto::start();
+    let (repo, net) = app(&moto, "");
+    app_release(&moto, &repo, "one");
+    moto::app::run(&moto, &repo, &["deploy", "--stage", "dev"]).ok();
+    let before = (asgs(&moto), ledger_events(&moto, &repo).len());
+    let refused = moto::app::run(&moto, &repo, &["down", "--stage", "dev"]).expect(2);
+    assert!(refused.stderr.contains("on AWS, retiring stage dev is `kiln gc`'s job"), "{}", refused.stderr);
+    assert_eq!((asgs(&moto), ledger_events(&moto, &repo).len()), before);
+    assert_eq!(attached(&moto, &net.target_groups[0]), ["app-dev-v001"]);
 }
