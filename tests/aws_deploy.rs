@@ -433,3 +433,42 @@ fn kiln_down_is_refused_on_aws_and_changes_nothing() {
     assert_eq!((asgs(&moto), ledger_events(&moto, &repo).len()), before);
     assert_eq!(attached(&moto, &net.target_groups[0]), ["app-dev-v001"]);
 }
+
+#[test]
+fn verify_finds_an_instance_relaunched_from_another_ami_behind_kilns_back() {
+    let moto = Moto::start();
+    let (repo, _) = app(&moto, "");
+    let digest = app_release(&moto, &repo, "one");
+    moto::app::run(&moto, &repo, &["deploy", "--stage", "dev"]).ok();
+    let ami = ami_of(&moto, &digest);
+    assert_eq!(instance_images(&moto, "app-dev-v001"), [ami.as_str()]);
+    moto::app::run(&moto, &repo, &["verify"]).ok();
+
+    // Someone points the group at a template version with another AMI and replaces its instance: the group's
+    // tags still name kiln's digest, and only the instance says what it runs.
+    let replaced = moto.boto3(&format!(
+        "asg = client('autoscaling')\n\
+         g = asg.describe_auto_scaling_groups(AutoScalingGroupNames=['app-dev-v001'])['AutoScalingGroups'][0]\n\
+         tid = g['LaunchTemplate']['LaunchTemplateId']\n\
+         v = ec2.create_launch_template_version(LaunchTemplateId=tid, LaunchTemplateData={{'ImageId': '{other}', 'InstanceType': 't3.micro'}})['LaunchTemplateVersion']['VersionNumber']\n\
+         asg.update_auto_scaling_group(AutoScalingGroupName='app-dev-v001', LaunchTemplate={{'LaunchTemplateId': tid, 'Version': str(v)}})\n\
+         old = g['Instances'][0]['InstanceId']\n\
+         asg.terminate_instance_in_auto_scaling_group(InstanceId=old, ShouldDecrementDesiredCapacity=False)\n\
+         g = asg.describe_auto_scaling_groups(AutoScalingGroupNames=['app-dev-v001'])['AutoScalingGroups'][0]\n\
+         print([i['InstanceId'] for i in g['Instances'] if i['InstanceId'] != old][0])",
+        other = moto::app::PRELOADED_AMI
+    ));
+    let replaced = replaced.trim();
+    assert_eq!(instance_images(&moto, "app-dev-v001"), [moto::app::PRELOADED_AMI], "moto relaunched from the new AMI");
+    assert!(tag(&asgs(&moto)["app-dev-v001"], "kiln:digest").is_some_and(|d| d == digest), "the tag still agrees");
+
+    let drift = moto::app::run(&moto, &repo, &["verify"]).expect(6);
+    let said = format!("{}{}", drift.stdout, drift.stderr);
+    assert!(
+        said.contains(&format!(
+            "instance {replaced} of group app-dev-v001 runs {}, not {ami}",
+            moto::app::PRELOADED_AMI
+        )),
+        "{said}"
+    );
+}

@@ -17,7 +17,9 @@ use super::ami::{self, TAG_DIGEST, TAG_PIPELINE};
 use super::{sdk, AwsProvider};
 use crate::config::StageDeploy;
 use crate::digest::Digest;
-use crate::provider::{Fleet, GroupHealth, GroupInfo, ImageRef, PollCadence, ProviderError, StageRef, Unhealthy};
+use crate::provider::{
+    Fleet, GroupHealth, GroupInfo, ImageRef, PollCadence, ProviderError, StageRef, StrayInstance, Unhealthy,
+};
 
 pub const TAG_STAGE: &str = "kiln:stage";
 pub const TAG_GROUP: &str = "kiln:group";
@@ -655,6 +657,59 @@ impl Fleet for AwsProvider {
             state: state.unwrap_or_else(|| "INSUFFICIENT_DATA".into()),
             reason: reason.unwrap_or_default().to_string(),
         })
+    }
+
+    fn stray_instances(
+        &self,
+        stage: StageRef,
+        group: &str,
+        image: &ImageRef,
+    ) -> Result<Vec<StrayInstance>, ProviderError> {
+        let region = deploy_region(self, stage);
+        let expected = AwsProvider::ami_in(image, &region).map_or_else(|| "(none)".to_string(), |c| c.id);
+        let Some(found) = self.stage_group(stage, group)? else { return Ok(Vec::new()) };
+        // Instances on their way out are the group's past, not what it runs.
+        let ids: Vec<String> = found
+            .instances()
+            .iter()
+            .filter(|i| {
+                !matches!(
+                    i.lifecycle_state(),
+                    Some(
+                        LifecycleState::Terminating
+                            | LifecycleState::Terminated
+                            | LifecycleState::TerminatingWait
+                            | LifecycleState::TerminatingProceed
+                    )
+                )
+            })
+            .filter_map(|i| i.instance_id().map(str::to_string))
+            .collect();
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ec2 = self.ec2(&region);
+        let mut strays = Vec::new();
+        let mut next: Option<String> = None;
+        loop {
+            let call = ec2.describe_instances().set_instance_ids(Some(ids.clone())).set_next_token(next.take()).send();
+            let out = self.block_on(call).map_err(|e| sdk::error("ec2:DescribeInstances", &region, &e))?;
+            for instance in out.reservations().iter().flat_map(|r| r.instances()) {
+                let runs = instance.image_id().unwrap_or_default();
+                if runs != expected {
+                    strays.push(StrayInstance {
+                        instance: instance.instance_id().unwrap_or_default().to_string(),
+                        runs: runs.to_string(),
+                        expected: expected.clone(),
+                    });
+                }
+            }
+            match out.next_token() {
+                Some(token) if !token.is_empty() => next = Some(token.to_string()),
+                _ => break,
+            }
+        }
+        Ok(strays)
     }
 
     fn stop_stage(&self, stage: StageRef) -> Result<(), ProviderError> {
