@@ -435,7 +435,7 @@ fn kiln_down_is_refused_on_aws_and_changes_nothing() {
 }
 
 #[test]
-fn verify_finds_an_instance_relaunched_from_another_ami_behind_kilns_back() {
+fn verify_finds_an_instance_relaunched_from_another_ami_a_rewritten_pointer_and_a_deregistered_ami() {
     let moto = Moto::start();
     let (repo, _) = app(&moto, "");
     let digest = app_release(&moto, &repo, "one");
@@ -471,4 +471,24 @@ fn verify_finds_an_instance_relaunched_from_another_ami_behind_kilns_back() {
         )),
         "{said}"
     );
+
+    // The stage pointer rewritten by hand, and the AMI deregistered: both are drift too.
+    moto.boto3(&format!(
+        "ssm.put_parameter(Name='/kiln/app/dev', Value='{other}', Type='String', DataType='aws:ec2:image', \
+         Description='sha256:{zeros}', Overwrite=True)\n\
+         ec2.deregister_image(ImageId='{ami}')",
+        other = moto::app::PRELOADED_AMI,
+        zeros = "0".repeat(64)
+    ));
+    let drift = moto::app::run(&moto, &repo, &["verify"]).expect(6);
+    let said = format!("{}{}", drift.stdout, drift.stderr);
+    let short = &digest["sha256:".len().."sha256:".len() + 12];
+    for wanted in [
+        format!("image us-east-1/{ami} no longer matches its digest: us-east-1/{ami} no longer exists"),
+        "it is still promoted to app/dev, live in app/dev, kept by group app-dev-v001 of app/dev".to_string(),
+        format!("stage dev: its stage pointer names 000000000000, but the ledger recorded {short}"),
+        format!("instance {replaced} of group app-dev-v001 runs"),
+    ] {
+        assert!(said.contains(&wanted), "{wanted}\n--- in\n{said}");
+    }
 }
