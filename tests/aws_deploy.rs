@@ -492,3 +492,92 @@ fn verify_finds_an_instance_relaunched_from_another_ami_a_rewritten_pointer_and_
         assert!(said.contains(&wanted), "{wanted}\n--- in\n{said}");
     }
 }
+
+/// Asserts dev converged on `digest`: one group attached, running its AMI at capacity; at most one other, parked.
+fn assert_dev_converged(moto: &Moto, repo: &Repo, net: &Network, digest: &str, context: &str) {
+    let ami = ami_of(moto, digest);
+    let serving = attached(moto, &net.target_groups[0]);
+    assert_eq!(serving.len(), 1, "{context}: attached {serving:?}");
+    assert_eq!(instance_images(moto, &serving[0]), [ami.as_str()], "{context}: {} runs", serving[0]);
+    let all = asgs(moto);
+    let others: Vec<_> =
+        all.as_object().unwrap().iter().filter(|(n, _)| n.starts_with("app-dev-") && **n != serving[0]).collect();
+    assert!(others.len() <= 1, "{context}: {:?}", others.iter().map(|(n, _)| n).collect::<Vec<_>>());
+    for (name, group) in others {
+        assert_eq!(group["DesiredCapacity"].as_u64(), Some(0), "{context}: {name} is parked");
+    }
+    let status = moto::app::run(moto, repo, &["status", "--json"]).ok().json();
+    assert_eq!(status["stages"][0]["live"]["digest"], digest, "{context}: {status}");
+    assert_eq!(status["stages"][0]["live"]["group"], serving[0].as_str(), "{context}: {status}");
+    moto::app::run(moto, repo, &["verify"]).ok();
+}
+
+#[test]
+fn a_group_that_never_becomes_healthy_is_deleted_and_the_old_group_keeps_serving() {
+    let moto = Moto::start();
+    let (repo, net) = app(&moto, "");
+    let first = app_release(&moto, &repo, "one");
+    moto::app::run(&moto, &repo, &["deploy", "--stage", "dev"]).ok();
+    app_release(&moto, &repo, "two");
+
+    let failed = moto
+        .kiln(&repo)
+        .env("KILN_INJECT", "health=unhealthy:targets never healthy")
+        .args(["deploy", "--stage", "dev"])
+        .output()
+        .unwrap();
+    let failed = Run::of(failed, &["deploy (unhealthy)"]).expect(4);
+    assert!(failed.stderr.contains("targets never healthy"), "{}", failed.stderr);
+    assert_eq!(group_names_of(&moto, "app-dev-"), ["app-dev-v001"], "the new group is deleted");
+    assert_dev_converged(&moto, &repo, &net, &first, "after an unhealthy group");
+}
+
+#[test]
+fn throttling_on_update_auto_scaling_group_is_retried() {
+    let moto = Moto::start();
+    let (repo, net) = app(&moto, "");
+    app_release(&moto, &repo, "one");
+    moto::app::run(&moto, &repo, &["deploy", "--stage", "dev"]).ok();
+    let second = app_release(&moto, &repo, "two");
+    // Parking the old group is the deploy's UpdateAutoScalingGroup: its first two answers are throttled.
+    moto.start_recording();
+    let deploy = moto
+        .kiln(&repo)
+        .env("KILN_INJECT", "aws.UpdateAutoScalingGroup#1=throttle,aws.UpdateAutoScalingGroup#2=throttle")
+        .args(["deploy", "--stage", "dev"])
+        .output()
+        .unwrap();
+    Run::of(deploy, &["deploy (throttled)"]).ok();
+    let calls = moto.stop_recording();
+    let updates = calls.iter().filter(|c| *c == "autoscaling:UpdateAutoScalingGroup").count();
+    assert_eq!(updates, 1, "the throttled attempts never reached moto, the third did: {calls:?}");
+    assert_dev_converged(&moto, &repo, &net, &second, "after throttling");
+}
+
+#[test]
+fn a_kiln_killed_after_any_deploy_step_is_converged_by_the_next_deploy() {
+    let moto = Moto::start();
+    let (repo, net) = app(&moto, "");
+    app_release(&moto, &repo, "zero");
+    moto::app::run(&moto, &repo, &["deploy", "--stage", "dev"]).ok();
+    for step in [
+        "after-started",
+        "after-group-created",
+        "after-healthy",
+        "after-traffic-switched",
+        "after-drained",
+        "after-retired",
+    ] {
+        let digest = app_release(&moto, &repo, step);
+        let killed = moto
+            .kiln(&repo)
+            .env("KILN_FAULT", format!("deploy:{step}"))
+            .args(["deploy", "--stage", "dev"])
+            .output()
+            .unwrap();
+        let killed = Run::of(killed, &["deploy (killed)"]);
+        assert_eq!(killed.code, -1, "killed at {step}: {}", killed.stderr);
+        moto::app::run(&moto, &repo, &["deploy", "--stage", "dev"]).ok();
+        assert_dev_converged(&moto, &repo, &net, &digest, step);
+    }
+}

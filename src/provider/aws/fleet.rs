@@ -23,6 +23,10 @@ use crate::provider::{
 
 pub const TAG_STAGE: &str = "kiln:stage";
 pub const TAG_GROUP: &str = "kiln:group";
+/// Written on a group by `route`: the stage's route generation (1, 2, …). A group is attached to the target group
+/// from its launch (so its targets can turn healthy before the cutover), so attachment alone does not say which
+/// group the stage was routed to; the highest generation among the attached groups does.
+pub const TAG_ROUTED: &str = "kiln:routed";
 const DEFAULT_INSTANCE_TYPE: &str = "t3.small";
 /// Waited for when the target group does not say its deregistration delay.
 const DEFAULT_DRAIN: Duration = Duration::from_secs(300);
@@ -130,6 +134,11 @@ pub fn pointer(provider: &AwsProvider, stage: StageRef) -> Result<Option<Digest>
 
 fn tag_of<'a>(tags: &'a [aws_sdk_autoscaling::types::TagDescription], key: &str) -> Option<&'a str> {
     tags.iter().find(|t| t.key() == Some(key)).and_then(|t| t.value())
+}
+
+/// The route generation `route` wrote on the group; `None` for a group traffic was never routed to.
+fn routed(group: &aws_sdk_autoscaling::types::AutoScalingGroup) -> Option<u64> {
+    tag_of(group.tags(), TAG_ROUTED).and_then(|v| v.parse().ok())
 }
 
 impl AwsProvider {
@@ -326,14 +335,16 @@ impl Fleet for AwsProvider {
 
     fn serving(&self, stage: StageRef) -> Result<Option<String>, ProviderError> {
         let Ok(target) = deploy_target(stage) else { return Ok(None) };
-        // The newest attached group: a cutover that crashed between attach and detach leaves two, and the newer
-        // one is what the deployment meant to serve.
+        // A new group is attached from its launch, so a deploy that crashed before its cutover leaves two attached
+        // groups, and a cutover that crashed before detaching the old one does too: the one routed to last is what
+        // the stage serves. An attached group never routed to serves nothing yet.
         Ok(self
             .stage_groups(stage)?
             .iter()
             .filter(|g| g.target_group_arns().iter().any(|arn| arn == &target.target_group))
-            .filter_map(|g| g.auto_scaling_group_name().map(str::to_string))
-            .max())
+            .filter_map(|g| Some((routed(g)?, g.auto_scaling_group_name()?.to_string())))
+            .max()
+            .map(|(_, name)| name))
     }
 
     fn launch(
@@ -504,6 +515,24 @@ impl Fleet for AwsProvider {
         if !new.target_group_arns().iter().any(|arn| arn == &target.target_group) {
             self.attach(&region, group, &target.target_group)?;
         }
+        // The cutover is this tag: from here on `serving` names the new group, whatever a crash leaves attached.
+        let generation = groups.iter().filter_map(routed).max().unwrap_or(0) + 1;
+        self.block_on(
+            self.clients(&region)
+                .autoscaling
+                .create_or_update_tags()
+                .tags(
+                    AsgTag::builder()
+                        .key(TAG_ROUTED)
+                        .value(generation.to_string())
+                        .propagate_at_launch(false)
+                        .resource_id(group)
+                        .resource_type("auto-scaling-group")
+                        .build(),
+                )
+                .send(),
+        )
+        .map_err(|e| sdk::error("autoscaling:CreateOrUpdateTags", &region, &e))?;
         // Then the others leave: their targets drain for the target group's deregistration delay.
         for old in groups.iter().filter(|g| g.auto_scaling_group_name() != Some(group)) {
             if old.target_group_arns().iter().any(|arn| arn == &target.target_group) {
@@ -555,6 +584,20 @@ impl Fleet for AwsProvider {
     fn park(&self, stage: StageRef, group: &str) -> Result<(), ProviderError> {
         let region = deploy_region(self, stage);
         let autoscaling = self.clients(&region).autoscaling;
+        // A parked group leaves the target group too: a deploy finished after a crash mid-cutover parks the old
+        // group while it is still attached, and `launch` attaches a kept group again when it comes back.
+        if let (Ok(target), Some(found)) = (deploy_target(stage), self.stage_group(stage, group)?) {
+            if found.target_group_arns().iter().any(|arn| arn == &target.target_group) {
+                self.block_on(
+                    autoscaling
+                        .detach_load_balancer_target_groups()
+                        .auto_scaling_group_name(group)
+                        .target_group_arns(&target.target_group)
+                        .send(),
+                )
+                .map_err(|e| sdk::error("autoscaling:DetachLoadBalancerTargetGroups", &region, &e))?;
+            }
+        }
         self.block_on(
             autoscaling
                 .update_auto_scaling_group()
