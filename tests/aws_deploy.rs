@@ -85,11 +85,24 @@ fn hello_aws(moto: &Moto) -> (Repo, Network) {
     (repo, net)
 }
 
-/// The Auto Scaling groups kiln made, by name: the whole description as boto3 gives it.
+/// Every Auto Scaling group, by name, as boto3 describes it, plus `Template` (the launch template version it is
+/// pinned to: name, version, data) and `InstanceImages` (the ImageId of each running instance, as EC2 says): one
+/// boto3 run, as each costs a Python start.
 fn asgs(moto: &Moto) -> serde_json::Value {
     let out = moto.boto3(
-        "groups = client('autoscaling').describe_auto_scaling_groups()['AutoScalingGroups']\n\
-         print(json.dumps({g['AutoScalingGroupName']: g for g in groups}, default=str))",
+        "out = {}\n\
+         for g in client('autoscaling').describe_auto_scaling_groups()['AutoScalingGroups']:\n\
+         \x20   spec = g.get('LaunchTemplate')\n\
+         \x20   if spec:\n\
+         \x20       v = ec2.describe_launch_template_versions(LaunchTemplateId=spec['LaunchTemplateId'], Versions=[spec['Version']])['LaunchTemplateVersions'][0]\n\
+         \x20       g['Template'] = {'name': v['LaunchTemplateName'], 'version': v['VersionNumber'], 'data': v['LaunchTemplateData']}\n\
+         \x20   ids = [i['InstanceId'] for i in g['Instances']]\n\
+         \x20   g['InstanceImages'] = []\n\
+         \x20   if ids:\n\
+         \x20       for r in ec2.describe_instances(InstanceIds=ids)['Reservations']:\n\
+         \x20           g['InstanceImages'] += [i['ImageId'] for i in r['Instances'] if i['State']['Name'] == 'running']\n\
+         \x20   out[g['AutoScalingGroupName']] = g\n\
+         print(json.dumps(out, default=str))",
     );
     serde_json::from_str(&out).unwrap()
 }
@@ -100,8 +113,7 @@ fn group_names_of(moto: &Moto, prefix: &str) -> Vec<String> {
 }
 
 /// The groups attached to the target group, by name.
-fn attached(moto: &Moto, target_group: &str) -> Vec<String> {
-    let all = asgs(moto);
+fn attached_in(all: &serde_json::Value, target_group: &str) -> Vec<String> {
     let mut names: Vec<String> = all
         .as_object()
         .unwrap()
@@ -113,28 +125,21 @@ fn attached(moto: &Moto, target_group: &str) -> Vec<String> {
     names
 }
 
-/// The ImageId of every running instance of the group.
-fn instance_images(moto: &Moto, group: &str) -> Vec<String> {
-    let out = moto.boto3(&format!(
-        "ids = [i['InstanceId'] for g in client('autoscaling').describe_auto_scaling_groups(AutoScalingGroupNames=['{group}'])['AutoScalingGroups'] for i in g['Instances']]\n\
-         images = []\n\
-         if ids:\n\
-         \x20   for r in ec2.describe_instances(InstanceIds=ids)['Reservations']:\n\
-         \x20       images += [i['ImageId'] for i in r['Instances'] if i['State']['Name'] == 'running']\n\
-         print(json.dumps(images))"
-    ));
-    serde_json::from_str(&out).unwrap()
+fn attached(moto: &Moto, target_group: &str) -> Vec<String> {
+    attached_in(&asgs(moto), target_group)
 }
 
-/// The launch template version a group is pinned to: its data as boto3 gives it.
+/// The ImageId of every running instance of the group.
+fn images_in(all: &serde_json::Value, group: &str) -> Vec<String> {
+    serde_json::from_value(all[group]["InstanceImages"].clone()).unwrap_or_default()
+}
+
+fn instance_images(moto: &Moto, group: &str) -> Vec<String> {
+    images_in(&asgs(moto), group)
+}
+
 fn template_data(moto: &Moto, group: &str) -> serde_json::Value {
-    let out = moto.boto3(&format!(
-        "g = client('autoscaling').describe_auto_scaling_groups(AutoScalingGroupNames=['{group}'])['AutoScalingGroups'][0]\n\
-         spec = g['LaunchTemplate']\n\
-         v = ec2.describe_launch_template_versions(LaunchTemplateId=spec['LaunchTemplateId'], Versions=[spec['Version']])['LaunchTemplateVersions'][0]\n\
-         print(json.dumps({{'name': v['LaunchTemplateName'], 'version': v['VersionNumber'], 'data': v['LaunchTemplateData']}}, default=str))"
-    ));
-    serde_json::from_str(&out).unwrap()
+    asgs(moto)[group]["Template"].clone()
 }
 
 fn pointer(moto: &Moto, name: &str) -> (String, String, String) {
@@ -171,7 +176,7 @@ fn assert_group(moto: &Moto, net: &Network, group: &str, stage: &str, digest: &s
         let t = g["Tags"].as_array().unwrap().iter().find(|t| t["Key"] == key).unwrap_or_else(|| panic!("{key}: {g}"));
         assert_eq!((t["Value"].as_str(), t["PropagateAtLaunch"].as_bool()), (Some(value), Some(true)), "{key}: {g}");
     }
-    let template = template_data(moto, group);
+    let template = &g["Template"];
     assert_eq!(template["name"], format!("kiln-hello-aws-{stage}"));
     let data = &template["data"];
     assert_eq!(data["ImageId"], ami, "{data}");
@@ -184,7 +189,7 @@ fn assert_group(moto: &Moto, net: &Network, group: &str, stage: &str, digest: &s
     let instance_tags = instance_tags.unwrap_or_else(|| panic!("no instance tags: {data}"));
     assert_eq!(tag(instance_tags, "kiln:digest"), Some(digest), "{data}");
     assert_eq!(tag(instance_tags, "kiln:group"), Some(group), "{data}");
-    let images = instance_images(moto, group);
+    let images = images_in(&all, group);
     assert_eq!(images.len() as u64, capacity, "{group}'s instances: {images:?}");
     assert!(images.iter().all(|i| i == ami), "{group}'s instances run {images:?}, not {ami}");
 }
@@ -496,10 +501,10 @@ fn verify_finds_an_instance_relaunched_from_another_ami_a_rewritten_pointer_and_
 /// Asserts dev converged on `digest`: one group attached, running its AMI at capacity; at most one other, parked.
 fn assert_dev_converged(moto: &Moto, repo: &Repo, net: &Network, digest: &str, context: &str) {
     let ami = ami_of(moto, digest);
-    let serving = attached(moto, &net.target_groups[0]);
-    assert_eq!(serving.len(), 1, "{context}: attached {serving:?}");
-    assert_eq!(instance_images(moto, &serving[0]), [ami.as_str()], "{context}: {} runs", serving[0]);
     let all = asgs(moto);
+    let serving = attached_in(&all, &net.target_groups[0]);
+    assert_eq!(serving.len(), 1, "{context}: attached {serving:?}");
+    assert_eq!(images_in(&all, &serving[0]), [ami.as_str()], "{context}: {} runs", serving[0]);
     let others: Vec<_> =
         all.as_object().unwrap().iter().filter(|(n, _)| n.starts_with("app-dev-") && **n != serving[0]).collect();
     assert!(others.len() <= 1, "{context}: {:?}", others.iter().map(|(n, _)| n).collect::<Vec<_>>());
