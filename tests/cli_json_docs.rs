@@ -156,6 +156,7 @@ fn every_member_in_docs_json_md_is_in_the_real_output() {
     let c = bake_greeting(&repo, "third");
     json("gc", &["gc", "--dry-run"]);
     json("promote", &["promote", "--stage", "dev", "--digest", &c, "--no-deploy"]);
+    json("promote", &["promote", "--stage", "dev", "--digest", &c, "--plan"]);
     json("deploy", &["deploy", "--stage", "dev"]);
     json("rollback", &["rollback", "--stage", "dev"]);
     json("revoke", &["revoke", &b, "--reason", "never shipped"]);

@@ -154,6 +154,17 @@ fn detail(e: &Event) -> String {
             parts.push(format!("reason: {}", reason.lines().next().unwrap_or_default()))
         }
         EventBody::PointerPublished { pointer, .. } => parts.push(format!("pointer {pointer}")),
+        EventBody::Distributed { copies, .. } => {
+            let mut places: Vec<String> = copies
+                .iter()
+                .map(|c| match &c.account {
+                    Some(account) => format!("{} {} (account {account})", c.region, c.id),
+                    None => format!("{} {}", c.region, c.id),
+                })
+                .collect();
+            places.dedup();
+            parts.push(format!("copies: {}", places.join(", ")));
+        }
         _ => {}
     }
     if let Some(clock) = e.clock.as_ref().filter(|c| c.pinned) {

@@ -2,6 +2,7 @@
 
 mod approve;
 mod bake;
+mod completions;
 mod deploy;
 mod down;
 pub mod exit;
@@ -9,6 +10,9 @@ mod gc;
 mod images;
 mod lineage;
 mod log;
+mod man;
+mod metrics;
+mod outdated;
 pub mod output;
 mod progress;
 mod promote;
@@ -102,6 +106,14 @@ enum Command {
     Down(down::DownArgs),
     /// List baked images
     Images(images::ImagesArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
+    Completions(completions::CompletionsArgs),
+    /// Print the manual page (roff), or write one page per subcommand with --out
+    Man(man::ManArgs),
+    /// The four DORA keys from the ledger: deployment frequency, lead time, change-failure rate, time to restore
+    Metrics(metrics::MetricsArgs),
+    /// Stage images built on a base that a newer bake of the same base recipe has superseded
+    Outdated(outdated::OutdatedArgs),
     /// Internal: the stage endpoint proxy that `kiln deploy` starts, detached
     #[command(hide = true)]
     ProxyServe(proxy_serve::ProxyServeArgs),
@@ -283,6 +295,10 @@ pub fn main() -> std::process::ExitCode {
         Command::Gc(args) => gc::run(&ctx, args),
         Command::Down(args) => down::run(&ctx, args),
         Command::Images(args) => images::run(&ctx, args),
+        Command::Completions(args) => completions::run(&ctx, args),
+        Command::Man(args) => man::run(&ctx, args),
+        Command::Metrics(args) => metrics::run(&ctx, args),
+        Command::Outdated(args) => outdated::run(&ctx, args),
         Command::ProxyServe(args) => proxy_serve::run(&ctx, args),
     });
     match result {

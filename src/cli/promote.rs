@@ -16,7 +16,8 @@ pub struct PromoteArgs {
     /// Digest to promote (default: what is live in the previous stage; the newest bake for the first stage)
     #[arg(long)]
     pub digest: Option<String>,
-    /// Print the gate verdicts and change nothing (exit 3 if the promotion would be refused)
+    /// Print the gate verdicts and the provider calls the promotion (and its deployment) would make, in order,
+    /// and make none (exit 3 if the promotion would be refused)
     #[arg(long)]
     pub plan: bool,
     /// Record the promotion without deploying
@@ -28,10 +29,17 @@ pub fn run(ctx: &Ctx, args: PromoteArgs) -> Result<(), kiln::Error> {
     super::catch_interrupts()?;
     let options = PromoteOptions { stage: args.stage.clone(), digest: args.digest, plan: args.plan };
     let deploy = !args.no_deploy && !args.plan;
-    let (report, deployed) = ctx.with_engine(|engine| {
+    let (report, deployed, planned) = ctx.with_engine(|engine| {
         let report = promote::promote(engine, &options)?;
         let deployed = if deploy { Some(deploy::deploy(engine, &args.stage, Want::Promoted)?) } else { None };
-        Ok((report, deployed))
+        // The deployment the promotion would start, as if it were recorded; a refused promotion starts none.
+        let planned = if args.plan && !args.no_deploy && report.would_pass {
+            let stage = promote::stage(engine, &args.stage)?;
+            Some(deploy::plan_after_promotion(engine, stage, report.digest)?)
+        } else {
+            None
+        };
+        Ok((report, deployed, planned))
     })?;
     let doc = serde_json::json!({
         "stage": report.stage,
@@ -42,11 +50,22 @@ pub fn run(ctx: &Ctx, args: PromoteArgs) -> Result<(), kiln::Error> {
         "would_pass": report.would_pass,
         "gates": kiln::error::gates_json(&report.gates),
         "deployment": deployed,
+        "calls": report.calls,
+        "planned_deployment": planned,
     });
     ctx.out.emit(&doc, || {
         let mut out = render(&report);
         if let Some(deployed) = &deployed {
             out.push_str(&super::deploy::render(deployed));
+        }
+        if report.outcome == Outcome::Planned {
+            out.push_str(&format!("the promotion would call, in order:\n{}", super::deploy::numbered(&report.calls)));
+            match &planned {
+                Some(planned) => out.push_str(&super::deploy::render_plan(planned)),
+                None if args.no_deploy => out.push_str("no deployment (--no-deploy)\n"),
+                None => {}
+            }
+            out.push_str("plan only: no provider call made, nothing changed or recorded\n");
         }
         out
     })?;

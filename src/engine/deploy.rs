@@ -21,7 +21,7 @@ use crate::fault;
 use crate::ledger::event::RollbackRecord;
 use crate::ledger::view::{group_version, OpenDeploy, RENEWAL_STEP, TAKEOVER_STEP};
 use crate::ledger::{Decision, EventBody, GateVerdict, View};
-use crate::provider::{ImageRef, StageRef, Unhealthy};
+use crate::provider::{DeploySketch, GroupStart, ImageRef, StageRef, Unhealthy};
 use crate::Error;
 
 /// How far back `kiln` looks for the takeover that closed its deployment, to name who took over.
@@ -1008,4 +1008,127 @@ fn ready_timeout(ctx: &Context, stage: &Stage, image: &ImageRef) -> Result<Durat
     }
     let instance = super::bake::instance_of(ctx, image)?;
     Ok(instance.map(|i| i.ready_timeout()).unwrap_or(Duration::from_secs(60)))
+}
+
+/// What `--plan` shows of a deployment: what it would run, how it would get its group, and the provider calls it
+/// would make, in order. Decided from the ledger alone: the provider is asked nothing, so `assumed` says which
+/// facts came from the ledger that a real deployment reads from the provider first.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeployPlan {
+    pub stage: String,
+    pub digest: Digest,
+    pub image_ref: String,
+    pub group: String,
+    pub start: GroupStart,
+    pub previous_group: Option<String>,
+    pub rollback: bool,
+    pub assumed: Vec<String>,
+    pub calls: Vec<String>,
+}
+
+/// The plan of `kiln deploy` or `kiln rollback`: the same choice of digest (and the same refusals) as the real
+/// thing, judged against the ledger, and no provider call.
+pub fn plan_deploy(ctx: &Context, stage_name: &str, want: &Want) -> Result<DeployPlan, Error> {
+    let stage = super::promote::stage(ctx, stage_name)?;
+    let view = ctx.ledger.view()?;
+    let choice = choose(ctx, &view, stage, want)?;
+    sketch_deploy(ctx, &view, stage, choice)
+}
+
+/// The plan of the deployment a promotion of `digest` would start, as if the promotion were recorded.
+pub fn plan_after_promotion(ctx: &Context, stage: &Stage, digest: Digest) -> Result<DeployPlan, Error> {
+    let view = ctx.ledger.view()?;
+    if let Some(revocation) = view.revocation(&digest) {
+        return Err(refused_revoked(stage, &Want::Promoted, digest, revocation.reason));
+    }
+    sketch_deploy(ctx, &view, stage, Choice { digest, rollback: None, held: false })
+}
+
+fn sketch_deploy(ctx: &Context, view: &View, stage: &Stage, choice: Choice) -> Result<DeployPlan, Error> {
+    let digest = choice.digest;
+    let record = view.image(&digest).ok_or_else(|| Error::usage(format!("{digest} is not an image in this ledger")))?;
+    let image = record.image(digest);
+    let there = view.stage(&ctx.pipeline.name, &stage.name).cloned().unwrap_or_default();
+    let live = there.live.clone();
+    let mut assumed = Vec::new();
+    if let Some(open) = &there.open {
+        assumed.push(format!(
+            "deployment {} ({} by {}) is open: kiln would first finish or undo it, going by what the provider \
+             serves (or exit 5 while {} holds its lease), and these calls come after",
+            open.deploy_id, open.group, open.actor, open.holder
+        ));
+    }
+    // The groups the ledger says exist: the live one and those the last retirement kept.
+    let existing: Vec<String> = live
+        .iter()
+        .map(|l| l.group.clone())
+        .chain(live.as_ref().map_or_else(Vec::new, |l| kept_groups(view, ctx, stage, &l.group, None)))
+        .collect();
+    let digest_of = |group: &str| live.iter().chain(there.history.iter()).find(|l| l.group == group).map(|l| l.digest);
+    let serving = live.as_ref().map(|l| l.group.clone());
+    match &serving {
+        Some(group) => assumed.push(format!("{group} serves {} (the ledger's live deployment)", stage.name)),
+        None => assumed.push(format!("nothing serves {} (the ledger records no live deployment)", stage.name)),
+    }
+    let (group, start) = if live.as_ref().is_some_and(|l| l.digest == digest) {
+        let group = serving.clone().unwrap_or_default();
+        assumed.push(format!("{group} still exists and runs {}", digest.short()));
+        (group, GroupStart::Live)
+    } else {
+        let kept = choice.rollback.as_ref().and_then(|_| {
+            existing.iter().filter(|g| Some(*g) != serving.as_ref() && digest_of(g) == Some(digest)).max().cloned()
+        });
+        match kept {
+            Some(group) => {
+                assumed.push(format!("{group} is kept, parked, for a rollback to {}", digest.short()));
+                (group, GroupStart::Reenabled)
+            }
+            None => (group_name(ctx, stage, there.versions + 1), GroupStart::New),
+        }
+    };
+    let (park, destroy) = if start == GroupStart::Live {
+        (Vec::new(), Vec::new())
+    } else {
+        let previous = serving.as_deref().filter(|p| *p != group);
+        let keep = kept_groups(view, ctx, stage, &group, previous);
+        let destroy = existing.iter().filter(|g| **g != group && !keep.contains(g)).cloned().collect();
+        (previous.map(str::to_string).into_iter().collect(), destroy)
+    };
+    if !destroy.is_empty() {
+        assumed.push(format!(
+            "no group of {} exists beyond those the ledger keeps (a real deployment retires whatever else it finds)",
+            stage.name
+        ));
+    }
+    let sketch = DeploySketch {
+        image: image.clone(),
+        group: group.clone(),
+        start,
+        previous: serving.clone().filter(|p| *p != group),
+        park,
+        destroy,
+        pointer_first: choice.rollback.is_some(),
+        first: there.versions == 0,
+        alarms: stage
+            .verify
+            .iter()
+            .filter_map(|c| match c {
+                VerifyCheck::Alarm { name } => Some(name.clone()),
+                VerifyCheck::Command { .. } => None,
+            })
+            .collect(),
+        verify: stage.verify_for.is_some(),
+    };
+    let calls = ctx.fleet.plan_deploy(stage_ref(ctx, stage), &sketch);
+    Ok(DeployPlan {
+        stage: stage.name.clone(),
+        digest,
+        image_ref: image.image_ref,
+        group,
+        start,
+        previous_group: sketch.previous,
+        rollback: choice.rollback.is_some(),
+        assumed,
+        calls,
+    })
 }

@@ -8,6 +8,8 @@ pub mod drift;
 pub mod gate;
 pub mod gc;
 pub mod lineage;
+pub mod metrics;
+pub mod outdated;
 pub mod promote;
 pub mod recipe_key;
 #[cfg(test)]

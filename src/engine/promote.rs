@@ -51,6 +51,8 @@ pub struct PromoteReport {
     pub seq: Option<u64>,
     /// With --plan: whether every gate passed.
     pub would_pass: bool,
+    /// With --plan: the provider calls the promotion would make, in order (none made); empty otherwise.
+    pub calls: Vec<String>,
 }
 
 pub fn stage<'a>(ctx: &'a Context, name: &str) -> Result<&'a Stage, Error> {
@@ -136,12 +138,12 @@ pub fn promote(ctx: &Context, options: &PromoteOptions) -> Result<PromoteReport,
     // Gates that do not depend on the ledger are judged once, outside the append loop.
     let (image, content) = if options.plan {
         let image = record.image(digest);
-        let content = content_verdict(ctx, stage, &image, true);
+        let content = planned_content_verdict(stage, &image);
         (image, content)
     } else {
         match distribute(ctx, stage, &record, digest) {
             Ok(image) => {
-                let content = content_verdict(ctx, stage, &image, false);
+                let content = content_verdict(ctx, stage, &image);
                 (image, content)
             }
             // The stage cannot rely on copies that could not be made (the image gone from its home region, a
@@ -162,9 +164,18 @@ pub fn promote(ctx: &Context, options: &PromoteOptions) -> Result<PromoteReport,
         stage,
         digest,
         image_ref: &image.image_ref,
+        // Asked of the provider (AWS: load balancer reads) only for a gate that is told it: a plan of a stage
+        // without command gates makes no provider call at all.
         previous_endpoint: previous_stage(ctx, stage)
+            .filter(|_| stage.gates.iter().any(|g| matches!(g, Gate::Command { .. })))
             .and_then(|p| ctx.fleet.endpoint(StageRef { pipeline: &ctx.pipeline.name, stage: p })),
     });
+    let last_stage = ctx.pipeline.stages.last().is_some_and(|last| last.name == stage.name);
+    let calls = if options.plan {
+        ctx.images.plan_promote(StageRef { pipeline: &ctx.pipeline.name, stage }, &image, last_stage)
+    } else {
+        Vec::new()
+    };
 
     let (report, stored) = ctx.ledger.append::<PromoteReport, Error>(ctx.actor, ctx.clock, |view| {
         let gates = ordered_verdicts(
@@ -182,6 +193,7 @@ pub fn promote(ctx: &Context, options: &PromoteOptions) -> Result<PromoteReport,
             outcome,
             seq: None,
             would_pass: passed,
+            calls: calls.clone(),
         };
         if options.plan {
             return Ok(Decision::Skip(report(Outcome::Planned)));
@@ -233,7 +245,7 @@ pub fn promote(ctx: &Context, options: &PromoteOptions) -> Result<PromoteReport,
                 ),
             })
         })?;
-        if ctx.pipeline.stages.last().is_some_and(|last| last.name == stage.name) {
+        if last_stage {
             ctx.images.protect(&image).map_err(|err| {
                 Error::Provider(crate::provider::ProviderError::Other {
                     provider: ctx.images.name(),
@@ -370,9 +382,8 @@ impl Missing {
 }
 
 /// The content gate: every copy the stage relies on still matches the digest (the provider names a copy that does
-/// not), and none is missing. With `plan` nothing was distributed yet, so a missing copy is what promotion would
-/// make, not a failure.
-fn content_verdict(ctx: &Context, stage: &Stage, image: &ImageRef, plan: bool) -> GateVerdict {
+/// not), and none is missing.
+fn content_verdict(ctx: &Context, stage: &Stage, image: &ImageRef) -> GateVerdict {
     let (copies, missing) = relied_on(stage, image);
     let checked = ImageRef { copies, ..image.clone() };
     let verdict = |passed: bool, detail: String| GateVerdict {
@@ -381,21 +392,42 @@ fn content_verdict(ctx: &Context, stage: &Stage, image: &ImageRef, plan: bool) -
         detail,
         evidence: serde_json::Value::Null,
     };
-    if !plan && !missing.is_empty() {
+    if !missing.is_empty() {
         let reasons: Vec<String> = missing.iter().map(|m| m.describe(&image.digest, false)).collect();
         return verdict(false, reasons.join("; "));
     }
     if let Err(err) = ctx.images.verify_image(&checked) {
         return verdict(false, err.to_string());
     }
-    let mut detail = match checked.copies.len() {
+    let detail = match checked.copies.len() {
         0 => format!("{} still matches {}", image.image_ref, image.digest.short()),
         n => format!("{} and its {n} cop{} still match {}", image.image_ref, plural_y(n), image.digest.short()),
+    };
+    verdict(true, detail)
+}
+
+/// The content gate as a plan judges it: from the ledger's record alone, since checking the copies is a provider
+/// call (AWS: DescribeImages), which a plan lists rather than makes. It passes unless the promotion itself finds
+/// otherwise, and says so.
+fn planned_content_verdict(stage: &Stage, image: &ImageRef) -> GateVerdict {
+    let (copies, missing) = relied_on(stage, image);
+    let mut detail = match copies.len() {
+        0 => format!(
+            "not checked by a plan: promotion re-checks that {} still matches {}",
+            image.image_ref,
+            image.digest.short()
+        ),
+        n => format!(
+            "not checked by a plan: promotion re-checks that {} and its {n} recorded cop{} still match {}",
+            image.image_ref,
+            plural_y(n),
+            image.digest.short()
+        ),
     };
     for gap in &missing {
         detail.push_str(&format!("; {}", gap.describe(&image.digest, true)));
     }
-    verdict(true, detail)
+    GateVerdict { gate: "content".into(), passed: true, detail, evidence: serde_json::Value::Null }
 }
 
 fn plural_y(n: usize) -> &'static str {
@@ -646,7 +678,7 @@ mod tests {
         );
         // The gate fails on a missing copy, naming it, when promotion should have made it.
         world.memory.add_image(digest);
-        let verdict = world.with(|ctx| content_verdict(ctx, dev, &image(vec![]), false));
+        let verdict = world.with(|ctx| content_verdict(ctx, dev, &image(vec![])));
         assert!(!verdict.passed);
         assert_eq!(
             verdict.detail,

@@ -258,6 +258,10 @@ impl ImageProvider for Faulty<'_> {
         self.injector.before("image_users")?;
         self.images.image_users(image)
     }
+    // A plan makes no call, so there is nothing to inject a fault into: passed through without counting.
+    fn plan_promote(&self, stage: StageRef, image: &ImageRef, protect: bool) -> Vec<String> {
+        self.images.plan_promote(stage, image, protect)
+    }
 }
 
 impl Fleet for Faulty<'_> {
@@ -334,6 +338,10 @@ impl Fleet for Faulty<'_> {
     ) -> Result<Vec<super::StrayInstance>, ProviderError> {
         self.injector.before("stray_instances")?;
         self.fleet.stray_instances(stage, group, image)
+    }
+
+    fn plan_deploy(&self, stage: StageRef, sketch: &super::DeploySketch) -> Vec<String> {
+        self.fleet.plan_deploy(stage, sketch)
     }
 }
 

@@ -209,6 +209,14 @@ impl ImageProvider for MemoryProvider {
     fn image_users(&self, image: &ImageRef) -> Result<Vec<String>, ProviderError> {
         Ok(self.state().users.get(&image.digest).cloned().unwrap_or_default())
     }
+    fn plan_promote(&self, stage: StageRef, image: &ImageRef, protect: bool) -> Vec<String> {
+        let mut calls = vec![format!("memory: check that {} is still held", image.image_ref)];
+        calls.push(format!("memory: point {} at {}", key(stage), image.digest.short()));
+        if protect {
+            calls.push(format!("memory: protect {}", image.digest.short()));
+        }
+        calls
+    }
 }
 
 impl Fleet for MemoryProvider {
@@ -320,5 +328,13 @@ impl Fleet for MemoryProvider {
                 expected: image.digest.to_string(),
             })
             .collect())
+    }
+
+    fn plan_deploy(&self, _stage: StageRef, sketch: &super::DeploySketch) -> Vec<String> {
+        let mut calls = vec![format!("memory: launch {}", sketch.group)];
+        calls.extend(sketch.previous.iter().map(|p| format!("memory: route from {p} to {}", sketch.group)));
+        calls.extend(sketch.park.iter().map(|g| format!("memory: park {g}")));
+        calls.extend(sketch.destroy.iter().map(|g| format!("memory: destroy {g}")));
+        calls
     }
 }

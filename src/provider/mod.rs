@@ -172,6 +172,10 @@ pub trait ImageProvider {
     /// What outside kiln's ledger still uses the image (AWS: launch template versions naming one of its AMIs), so
     /// that gc leaves it alone. Empty when nothing does.
     fn image_users(&self, image: &ImageRef) -> Result<Vec<String>, ProviderError>;
+    /// The calls a promotion of `image` to the stage would make, in order, without making any: the content
+    /// gate's check of the copies the ledger records, the copies and shares the stage still lacks (judged from
+    /// `image.copies` alone), the stage pointer's write, and with `protect` (the last stage) the protection.
+    fn plan_promote(&self, stage: StageRef, image: &ImageRef, protect: bool) -> Vec<String>;
 }
 
 /// Everything the engine needs of one provider: images and the groups that run them.
@@ -286,6 +290,42 @@ pub trait Fleet {
     /// The state of a monitoring alarm a verification window watches (AWS: a CloudWatch alarm in the stage's
     /// region). An error when the provider has no alarms, or the alarm does not exist.
     fn alarm(&self, stage: StageRef, name: &str) -> Result<AlarmState, ProviderError>;
+    /// The calls the deployment `sketch` describes would make, in order, without making any (polls named once,
+    /// as polls).
+    fn plan_deploy(&self, stage: StageRef, sketch: &DeploySketch) -> Vec<String>;
+}
+
+/// How a planned deployment gets its group, as the engine decided it from the ledger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GroupStart {
+    /// A new group, from a new launch (AWS: a new launch template version).
+    New,
+    /// A kept group of the digest, scaled back up (a rollback).
+    Reenabled,
+    /// The group that runs the digest already: only checked, and healed in place if it lacks instances.
+    Live,
+}
+
+/// What a deployment would do, decided from the ledger alone, for [`Fleet::plan_deploy`] to describe as calls.
+#[derive(Debug, Clone)]
+pub struct DeploySketch {
+    pub image: ImageRef,
+    pub group: String,
+    pub start: GroupStart,
+    /// The group serving now, which traffic leaves (and the window would return to).
+    pub previous: Option<String>,
+    /// Groups retired after the cutover: parked (scaled to zero, kept for rollback) and destroyed.
+    pub park: Vec<String>,
+    pub destroy: Vec<String>,
+    /// A rollback writes the stage pointer as it starts.
+    pub pointer_first: bool,
+    /// No group of the stage was ever made (AWS: its launch template does not exist yet).
+    pub first: bool,
+    /// Alarms the verification window watches (each checked to exist before anything changes).
+    pub alarms: Vec<String>,
+    /// The stage has a verification window.
+    pub verify: bool,
 }
 
 /// An instance of a group that does not run the group's image: what `kiln verify` reports as drift.

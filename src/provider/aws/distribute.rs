@@ -2,13 +2,10 @@
 //! explicitly, since CopyImage drops them), launch permissions for other accounts (never `all`), and re-checking
 //! every copy before promotion relies on it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use aws_sdk_ec2::types::{
-    CreateVolumePermission, CreateVolumePermissionModifications, ImageAttributeName, LaunchPermission,
-    LaunchPermissionModifications,
-};
+use aws_sdk_ec2::types::{ImageAttributeName, LaunchPermission, LaunchPermissionModifications};
 
 use super::ami::{self, TAG_DIGEST};
 use super::{sdk, AwsProvider};
@@ -170,15 +167,15 @@ fn share(provider: &AwsProvider, copy: &ImageCopy, account: &str) -> Result<(), 
         .block_on(ec2.modify_image_attribute().image_id(&copy.id).launch_permission(permission).send())
         .map_err(|e| sdk::error("ec2:ModifyImageAttribute", region, &e))?;
     for snapshot in &copy.snapshots {
-        let volumes = CreateVolumePermissionModifications::builder()
-            .add(CreateVolumePermission::builder().user_id(account).build())
-            .build();
+        // `OperationType=add` with `UserId.N` rather than `CreateVolumePermission.Add`: EC2 takes both, and moto
+        // ignores the latter, so only this form lets the tests see the share.
         provider
             .block_on(
                 ec2.modify_snapshot_attribute()
                     .snapshot_id(snapshot)
                     .attribute(aws_sdk_ec2::types::SnapshotAttributeName::CreateVolumePermission)
-                    .create_volume_permission(volumes)
+                    .operation_type(aws_sdk_ec2::types::OperationType::Add)
+                    .user_ids(account)
                     .send(),
             )
             .map_err(|e| sdk::error("ec2:ModifySnapshotAttribute", region, &e))?;
@@ -203,9 +200,15 @@ pub fn verify(provider: &AwsProvider, image: &ImageRef) -> Result<(), ProviderEr
         ids.dedup();
         let found = provider.describe_images(region, &ids)?;
         let mut checked_shares: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        // A region's AMI and its shares with accounts are one AMI: what is wrong with it is said once.
+        let mut broken: BTreeSet<String> = BTreeSet::new();
         for copy in copies {
+            if broken.contains(&copy.id) {
+                continue;
+            }
             let image_found = found.iter().find(|i| i.image_id() == Some(copy.id.as_str()));
             if let Some(problem) = ami::copy_problem(copy, image_found, &image.digest) {
+                broken.insert(copy.id.clone());
                 problems.push(problem);
                 continue;
             }

@@ -755,6 +755,10 @@ impl Fleet for AwsProvider {
         Ok(strays)
     }
 
+    fn plan_deploy(&self, stage: StageRef, sketch: &crate::provider::DeploySketch) -> Vec<String> {
+        super::plan::deploy(self, stage, sketch)
+    }
+
     fn stop_stage(&self, stage: StageRef) -> Result<(), ProviderError> {
         Err(invalid(format!(
             "`kiln down` stops local stages only; on AWS, retiring stage {} is `kiln gc`'s job, so that no command \

@@ -96,6 +96,20 @@ pub fn image_users(provider: &AwsProvider, image: &ImageRef) -> Result<Vec<Strin
     Ok(users)
 }
 
+/// The builders among `instances` launched more than [`BUILDER_MAX_AGE`] before `now`. One without a launch time,
+/// or launched after `now` (clock skew), is left alone: terminating a bake's builder mid-bake is worse than waiting.
+fn orphans<'a>(instances: impl Iterator<Item = &'a aws_sdk_ec2::types::Instance>, now: SystemTime) -> Vec<String> {
+    instances
+        .filter(|i| {
+            i.launch_time()
+                .and_then(|t| SystemTime::try_from(*t).ok())
+                .and_then(|t| now.duration_since(t).ok())
+                .is_some_and(|age| age > BUILDER_MAX_AGE)
+        })
+        .filter_map(|i| i.instance_id().map(str::to_string))
+        .collect()
+}
+
 /// Terminates builders (instances tagged `kiln:role=builder`) older than an hour in the pipeline's region: what a
 /// bake killed with SIGKILL could not clean up. Frees no bytes kiln can count, so it returns 0.
 pub fn sweep_builders(provider: &AwsProvider) -> Result<u64, ProviderError> {
@@ -117,19 +131,7 @@ pub fn sweep_builders(provider: &AwsProvider) -> Result<u64, ProviderError> {
                 .send(),
         )
         .map_err(|e| sdk::error("ec2:DescribeInstances", region, &e))?;
-    let now = SystemTime::now();
-    let old: Vec<String> = out
-        .reservations()
-        .iter()
-        .flat_map(|r| r.instances())
-        .filter(|i| {
-            i.launch_time()
-                .and_then(|t| SystemTime::try_from(*t).ok())
-                .and_then(|t| now.duration_since(t).ok())
-                .is_some_and(|age| age > BUILDER_MAX_AGE)
-        })
-        .filter_map(|i| i.instance_id().map(str::to_string))
-        .collect();
+    let old = orphans(out.reservations().iter().flat_map(|r| r.instances()), SystemTime::now());
     if old.is_empty() {
         return Ok(0);
     }
@@ -138,4 +140,28 @@ pub fn sweep_builders(provider: &AwsProvider) -> Result<u64, ProviderError> {
         .block_on(ec2.terminate_instances().set_instance_ids(Some(old)).send())
         .map_err(|e| sdk::error("ec2:TerminateInstances", region, &e))?;
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_sdk_ec2::primitives::DateTime;
+    use aws_sdk_ec2::types::Instance;
+
+    fn launched(id: &str, at: Option<SystemTime>) -> Instance {
+        Instance::builder().instance_id(id).set_launch_time(at.map(DateTime::from)).build()
+    }
+
+    #[test]
+    fn only_builders_older_than_an_hour_are_orphans() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let instances = [
+            launched("i-old", Some(now - BUILDER_MAX_AGE - Duration::from_secs(1))),
+            launched("i-exactly-an-hour", Some(now - BUILDER_MAX_AGE)),
+            launched("i-baking", Some(now - Duration::from_secs(600))),
+            launched("i-from-the-future", Some(now + Duration::from_secs(600))),
+            launched("i-no-launch-time", None),
+        ];
+        assert_eq!(orphans(instances.iter(), now), ["i-old"]);
+    }
 }

@@ -1,5 +1,5 @@
 //! The AWS provider: AMIs baked through EC2 and SSM Run Command, distributed by CopyImage and launch permissions,
-//! and the S3 ledger store. The only module that names `aws_sdk_*` and `aws_config` types. The engine is
+//! deployed as Auto Scaling groups behind a target group, and the S3 ledger store. The only module that names `aws_sdk_*` and `aws_config` types. The engine is
 //! synchronous: the provider owns a current-thread tokio runtime and blocks on each call at the trait boundary.
 
 pub mod ami;
@@ -9,6 +9,7 @@ mod distribute;
 pub mod faults;
 mod fleet;
 mod gc;
+mod plan;
 pub mod s3_store;
 pub mod sdk;
 
@@ -247,6 +248,10 @@ impl ImageProvider for AwsProvider {
 
     fn image_users(&self, image: &ImageRef) -> Result<Vec<String>, ProviderError> {
         gc::image_users(self, image)
+    }
+
+    fn plan_promote(&self, stage: StageRef, image: &ImageRef, protect: bool) -> Vec<String> {
+        plan::promote(self, stage, image, protect)
     }
 }
 

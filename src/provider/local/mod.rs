@@ -4,6 +4,7 @@
 pub mod fleet;
 pub mod layer;
 pub mod oci;
+mod plan;
 pub mod provision;
 pub mod proxy;
 pub mod stage;
@@ -453,6 +454,10 @@ impl ImageProvider for LocalProvider {
     fn image_users(&self, _image: &ImageRef) -> Result<Vec<String>, ProviderError> {
         // Local instances run from images kiln's own groups name, which gc already keeps (Fleet::groups).
         Ok(Vec::new())
+    }
+
+    fn plan_promote(&self, stage: StageRef, image: &ImageRef, protect: bool) -> Vec<String> {
+        plan::promote(stage, image, protect)
     }
 }
 

@@ -390,6 +390,10 @@ impl Fleet for LocalProvider {
         Ok(Vec::new())
     }
 
+    fn plan_deploy(&self, stage: StageRef, sketch: &crate::provider::DeploySketch) -> Vec<String> {
+        super::plan::deploy(stage, sketch)
+    }
+
     fn stop_stage(&self, stage: StageRef) -> Result<(), ProviderError> {
         for info in self.groups(stage)? {
             self.park(stage, &info.name)?;
