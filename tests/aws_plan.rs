@@ -115,7 +115,8 @@ fn plans_make_no_aws_call_and_list_the_changes_the_real_commands_then_make_in_or
             "ssm:PutParameter",
             "ec2:CreateLaunchTemplate",
             "autoscaling:CreateAutoScalingGroup",
-            "autoscaling:AttachLoadBalancerTargetGroups"
+            "autoscaling:AttachLoadBalancerTargetGroups",
+            "autoscaling:CreateOrUpdateTags"
         ]
     );
     let real = recorded(&moto, &repo, &["promote", "--stage", "dev", "--json"]);
@@ -138,6 +139,7 @@ fn plans_make_no_aws_call_and_list_the_changes_the_real_commands_then_make_in_or
             "ec2:CreateLaunchTemplateVersion",
             "autoscaling:CreateAutoScalingGroup",
             "autoscaling:AttachLoadBalancerTargetGroups",
+            "autoscaling:CreateOrUpdateTags",
             "autoscaling:DetachLoadBalancerTargetGroups",
             "autoscaling:UpdateAutoScalingGroup"
         ]
@@ -157,6 +159,7 @@ fn plans_make_no_aws_call_and_list_the_changes_the_real_commands_then_make_in_or
             "ssm:PutParameter",
             "autoscaling:UpdateAutoScalingGroup",
             "autoscaling:AttachLoadBalancerTargetGroups",
+            "autoscaling:CreateOrUpdateTags",
             "autoscaling:DetachLoadBalancerTargetGroups",
             "autoscaling:UpdateAutoScalingGroup"
         ]

@@ -1,8 +1,8 @@
 //! Drift: where the provider no longer matches the ledger — an image that is gone or whose content changed (a
 //! deleted one too, while a stage of any pipeline still promotes, runs or keeps it), a stage pointer that no longer
 //! names what the ledger last published, a live group that is missing, short of instances or running another
-//! digest, an endpoint that is down. A stage stopped on purpose with
-//! `kiln down` is reported as stopped, not as drift.
+//! digest, an instance of a live group that runs another image than its group (as the instance says), an endpoint
+//! that is down. A stage stopped on purpose with `kiln down` is reported as stopped, not as drift.
 
 use std::collections::BTreeMap;
 
@@ -136,6 +136,23 @@ pub fn check(ctx: &Context) -> Result<Report, Error> {
                 actor: stop.actor.clone(),
             });
             continue;
+        }
+        // The group's tags say what kiln launched; each instance says what it runs, which is what serves.
+        if let (Some(g), Some(record)) = (group.filter(|g| g.digest == live.digest), view.image(&live.digest)) {
+            for stray in ctx.fleet.stray_instances(target, &g.name, &record.image(live.digest))? {
+                report.drift.push(Drift {
+                    subject: subject.clone(),
+                    problem: format!(
+                        "instance {} of group {} runs {}, not {} (the recorded image of {}): it was changed \
+                         outside kiln",
+                        stray.instance,
+                        g.name,
+                        stray.runs,
+                        stray.expected,
+                        live.digest.short()
+                    ),
+                });
+            }
         }
         let problem = match group {
             None => format!("live group {} does not exist", live.group),

@@ -391,6 +391,24 @@ fn drift_names_a_group_that_runs_another_digest() {
 }
 
 #[test]
+fn drift_names_an_instance_that_runs_another_image_than_its_group() {
+    let (world, _, two) = World::one_live_two_promoted();
+    world.deploy("a", 10).unwrap();
+    let live = world.memory.serving_of(world.stage()).unwrap();
+    let clean = world.as_kiln("auditor", 20, super::drift::check).unwrap();
+    assert!(clean.drift.is_empty(), "{:?}", clean.drift);
+
+    // The group's record still says `two`; one of its instances was relaunched from another image.
+    let stranger = Digest::of(b"stranger");
+    world.memory.relaunch_instance(world.stage(), &live, "i-0stray", stranger);
+    let drift = world.as_kiln("auditor", 30, super::drift::check).unwrap();
+    assert_eq!(drift.drift.len(), 1, "{:?}", drift.drift);
+    let problem = &drift.drift[0].problem;
+    assert!(problem.contains(&format!("instance i-0stray of group {live} runs {stranger}")), "{problem}");
+    assert!(problem.contains(&two.short()), "{problem}");
+}
+
+#[test]
 fn a_heal_restarts_lost_instances_in_the_live_group_without_a_window_or_a_new_group() {
     let (world, _, two) = World::one_live_two_promoted_with(WINDOW);
     world.deploy("a", 10).unwrap();

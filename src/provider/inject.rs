@@ -330,6 +330,16 @@ impl Fleet for Faulty<'_> {
         self.injector.before("alarm")?;
         self.fleet.alarm(stage, name)
     }
+    fn stray_instances(
+        &self,
+        stage: StageRef,
+        group: &str,
+        image: &super::ImageRef,
+    ) -> Result<Vec<super::StrayInstance>, ProviderError> {
+        self.injector.before("stray_instances")?;
+        self.fleet.stray_instances(stage, group, image)
+    }
+
     fn plan_deploy(&self, stage: StageRef, sketch: &super::DeploySketch) -> Vec<String> {
         self.fleet.plan_deploy(stage, sketch)
     }

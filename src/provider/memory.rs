@@ -35,6 +35,8 @@ struct State {
     copies: BTreeMap<Digest, Vec<ImageCopy>>,
     /// What outside kiln uses an image, as `image_users` reports it.
     users: BTreeMap<Digest, Vec<String>>,
+    /// "pipeline/stage/group" → instances relaunched behind kiln's back, with what each runs.
+    strays: BTreeMap<String, Vec<(String, Digest)>>,
 }
 
 #[derive(Default)]
@@ -90,6 +92,12 @@ impl MemoryProvider {
     }
 
     /// Stops one instance of the group, as a crash of that instance would.
+    /// Replaces one of the group's instances with one that runs `digest`, as someone relaunching it by hand would:
+    /// the group's own record is unchanged.
+    pub fn relaunch_instance(&self, stage: StageRef, group: &str, instance: &str, digest: Digest) {
+        self.state().strays.entry(format!("{}/{group}", key(stage))).or_default().push((instance.into(), digest));
+    }
+
     pub fn kill_instance(&self, stage: StageRef, group: &str) {
         if let Some(g) = self.state().groups.get_mut(&key(stage)).and_then(|gs| gs.get_mut(group)) {
             g.running = g.running.saturating_sub(1);
@@ -303,6 +311,25 @@ impl Fleet for MemoryProvider {
     fn alarm(&self, _stage: StageRef, name: &str) -> Result<super::AlarmState, ProviderError> {
         Err(ProviderError::Other { provider: "memory", message: format!("no alarm `{name}` in memory") })
     }
+    fn stray_instances(
+        &self,
+        stage: StageRef,
+        group: &str,
+        image: &ImageRef,
+    ) -> Result<Vec<super::StrayInstance>, ProviderError> {
+        let state = self.state();
+        let strays = state.strays.get(&format!("{}/{group}", key(stage))).cloned().unwrap_or_default();
+        Ok(strays
+            .into_iter()
+            .filter(|(_, runs)| *runs != image.digest)
+            .map(|(instance, runs)| super::StrayInstance {
+                instance,
+                runs: runs.to_string(),
+                expected: image.digest.to_string(),
+            })
+            .collect())
+    }
+
     fn plan_deploy(&self, _stage: StageRef, sketch: &super::DeploySketch) -> Vec<String> {
         let mut calls = vec![format!("memory: launch {}", sketch.group)];
         calls.extend(sketch.previous.iter().map(|p| format!("memory: route from {p} to {}", sketch.group)));

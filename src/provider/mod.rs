@@ -277,6 +277,16 @@ pub trait Fleet {
     fn endpoint_up(&self, stage: StageRef) -> bool;
     /// Stops everything the stage runs, endpoint included (local `kiln down`).
     fn stop_stage(&self, stage: StageRef) -> Result<(), ProviderError>;
+    /// The instances of `group` that run something other than `image`, as each instance itself says (AWS: EC2's
+    /// ImageId of the instance, not the group's tags or launch template, which an instance relaunched by hand need
+    /// not follow). Empty when every instance runs it, or when the provider has no instance apart from its group's
+    /// record (local: instances are started from the group's own image).
+    fn stray_instances(
+        &self,
+        stage: StageRef,
+        group: &str,
+        image: &ImageRef,
+    ) -> Result<Vec<StrayInstance>, ProviderError>;
     /// The state of a monitoring alarm a verification window watches (AWS: a CloudWatch alarm in the stage's
     /// region). An error when the provider has no alarms, or the alarm does not exist.
     fn alarm(&self, stage: StageRef, name: &str) -> Result<AlarmState, ProviderError>;
@@ -316,6 +326,16 @@ pub struct DeploySketch {
     pub alarms: Vec<String>,
     /// The stage has a verification window.
     pub verify: bool,
+}
+
+/// An instance of a group that does not run the group's image: what `kiln verify` reports as drift.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StrayInstance {
+    pub instance: String,
+    /// What it runs instead (an AMI id).
+    pub runs: String,
+    /// What it should run (an AMI id).
+    pub expected: String,
 }
 
 /// An alarm as its monitoring service reports it.

@@ -17,10 +17,16 @@ use super::ami::{self, TAG_DIGEST, TAG_PIPELINE};
 use super::{sdk, AwsProvider};
 use crate::config::StageDeploy;
 use crate::digest::Digest;
-use crate::provider::{Fleet, GroupHealth, GroupInfo, ImageRef, PollCadence, ProviderError, StageRef, Unhealthy};
+use crate::provider::{
+    Fleet, GroupHealth, GroupInfo, ImageRef, PollCadence, ProviderError, StageRef, StrayInstance, Unhealthy,
+};
 
 pub const TAG_STAGE: &str = "kiln:stage";
 pub const TAG_GROUP: &str = "kiln:group";
+/// Written on a group by `route`: the stage's route generation (1, 2, …). A group is attached to the target group
+/// from its launch (so its targets can turn healthy before the cutover), so attachment alone does not say which
+/// group the stage was routed to; the highest generation among the attached groups does.
+pub const TAG_ROUTED: &str = "kiln:routed";
 const DEFAULT_INSTANCE_TYPE: &str = "t3.small";
 /// Waited for when the target group does not say its deregistration delay.
 const DEFAULT_DRAIN: Duration = Duration::from_secs(300);
@@ -128,6 +134,11 @@ pub fn pointer(provider: &AwsProvider, stage: StageRef) -> Result<Option<Digest>
 
 fn tag_of<'a>(tags: &'a [aws_sdk_autoscaling::types::TagDescription], key: &str) -> Option<&'a str> {
     tags.iter().find(|t| t.key() == Some(key)).and_then(|t| t.value())
+}
+
+/// The route generation `route` wrote on the group; `None` for a group traffic was never routed to.
+fn routed(group: &aws_sdk_autoscaling::types::AutoScalingGroup) -> Option<u64> {
+    tag_of(group.tags(), TAG_ROUTED).and_then(|v| v.parse().ok())
 }
 
 impl AwsProvider {
@@ -324,14 +335,16 @@ impl Fleet for AwsProvider {
 
     fn serving(&self, stage: StageRef) -> Result<Option<String>, ProviderError> {
         let Ok(target) = deploy_target(stage) else { return Ok(None) };
-        // The newest attached group: a cutover that crashed between attach and detach leaves two, and the newer
-        // one is what the deployment meant to serve.
+        // A new group is attached from its launch, so a deploy that crashed before its cutover leaves two attached
+        // groups, and a cutover that crashed before detaching the old one does too: the one routed to last is what
+        // the stage serves. An attached group never routed to serves nothing yet.
         Ok(self
             .stage_groups(stage)?
             .iter()
             .filter(|g| g.target_group_arns().iter().any(|arn| arn == &target.target_group))
-            .filter_map(|g| g.auto_scaling_group_name().map(str::to_string))
-            .max())
+            .filter_map(|g| Some((routed(g)?, g.auto_scaling_group_name()?.to_string())))
+            .max()
+            .map(|(_, name)| name))
     }
 
     fn launch(
@@ -502,6 +515,24 @@ impl Fleet for AwsProvider {
         if !new.target_group_arns().iter().any(|arn| arn == &target.target_group) {
             self.attach(&region, group, &target.target_group)?;
         }
+        // The cutover is this tag: from here on `serving` names the new group, whatever a crash leaves attached.
+        let generation = groups.iter().filter_map(routed).max().unwrap_or(0) + 1;
+        self.block_on(
+            self.clients(&region)
+                .autoscaling
+                .create_or_update_tags()
+                .tags(
+                    AsgTag::builder()
+                        .key(TAG_ROUTED)
+                        .value(generation.to_string())
+                        .propagate_at_launch(false)
+                        .resource_id(group)
+                        .resource_type("auto-scaling-group")
+                        .build(),
+                )
+                .send(),
+        )
+        .map_err(|e| sdk::error("autoscaling:CreateOrUpdateTags", &region, &e))?;
         // Then the others leave: their targets drain for the target group's deregistration delay.
         for old in groups.iter().filter(|g| g.auto_scaling_group_name() != Some(group)) {
             if old.target_group_arns().iter().any(|arn| arn == &target.target_group) {
@@ -553,6 +584,20 @@ impl Fleet for AwsProvider {
     fn park(&self, stage: StageRef, group: &str) -> Result<(), ProviderError> {
         let region = deploy_region(self, stage);
         let autoscaling = self.clients(&region).autoscaling;
+        // A parked group leaves the target group too: a deploy finished after a crash mid-cutover parks the old
+        // group while it is still attached, and `launch` attaches a kept group again when it comes back.
+        if let (Ok(target), Some(found)) = (deploy_target(stage), self.stage_group(stage, group)?) {
+            if found.target_group_arns().iter().any(|arn| arn == &target.target_group) {
+                self.block_on(
+                    autoscaling
+                        .detach_load_balancer_target_groups()
+                        .auto_scaling_group_name(group)
+                        .target_group_arns(&target.target_group)
+                        .send(),
+                )
+                .map_err(|e| sdk::error("autoscaling:DetachLoadBalancerTargetGroups", &region, &e))?;
+            }
+        }
         self.block_on(
             autoscaling
                 .update_auto_scaling_group()
@@ -588,10 +633,32 @@ impl Fleet for AwsProvider {
                     .and_then(|t| t.default_version_number())
                     .map(|v| v.to_string());
                 if default.as_deref() != Some(version) {
-                    self.block_on(
-                        ec2.delete_launch_template_versions().launch_template_id(id).versions(version).send(),
-                    )
-                    .map_err(|e| sdk::error("ec2:DeleteLaunchTemplateVersions", &region, &e))?;
+                    let call = ec2
+                        .delete_launch_template_versions()
+                        .launch_template_id(id)
+                        .versions(version)
+                        .customize()
+                        // One try: an endpoint that lacks the API answers 500 every time.
+                        .config_override(
+                            aws_sdk_ec2::config::Builder::default()
+                                .retry_config(aws_config::retry::RetryConfig::disabled()),
+                        )
+                        .send();
+                    match self.block_on(call) {
+                        Ok(_) => {}
+                        // moto has no DeleteLaunchTemplateVersions. The group is already gone, so failing here
+                        // would leave the deployment half retired for a version that runs nothing: kiln says which
+                        // version stays and goes on.
+                        Err(err) if err.raw_response().is_some_and(|r| r.status().is_server_error()) => {
+                            tracing::warn!(
+                                "this endpoint cannot delete launch template versions (DeleteLaunchTemplateVersions: \
+                                 {}); version {version} of {} stays",
+                                err.raw_response().map(|r| r.status().as_u16()).unwrap_or_default(),
+                                template_name(stage)
+                            );
+                        }
+                        Err(err) => return Err(sdk::error("ec2:DeleteLaunchTemplateVersions", &region, &err)),
+                    }
                 }
             }
         }
@@ -633,6 +700,59 @@ impl Fleet for AwsProvider {
             state: state.unwrap_or_else(|| "INSUFFICIENT_DATA".into()),
             reason: reason.unwrap_or_default().to_string(),
         })
+    }
+
+    fn stray_instances(
+        &self,
+        stage: StageRef,
+        group: &str,
+        image: &ImageRef,
+    ) -> Result<Vec<StrayInstance>, ProviderError> {
+        let region = deploy_region(self, stage);
+        let expected = AwsProvider::ami_in(image, &region).map_or_else(|| "(none)".to_string(), |c| c.id);
+        let Some(found) = self.stage_group(stage, group)? else { return Ok(Vec::new()) };
+        // Instances on their way out are the group's past, not what it runs.
+        let ids: Vec<String> = found
+            .instances()
+            .iter()
+            .filter(|i| {
+                !matches!(
+                    i.lifecycle_state(),
+                    Some(
+                        LifecycleState::Terminating
+                            | LifecycleState::Terminated
+                            | LifecycleState::TerminatingWait
+                            | LifecycleState::TerminatingProceed
+                    )
+                )
+            })
+            .filter_map(|i| i.instance_id().map(str::to_string))
+            .collect();
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ec2 = self.ec2(&region);
+        let mut strays = Vec::new();
+        let mut next: Option<String> = None;
+        loop {
+            let call = ec2.describe_instances().set_instance_ids(Some(ids.clone())).set_next_token(next.take()).send();
+            let out = self.block_on(call).map_err(|e| sdk::error("ec2:DescribeInstances", &region, &e))?;
+            for instance in out.reservations().iter().flat_map(|r| r.instances()) {
+                let runs = instance.image_id().unwrap_or_default();
+                if runs != expected {
+                    strays.push(StrayInstance {
+                        instance: instance.instance_id().unwrap_or_default().to_string(),
+                        runs: runs.to_string(),
+                        expected: expected.clone(),
+                    });
+                }
+            }
+            match out.next_token() {
+                Some(token) if !token.is_empty() => next = Some(token.to_string()),
+                _ => break,
+            }
+        }
+        Ok(strays)
     }
 
     fn plan_deploy(&self, stage: StageRef, sketch: &crate::provider::DeploySketch) -> Vec<String> {

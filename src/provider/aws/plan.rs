@@ -133,6 +133,7 @@ pub fn deploy(provider: &AwsProvider, stage: StageRef, sketch: &DeploySketch) ->
          every instance is InService and healthy"
     ));
     calls.push("autoscaling:DescribeAutoScalingGroups: the stage's groups, before traffic moves".into());
+    calls.push(format!("autoscaling:CreateOrUpdateTags {group}: kiln:routed, the cutover"));
     if let Some(previous) = &sketch.previous {
         calls.push(format!("autoscaling:DetachLoadBalancerTargetGroups {previous} from {target_group}"));
         calls.push(format!(
@@ -151,7 +152,10 @@ pub fn deploy(provider: &AwsProvider, stage: StageRef, sketch: &DeploySketch) ->
     }
     calls.push("autoscaling:DescribeAutoScalingGroups: the stage's groups, to retire the old ones".into());
     for parked in &sketch.park {
-        calls.push(format!("autoscaling:UpdateAutoScalingGroup {parked}: min = max = desired = 0 (parked)"));
+        calls.push(format!(
+            "autoscaling:DescribeAutoScalingGroups {parked}, then autoscaling:UpdateAutoScalingGroup {parked}: min = \
+             max = desired = 0 (parked; detached first if a crash left it attached)"
+        ));
     }
     for gone in &sketch.destroy {
         calls.push(format!("autoscaling:DeleteAutoScalingGroup {gone} (force)"));

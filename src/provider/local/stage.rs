@@ -379,6 +379,17 @@ impl Fleet for LocalProvider {
         })
     }
 
+    fn stray_instances(
+        &self,
+        _stage: StageRef,
+        _group: &str,
+        _image: &crate::provider::ImageRef,
+    ) -> Result<Vec<crate::provider::StrayInstance>, ProviderError> {
+        // Every instance is started from the group's own unpacked image, which `verify_image` re-hashes: there is
+        // no second place an instance could take another image from.
+        Ok(Vec::new())
+    }
+
     fn plan_deploy(&self, stage: StageRef, sketch: &crate::provider::DeploySketch) -> Vec<String> {
         super::plan::deploy(stage, sketch)
     }

@@ -1,0 +1,588 @@
+//! Deploys on AWS against moto with the real binary: `pipelines/hello-aws.toml` itself end to end (bake, promote
+//! dev → test → prod through its gates, a second image, rollback, revoke, gc), CloudWatch alarms in the
+//! verification window, `kiln down` refused, and drift found on the instances. What AWS then holds is checked with
+//! boto3, never through kiln's own code.
+
+mod common;
+mod moto;
+
+use std::path::Path;
+
+use common::{copy_dir, Repo, Run};
+use moto::app::tag;
+use moto::Moto;
+
+const NOW: &str = "2026-11-28T12:00:00Z";
+const LATER: &str = "2026-11-28T12:11:00Z";
+
+fn at(moto: &Moto, repo: &Repo, now: &str, actor: &str, args: &[&str]) -> Run {
+    let out = moto.kiln(repo).env("KILN_NOW", now).env("KILN_ACTOR", actor).args(args).output().unwrap();
+    Run::of(out, args)
+}
+
+/// What a stage deploys into, made in moto as Terraform would: the default VPC's subnets, a security group, one
+/// load balancer, and a target group (with a listener) per stage.
+struct Network {
+    subnets: Vec<String>,
+    security_group: String,
+    /// Target group ARN per stage, in the order asked for.
+    target_groups: Vec<String>,
+}
+
+fn network(moto: &Moto, stages: &[&str]) -> Network {
+    let names: Vec<String> = stages.iter().map(|s| format!("'{s}'")).collect();
+    let out = moto.boto3(&format!(
+        "elb = client('elbv2')\n\
+         vpc = ec2.describe_vpcs(Filters=[{{'Name': 'isDefault', 'Values': ['true']}}])['Vpcs'][0]['VpcId']\n\
+         subnets = [s['SubnetId'] for s in ec2.describe_subnets(Filters=[{{'Name': 'vpc-id', 'Values': [vpc]}}])['Subnets']][:2]\n\
+         sg = ec2.create_security_group(GroupName='hello-instances', Description='hello', VpcId=vpc)['GroupId']\n\
+         lb = elb.create_load_balancer(Name='hello', Subnets=subnets)['LoadBalancers'][0]['LoadBalancerArn']\n\
+         tgs = []\n\
+         for i, stage in enumerate([{}]):\n\
+         \x20   tg = elb.create_target_group(Name='hello-' + stage, Protocol='HTTP', Port=8080, VpcId=vpc, TargetType='instance')['TargetGroups'][0]['TargetGroupArn']\n\
+         \x20   elb.create_listener(LoadBalancerArn=lb, Protocol='HTTP', Port=8000 + i, DefaultActions=[{{'Type': 'forward', 'TargetGroupArn': tg}}])\n\
+         \x20   tgs.append(tg)\n\
+         print(json.dumps({{'subnets': subnets, 'sg': sg, 'tgs': tgs}}))",
+        names.join(", ")
+    ));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let strings =
+        |v: &serde_json::Value| v.as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect();
+    Network {
+        subnets: strings(&v["subnets"]),
+        security_group: v["sg"].as_str().unwrap().to_string(),
+        target_groups: strings(&v["tgs"]),
+    }
+}
+
+/// A copy of this repository's `images/` and `pipelines/hello-aws.toml` (the only pipeline), its REPLACE values
+/// replaced with moto's, and moto set up for it: the buckets, the builder's instance profile, the network.
+fn hello_aws(moto: &Moto) -> (Repo, Network) {
+    moto.boto3(
+        "s3.create_bucket(Bucket='acme-kiln-ledger')\n\
+         s3.create_bucket(Bucket='acme-kiln-artifacts')\n\
+         iam.create_instance_profile(InstanceProfileName='kiln-builder')",
+    );
+    let net = network(moto, &["dev", "test", "prod"]);
+    let repo = Repo::empty();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"));
+    copy_dir(&src.join("images"), &repo.file("images"));
+    copy_dir(&src.join("pipelines/scripts"), &repo.file("pipelines/scripts"));
+    let mut pipeline = std::fs::read_to_string(src.join("pipelines/hello-aws.toml")).unwrap();
+    let subnets =
+        format!("subnets = [\"{}\"]\nsecurity-groups = [\"{}\"]", net.subnets.join("\", \""), net.security_group);
+    pipeline = pipeline.replace("subnets = [\"subnet-0123456789abcdef0\", \"subnet-0fedcba9876543210\"]", &subnets);
+    for (stage, arn) in ["dev", "test", "prod"].iter().zip(&net.target_groups) {
+        let placeholder = format!(
+            "\"arn:aws:elasticloadbalancing:us-east-1:111122223333:targetgroup/hello-{stage}/0123456789abcdef\""
+        );
+        assert!(pipeline.contains(&placeholder), "hello-aws.toml no longer has {placeholder}");
+        pipeline = pipeline.replace(&placeholder, &format!("\"{arn}\""));
+    }
+    let left = pipeline.lines().filter(|l| !l.trim_start().starts_with('#')).find(|l| l.contains("0123456789abcdef"));
+    assert_eq!(left, None, "a REPLACE value is left:\n{pipeline}");
+    repo.write("pipelines/hello-aws.toml", &pipeline);
+    (repo, net)
+}
+
+/// Every Auto Scaling group, by name, as boto3 describes it, plus `Template` (the launch template version it is
+/// pinned to: name, version, data) and `InstanceImages` (the ImageId of each running instance, as EC2 says): one
+/// boto3 run, as each costs a Python start.
+fn asgs(moto: &Moto) -> serde_json::Value {
+    let out = moto.boto3(
+        "out = {}\n\
+         for g in client('autoscaling').describe_auto_scaling_groups()['AutoScalingGroups']:\n\
+         \x20   spec = g.get('LaunchTemplate')\n\
+         \x20   if spec:\n\
+         \x20       v = ec2.describe_launch_template_versions(LaunchTemplateId=spec['LaunchTemplateId'], Versions=[spec['Version']])['LaunchTemplateVersions'][0]\n\
+         \x20       g['Template'] = {'name': v['LaunchTemplateName'], 'version': v['VersionNumber'], 'data': v['LaunchTemplateData']}\n\
+         \x20   ids = [i['InstanceId'] for i in g['Instances']]\n\
+         \x20   g['InstanceImages'] = []\n\
+         \x20   if ids:\n\
+         \x20       for r in ec2.describe_instances(InstanceIds=ids)['Reservations']:\n\
+         \x20           g['InstanceImages'] += [i['ImageId'] for i in r['Instances'] if i['State']['Name'] == 'running']\n\
+         \x20   out[g['AutoScalingGroupName']] = g\n\
+         print(json.dumps(out, default=str))",
+    );
+    serde_json::from_str(&out).unwrap()
+}
+
+fn group_names_of(moto: &Moto, prefix: &str) -> Vec<String> {
+    let all = asgs(moto);
+    all.as_object().unwrap().keys().filter(|k| k.starts_with(prefix)).cloned().collect()
+}
+
+/// The groups attached to the target group, by name.
+fn attached_in(all: &serde_json::Value, target_group: &str) -> Vec<String> {
+    let mut names: Vec<String> = all
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(_, g)| g["TargetGroupARNs"].as_array().unwrap().iter().any(|a| a == target_group))
+        .map(|(n, _)| n.clone())
+        .collect();
+    names.sort();
+    names
+}
+
+fn attached(moto: &Moto, target_group: &str) -> Vec<String> {
+    attached_in(&asgs(moto), target_group)
+}
+
+/// The ImageId of every running instance of the group.
+fn images_in(all: &serde_json::Value, group: &str) -> Vec<String> {
+    serde_json::from_value(all[group]["InstanceImages"].clone()).unwrap_or_default()
+}
+
+fn instance_images(moto: &Moto, group: &str) -> Vec<String> {
+    images_in(&asgs(moto), group)
+}
+
+fn template_data(moto: &Moto, group: &str) -> serde_json::Value {
+    asgs(moto)[group]["Template"].clone()
+}
+
+fn pointer(moto: &Moto, name: &str) -> (String, String, String) {
+    let out = moto.boto3(&format!(
+        "p = ssm.get_parameter(Name='{name}')['Parameter']\n\
+         d = ssm.describe_parameters(ParameterFilters=[{{'Key': 'Name', 'Values': ['{name}']}}])['Parameters'][0]\n\
+         print(json.dumps([p['Value'], p['DataType'], d.get('Description', '')]))"
+    ));
+    let v: (String, String, String) = serde_json::from_str(&out).unwrap();
+    v
+}
+
+/// The AMI id of `digest` in us-east-1, found by its tag.
+fn ami_of(moto: &Moto, digest: &str) -> String {
+    let images = moto::app::images_tagged(moto, "kiln:digest", digest);
+    images.as_array().unwrap().iter().map(|i| i["ImageId"].as_str().unwrap().to_string()).next().unwrap()
+}
+
+/// Checks everything a deployed group must be: its template version's data, its size and health checks, its tags,
+/// and that its instances run `ami`.
+fn assert_group(moto: &Moto, net: &Network, group: &str, stage: &str, digest: &str, ami: &str, capacity: u64) {
+    let all = asgs(moto);
+    let g = &all[group];
+    assert!(g.is_object(), "group {group} does not exist: {}", all);
+    for field in ["MinSize", "MaxSize", "DesiredCapacity"] {
+        assert_eq!(g[field].as_u64(), Some(capacity), "{group} {field}: {g}");
+    }
+    assert_eq!(g["HealthCheckType"], "ELB", "{g}");
+    let subnets: Vec<&str> = g["VPCZoneIdentifier"].as_str().unwrap().split(',').collect();
+    assert_eq!(subnets, net.subnets.iter().map(String::as_str).collect::<Vec<_>>(), "{g}");
+    for (key, value) in
+        [("kiln:pipeline", "hello-aws"), ("kiln:stage", stage), ("kiln:digest", digest), ("kiln:group", group)]
+    {
+        let t = g["Tags"].as_array().unwrap().iter().find(|t| t["Key"] == key).unwrap_or_else(|| panic!("{key}: {g}"));
+        assert_eq!((t["Value"].as_str(), t["PropagateAtLaunch"].as_bool()), (Some(value), Some(true)), "{key}: {g}");
+    }
+    let template = &g["Template"];
+    assert_eq!(template["name"], format!("kiln-hello-aws-{stage}"));
+    let data = &template["data"];
+    assert_eq!(data["ImageId"], ami, "{data}");
+    assert_eq!(data["InstanceType"], "t3.small", "{data}");
+    assert_eq!(data["MetadataOptions"]["HttpTokens"], "required", "IMDSv2: {data}");
+    let devices = data["BlockDeviceMappings"].as_array().unwrap();
+    assert!(!devices.is_empty() && devices.iter().all(|d| d["Ebs"]["Encrypted"] == true), "encrypted: {data}");
+    assert_eq!(data["SecurityGroupIds"], serde_json::json!([net.security_group]), "{data}");
+    let instance_tags = data["TagSpecifications"].as_array().unwrap().iter().find(|s| s["ResourceType"] == "instance");
+    let instance_tags = instance_tags.unwrap_or_else(|| panic!("no instance tags: {data}"));
+    assert_eq!(tag(instance_tags, "kiln:digest"), Some(digest), "{data}");
+    assert_eq!(tag(instance_tags, "kiln:group"), Some(group), "{data}");
+    let images = images_in(&all, group);
+    assert_eq!(images.len() as u64, capacity, "{group}'s instances: {images:?}");
+    assert!(images.iter().all(|i| i == ami), "{group}'s instances run {images:?}, not {ami}");
+}
+
+/// `images/files/hello/main.rs` changed, so the next bake is another image; returns its digest.
+fn bake_another(moto: &Moto, repo: &Repo, marker: &str) -> String {
+    let main = repo.file("images/files/hello/main.rs");
+    let mut text = std::fs::read_to_string(&main).unwrap();
+    text.push_str(&format!("\n// {marker}\n"));
+    std::fs::write(&main, text).unwrap();
+    at(moto, repo, NOW, "ci", &["bake", "--json"]).ok().json()["digest"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn the_hello_aws_pipeline_end_to_end() {
+    let moto = Moto::start();
+    let (repo, net) = hello_aws(&moto);
+    let (dev_tg, test_tg, prod_tg) = (&net.target_groups[0], &net.target_groups[1], &net.target_groups[2]);
+
+    // Bake: the base resolves to the newest Amazon Linux 2023 that moto has, hello is baked on it.
+    let v1 = at(&moto, &repo, NOW, "ci", &["bake", "--json"]).ok().json()["digest"].as_str().unwrap().to_string();
+    let ami1 = ami_of(&moto, &v1);
+
+    // dev: the smoke gate passes and the promotion deploys group v001, the only one in dev's target group.
+    let dev = at(&moto, &repo, NOW, "ci", &["promote", "--stage", "dev", "--json"]).ok().json();
+    assert_eq!(dev["outcome"], "promoted", "{dev}");
+    assert_eq!(dev["deployment"]["outcome"], "deployed", "{dev}");
+    assert_group(&moto, &net, "hello-aws-dev-v001", "dev", &v1, &ami1, 2);
+    assert_eq!(attached(&moto, dev_tg), ["hello-aws-dev-v001"]);
+    assert_eq!(pointer(&moto, "/kiln/hello-aws/dev"), (ami1.clone(), "aws:ec2:image".into(), v1.clone()));
+
+    // test soaks 10 minutes after dev went live: refused now, promoted 11 minutes later.
+    let early = at(&moto, &repo, NOW, "ci", &["promote", "--stage", "test"]).expect(3);
+    assert!(early.stderr.contains("soak"), "{}", early.stderr);
+    at(&moto, &repo, LATER, "ci", &["promote", "--stage", "test"]).ok();
+    assert_group(&moto, &net, "hello-aws-test-v001", "test", &v1, &ami1, 2);
+    assert_eq!(attached(&moto, test_tg), ["hello-aws-test-v001"]);
+
+    // prod needs one approval; then it gets 3 instances, a copy in eu-west-1 and both pointers.
+    let unapproved = at(&moto, &repo, LATER, "ci", &["promote", "--stage", "prod"]).expect(3);
+    assert!(unapproved.stderr.contains("approv"), "{}", unapproved.stderr);
+    at(&moto, &repo, LATER, "ana", &["approve", "--stage", "prod", "--digest", &v1]).ok();
+    at(&moto, &repo, LATER, "ci", &["promote", "--stage", "prod"]).ok();
+    assert_group(&moto, &net, "hello-aws-prod-v001", "prod", &v1, &ami1, 3);
+    assert_eq!(attached(&moto, prod_tg), ["hello-aws-prod-v001"]);
+    assert_eq!(pointer(&moto, "/kiln/hello-aws/prod"), (ami1.clone(), "aws:ec2:image".into(), v1.clone()));
+
+    // A second image in dev: group v002 takes the traffic, v001 is parked (dev keeps one previous group), with its
+    // launch template version.
+    let v2 = bake_another(&moto, &repo, "v002");
+    let ami2 = ami_of(&moto, &v2);
+    at(&moto, &repo, LATER, "ci", &["promote", "--stage", "dev"]).ok();
+    assert_group(&moto, &net, "hello-aws-dev-v002", "dev", &v2, &ami2, 2);
+    assert_eq!(attached(&moto, dev_tg), ["hello-aws-dev-v002"]);
+    let parked = &asgs(&moto)["hello-aws-dev-v001"];
+    assert_eq!((parked["DesiredCapacity"].as_u64(), parked["MaxSize"].as_u64()), (Some(0), Some(0)), "{parked}");
+    assert_eq!(template_data(&moto, "hello-aws-dev-v001")["data"]["ImageId"], ami1.as_str());
+    assert_eq!(pointer(&moto, "/kiln/hello-aws/dev").0, ami2);
+
+    // Rollback: the kept group is scaled back up and takes the traffic; the pointer names v1 again.
+    at(&moto, &repo, LATER, "oncall", &["rollback", "--stage", "dev", "--reason", "v2 is slow"]).ok();
+    assert_group(&moto, &net, "hello-aws-dev-v001", "dev", &v1, &ami1, 2);
+    assert_eq!(attached(&moto, dev_tg), ["hello-aws-dev-v001"]);
+    assert_eq!(pointer(&moto, "/kiln/hello-aws/dev"), (ami1.clone(), "aws:ec2:image".into(), v1.clone()));
+    let after_rollback = asgs(&moto);
+    assert_eq!(after_rollback["hello-aws-dev-v002"]["DesiredCapacity"].as_u64(), Some(0), "v002 parked");
+    at(&moto, &repo, LATER, "ci", &["verify"]).ok();
+
+    // A third image pushes the oldest kept group out: deleted with its launch template version.
+    // moto has no DeleteLaunchTemplateVersions: kiln says which version stays and finishes the deploy.
+    let v3 = bake_another(&moto, &repo, "v003");
+    let third = at(&moto, &repo, LATER, "ci", &["promote", "--stage", "dev"]).ok();
+    let names = group_names_of(&moto, "hello-aws-dev-");
+    assert_eq!(names, ["hello-aws-dev-v001", "hello-aws-dev-v003"], "the new group and the one kept");
+    assert_eq!(attached(&moto, dev_tg), ["hello-aws-dev-v003"]);
+    assert_eq!(instance_images(&moto, "hello-aws-dev-v003"), vec![ami_of(&moto, &v3); 2]);
+    assert_eq!(asgs(&moto)["hello-aws-dev-v001"]["DesiredCapacity"].as_u64(), Some(0), "v001 parked again");
+    assert!(
+        third.stderr.contains("cannot delete launch template versions")
+            && third.stderr.contains("of kiln-hello-aws-dev stays"),
+        "{}",
+        third.stderr
+    );
+
+    // Revoke what dev runs: a deploy of it is refused, and nothing in AWS changes.
+    let before = asgs(&moto);
+    at(&moto, &repo, LATER, "sec", &["revoke", &v3, "--reason", "CVE-2026-0002"]).ok();
+    let refused = at(&moto, &repo, LATER, "ci", &["deploy", "--stage", "dev"]).expect(3);
+    assert!(refused.stderr.contains("it is revoked: CVE-2026-0002"), "{}", refused.stderr);
+    let after = asgs(&moto);
+    assert_eq!(
+        before.as_object().unwrap().keys().collect::<Vec<_>>(),
+        after.as_object().unwrap().keys().collect::<Vec<_>>()
+    );
+
+    // gc: the images every stage can return to stay.
+    at(&moto, &repo, LATER, "ci", &["gc"]).ok();
+    for digest in [&v1, &v2] {
+        assert_eq!(
+            moto::app::images_tagged(&moto, "kiln:digest", digest).as_array().unwrap().len(),
+            1,
+            "{digest} stays"
+        );
+    }
+    at(&moto, &repo, LATER, "ci", &["verify"]).ok();
+}
+
+/// The test application (`moto::app`) with its pipeline rewritten for deploys: dev and prod each behind their own
+/// target group, one instance each; dev with `dev_extra` (a window, checks) added to its table.
+fn app(moto: &Moto, dev_extra: &str) -> (Repo, Network) {
+    let repo = moto::app::aws_repo(moto);
+    let net = network(moto, &["dev", "prod"]);
+    let subnets = net.subnets.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(", ");
+    repo.write(
+        "pipelines/app.toml",
+        &format!(
+            r#"image = "app"
+provider = "aws"
+
+[aws]
+region = "us-east-1"
+artifact-bucket = "{bucket}"
+
+[[stage]]
+name = "dev"
+capacity = 1
+{dev_extra}
+[stage.deploy]
+target-group-arn = "{dev}"
+subnets = [{subnets}]
+
+[[stage]]
+name = "prod"
+capacity = 1
+[stage.deploy]
+target-group-arn = "{prod}"
+subnets = [{subnets}]
+"#,
+            bucket = moto::app::BUCKET,
+            dev = net.target_groups[0],
+            prod = net.target_groups[1],
+        ),
+    );
+    (repo, net)
+}
+
+/// Bakes the app with `config.txt` saying `mode`, promotes it to dev without deploying; returns its digest.
+fn app_release(moto: &Moto, repo: &Repo, mode: &str) -> String {
+    repo.write("images/files/app/config.txt", &format!("mode={mode}\n"));
+    let digest = moto::app::bake(moto, repo, &[])["digest"].as_str().unwrap().to_string();
+    moto::app::run(moto, repo, &["promote", "--stage", "dev", "--no-deploy"]).ok();
+    digest
+}
+
+fn set_alarm(moto: &Moto, name: &str, state: &str) {
+    moto.boto3(&format!(
+        "client('cloudwatch').set_alarm_state(AlarmName='{name}', StateValue='{state}', StateReason='set by the test')"
+    ));
+}
+
+fn put_alarm(moto: &Moto, name: &str) {
+    moto.boto3(&format!(
+        "client('cloudwatch').put_metric_alarm(AlarmName='{name}', MetricName='HTTPCode_Target_5XX_Count', \
+         Namespace='AWS/ApplicationELB', Statistic='Sum', Period=60, EvaluationPeriods=1, Threshold=1, \
+         ComparisonOperator='GreaterThanOrEqualToThreshold')"
+    ));
+    set_alarm(moto, name, "OK");
+}
+
+fn ledger_events(moto: &Moto, repo: &Repo) -> Vec<serde_json::Value> {
+    let log = moto::app::run(moto, repo, &["log", "--json", "--limit", "100000"]).ok().json();
+    let mut all = log["events"].as_array().unwrap().clone();
+    all.reverse();
+    all
+}
+
+#[test]
+fn an_alarm_that_fires_inside_the_window_sends_traffic_back_to_the_previous_group() {
+    let moto = Moto::start();
+    let (repo, net) = app(&moto, "verify-for = \"1s\"\n[[stage.verify]]\nalarm = \"hello-5xx\"\n");
+    let dev_tg = &net.target_groups[0];
+    put_alarm(&moto, "hello-5xx");
+
+    // The alarm stays OK through the window: the deploy passes.
+    let first = app_release(&moto, &repo, "one");
+    let deployed = moto::app::run(&moto, &repo, &["deploy", "--stage", "dev", "--json"]).ok().json();
+    assert_eq!(deployed["outcome"], "deployed", "{deployed}");
+    assert_eq!(attached(&moto, dev_tg), ["app-dev-v001"]);
+    assert!(ledger_events(&moto, &repo).iter().any(|e| e["step"] == "verified"));
+
+    // The next release: kiln stops once the window has begun, the alarm fires, kiln goes on.
+    let second = app_release(&moto, &repo, "two");
+    assert_ne!(first, second);
+    let child = moto
+        .kiln(&repo)
+        .env("KILN_FAULT", "stop:deploy:after-verifying")
+        .args(["deploy", "--stage", "dev", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    common::hello::wait_stopped(child.id());
+    assert_eq!(attached(&moto, dev_tg), ["app-dev-v002"], "the window watches the new group serving");
+    set_alarm(&moto, "hello-5xx", "ALARM");
+    common::hello::signal(child.id(), "CONT");
+    let failed = Run::of(child.wait_with_output().unwrap(), &["deploy (alarm fires)"]).expect(4);
+    assert!(failed.stderr.contains("alarm hello-5xx is ALARM"), "{}", failed.stderr);
+    assert!(failed.stderr.contains("traffic moved back to group app-dev-v001"), "{}", failed.stderr);
+
+    // Traffic is back on the previous group, the new one is gone, and the ledger says why.
+    assert_eq!(attached(&moto, dev_tg), ["app-dev-v001"]);
+    assert_eq!(group_names_of(&moto, "app-dev-"), ["app-dev-v001"]);
+    assert_eq!(asgs(&moto)["app-dev-v001"]["DesiredCapacity"].as_u64(), Some(1));
+    let events = ledger_events(&moto, &repo);
+    let verification = events.iter().find(|e| e["step"] == "verification-failed").expect("recorded");
+    assert_eq!(verification["detail"]["evidence"]["state"], "ALARM", "{verification}");
+    let restored = events.iter().find(|e| e["step"] == "traffic-restored").expect("recorded");
+    assert_eq!(restored["detail"]["group"], "app-dev-v001");
+    assert!(events.iter().any(|e| e["kind"] == "deploy-failed"), "{events:#?}");
+    let status = moto::app::run(&moto, &repo, &["status", "--json"]).ok().json();
+    assert_eq!(status["stages"][0]["live"]["digest"], first.as_str(), "{status}");
+}
+
+#[test]
+fn an_alarm_that_does_not_exist_is_refused_before_anything_is_touched() {
+    let moto = Moto::start();
+    let (repo, net) = app(&moto, "verify-for = \"1s\"\n[[stage.verify]]\nalarm = \"no-such-alarm\"\n");
+    app_release(&moto, &repo, "one");
+    let before = ledger_events(&moto, &repo).len();
+    let refused = moto::app::run(&moto, &repo, &["deploy", "--stage", "dev"]).expect(2);
+    assert!(refused.stderr.contains("there is no CloudWatch alarm `no-such-alarm` in us-east-1"), "{}", refused.stderr);
+    assert_eq!(ledger_events(&moto, &repo).len(), before, "nothing recorded");
+    assert_eq!(asgs(&moto), serde_json::json!({}), "no group");
+    assert!(attached(&moto, &net.target_groups[0]).is_empty());
+}
+
+#[test]
+fn kiln_down_is_refused_on_aws_and_changes_nothing() {
+    let moto = Moto::start();
+    let (repo, net) = app(&moto, "");
+    app_release(&moto, &repo, "one");
+    moto::app::run(&moto, &repo, &["deploy", "--stage", "dev"]).ok();
+    let before = (asgs(&moto), ledger_events(&moto, &repo).len());
+    let refused = moto::app::run(&moto, &repo, &["down", "--stage", "dev"]).expect(2);
+    assert!(refused.stderr.contains("on AWS, retiring stage dev is `kiln gc`'s job"), "{}", refused.stderr);
+    assert_eq!((asgs(&moto), ledger_events(&moto, &repo).len()), before);
+    assert_eq!(attached(&moto, &net.target_groups[0]), ["app-dev-v001"]);
+}
+
+#[test]
+fn verify_finds_an_instance_relaunched_from_another_ami_a_rewritten_pointer_and_a_deregistered_ami() {
+    let moto = Moto::start();
+    let (repo, _) = app(&moto, "");
+    let digest = app_release(&moto, &repo, "one");
+    moto::app::run(&moto, &repo, &["deploy", "--stage", "dev"]).ok();
+    let ami = ami_of(&moto, &digest);
+    assert_eq!(instance_images(&moto, "app-dev-v001"), [ami.as_str()]);
+    moto::app::run(&moto, &repo, &["verify"]).ok();
+
+    // Someone points the group at a template version with another AMI and replaces its instance: the group's
+    // tags still name kiln's digest, and only the instance says what it runs.
+    let replaced = moto.boto3(&format!(
+        "asg = client('autoscaling')\n\
+         g = asg.describe_auto_scaling_groups(AutoScalingGroupNames=['app-dev-v001'])['AutoScalingGroups'][0]\n\
+         tid = g['LaunchTemplate']['LaunchTemplateId']\n\
+         v = ec2.create_launch_template_version(LaunchTemplateId=tid, LaunchTemplateData={{'ImageId': '{other}', 'InstanceType': 't3.micro'}})['LaunchTemplateVersion']['VersionNumber']\n\
+         asg.update_auto_scaling_group(AutoScalingGroupName='app-dev-v001', LaunchTemplate={{'LaunchTemplateId': tid, 'Version': str(v)}})\n\
+         old = g['Instances'][0]['InstanceId']\n\
+         asg.terminate_instance_in_auto_scaling_group(InstanceId=old, ShouldDecrementDesiredCapacity=False)\n\
+         g = asg.describe_auto_scaling_groups(AutoScalingGroupNames=['app-dev-v001'])['AutoScalingGroups'][0]\n\
+         print([i['InstanceId'] for i in g['Instances'] if i['InstanceId'] != old][0])",
+        other = moto::app::PRELOADED_AMI
+    ));
+    let replaced = replaced.trim();
+    assert_eq!(instance_images(&moto, "app-dev-v001"), [moto::app::PRELOADED_AMI], "moto relaunched from the new AMI");
+    assert!(tag(&asgs(&moto)["app-dev-v001"], "kiln:digest").is_some_and(|d| d == digest), "the tag still agrees");
+
+    let drift = moto::app::run(&moto, &repo, &["verify"]).expect(6);
+    let said = format!("{}{}", drift.stdout, drift.stderr);
+    assert!(
+        said.contains(&format!(
+            "instance {replaced} of group app-dev-v001 runs {}, not {ami}",
+            moto::app::PRELOADED_AMI
+        )),
+        "{said}"
+    );
+
+    // The stage pointer rewritten by hand, and the AMI deregistered: both are drift too.
+    moto.boto3(&format!(
+        "ssm.put_parameter(Name='/kiln/app/dev', Value='{other}', Type='String', DataType='aws:ec2:image', \
+         Description='sha256:{zeros}', Overwrite=True)\n\
+         ec2.deregister_image(ImageId='{ami}')",
+        other = moto::app::PRELOADED_AMI,
+        zeros = "0".repeat(64)
+    ));
+    let drift = moto::app::run(&moto, &repo, &["verify"]).expect(6);
+    let said = format!("{}{}", drift.stdout, drift.stderr);
+    let short = &digest["sha256:".len().."sha256:".len() + 12];
+    for wanted in [
+        format!("image us-east-1/{ami} no longer matches its digest: us-east-1/{ami} no longer exists"),
+        "it is still promoted to app/dev, live in app/dev, kept by group app-dev-v001 of app/dev".to_string(),
+        format!("stage dev: its stage pointer names 000000000000, but the ledger recorded {short}"),
+        format!("instance {replaced} of group app-dev-v001 runs"),
+    ] {
+        assert!(said.contains(&wanted), "{wanted}\n--- in\n{said}");
+    }
+}
+
+/// Asserts dev converged on `digest`: one group attached, running its AMI at capacity; at most one other, parked.
+fn assert_dev_converged(moto: &Moto, repo: &Repo, net: &Network, digest: &str, context: &str) {
+    let ami = ami_of(moto, digest);
+    let all = asgs(moto);
+    let serving = attached_in(&all, &net.target_groups[0]);
+    assert_eq!(serving.len(), 1, "{context}: attached {serving:?}");
+    assert_eq!(images_in(&all, &serving[0]), [ami.as_str()], "{context}: {} runs", serving[0]);
+    let others: Vec<_> =
+        all.as_object().unwrap().iter().filter(|(n, _)| n.starts_with("app-dev-") && **n != serving[0]).collect();
+    assert!(others.len() <= 1, "{context}: {:?}", others.iter().map(|(n, _)| n).collect::<Vec<_>>());
+    for (name, group) in others {
+        assert_eq!(group["DesiredCapacity"].as_u64(), Some(0), "{context}: {name} is parked");
+    }
+    let status = moto::app::run(moto, repo, &["status", "--json"]).ok().json();
+    assert_eq!(status["stages"][0]["live"]["digest"], digest, "{context}: {status}");
+    assert_eq!(status["stages"][0]["live"]["group"], serving[0].as_str(), "{context}: {status}");
+    moto::app::run(moto, repo, &["verify"]).ok();
+}
+
+#[test]
+fn a_group_that_never_becomes_healthy_is_deleted_and_the_old_group_keeps_serving() {
+    let moto = Moto::start();
+    let (repo, net) = app(&moto, "");
+    let first = app_release(&moto, &repo, "one");
+    moto::app::run(&moto, &repo, &["deploy", "--stage", "dev"]).ok();
+    app_release(&moto, &repo, "two");
+
+    let failed = moto
+        .kiln(&repo)
+        .env("KILN_INJECT", "health=unhealthy:targets never healthy")
+        .args(["deploy", "--stage", "dev"])
+        .output()
+        .unwrap();
+    let failed = Run::of(failed, &["deploy (unhealthy)"]).expect(4);
+    assert!(failed.stderr.contains("targets never healthy"), "{}", failed.stderr);
+    assert_eq!(group_names_of(&moto, "app-dev-"), ["app-dev-v001"], "the new group is deleted");
+    assert_dev_converged(&moto, &repo, &net, &first, "after an unhealthy group");
+}
+
+#[test]
+fn throttling_on_update_auto_scaling_group_is_retried() {
+    let moto = Moto::start();
+    let (repo, net) = app(&moto, "");
+    app_release(&moto, &repo, "one");
+    moto::app::run(&moto, &repo, &["deploy", "--stage", "dev"]).ok();
+    let second = app_release(&moto, &repo, "two");
+    // Parking the old group is the deploy's UpdateAutoScalingGroup: its first two answers are throttled.
+    moto.start_recording();
+    let deploy = moto
+        .kiln(&repo)
+        .env("KILN_INJECT", "aws.UpdateAutoScalingGroup#1=throttle,aws.UpdateAutoScalingGroup#2=throttle")
+        .args(["deploy", "--stage", "dev"])
+        .output()
+        .unwrap();
+    Run::of(deploy, &["deploy (throttled)"]).ok();
+    let calls = moto.stop_recording();
+    let updates = calls.iter().filter(|c| *c == "autoscaling:UpdateAutoScalingGroup").count();
+    assert_eq!(updates, 1, "the throttled attempts never reached moto, the third did: {calls:?}");
+    assert_dev_converged(&moto, &repo, &net, &second, "after throttling");
+}
+
+#[test]
+fn a_kiln_killed_after_any_deploy_step_is_converged_by_the_next_deploy() {
+    let moto = Moto::start();
+    let (repo, net) = app(&moto, "");
+    app_release(&moto, &repo, "zero");
+    moto::app::run(&moto, &repo, &["deploy", "--stage", "dev"]).ok();
+    for step in [
+        "after-started",
+        "after-group-created",
+        "after-healthy",
+        "after-traffic-switched",
+        "after-drained",
+        "after-retired",
+    ] {
+        let digest = app_release(&moto, &repo, step);
+        let killed = moto
+            .kiln(&repo)
+            .env("KILN_FAULT", format!("deploy:{step}"))
+            .args(["deploy", "--stage", "dev"])
+            .output()
+            .unwrap();
+        let killed = Run::of(killed, &["deploy (killed)"]);
+        assert_eq!(killed.code, -1, "killed at {step}: {}", killed.stderr);
+        moto::app::run(&moto, &repo, &["deploy", "--stage", "dev"]).ok();
+        assert_dev_converged(&moto, &repo, &net, &digest, step);
+    }
+}
