@@ -61,7 +61,8 @@ fn hello_aws(moto: &Moto) -> (Repo, Network) {
     moto.boto3(
         "s3.create_bucket(Bucket='acme-kiln-ledger')\n\
          s3.create_bucket(Bucket='acme-kiln-artifacts')\n\
-         iam.create_instance_profile(InstanceProfileName='kiln-builder')",
+         iam.create_instance_profile(InstanceProfileName='kiln-builder')\n\
+         iam.create_instance_profile(InstanceProfileName='hello')",
     );
     let net = network(moto, &["dev", "test", "prod"]);
     let repo = Repo::empty();
@@ -185,6 +186,7 @@ fn assert_group(moto: &Moto, net: &Network, group: &str, stage: &str, digest: &s
     let devices = data["BlockDeviceMappings"].as_array().unwrap();
     assert!(!devices.is_empty() && devices.iter().all(|d| d["Ebs"]["Encrypted"] == true), "encrypted: {data}");
     assert_eq!(data["SecurityGroupIds"], serde_json::json!([net.security_group]), "{data}");
+    assert_eq!(data["IamInstanceProfile"]["Name"], "hello", "the stage's instance profile: {data}");
     let instance_tags = data["TagSpecifications"].as_array().unwrap().iter().find(|s| s["ResourceType"] == "instance");
     let instance_tags = instance_tags.unwrap_or_else(|| panic!("no instance tags: {data}"));
     assert_eq!(tag(instance_tags, "kiln:digest"), Some(digest), "{data}");

@@ -439,6 +439,13 @@ const AWS_PIPELINE_EDITS: &[(&str, &str, &str, &str)] = &[
         "images/base.toml:9:1: aws.base: pipeline `hello-aws` bakes `base` on AWS, and a recipe without `parent` \
          starts from an AMI: set `base = { owner = \"…\", name = \"…\" }` or `base-ami = \"ami-…\"` in its [aws] table",
     ),
+    // a stage's instance profile, when named, has a name
+    (
+        A,
+        "instance-profile = \"hello\"                    #",
+        "instance-profile = \"  \"                    #",
+        "pipelines/hello-aws.toml:22:20: stage[0].deploy.instance-profile: the instance profile name is empty",
+    ),
     // [aws]
     (
         A,
@@ -495,19 +502,19 @@ const AWS_PIPELINE_EDITS: &[(&str, &str, &str, &str)] = &[
         A,
         "regions = [\"us-east-1\", \"eu-west-1\"]",
         "regions = [\"us-east-1\", \"eu-west\"]",
-        "pipelines/hello-aws.toml:45:25: stage[2].deploy.regions[1]: `eu-west` is not an AWS region",
+        "pipelines/hello-aws.toml:48:25: stage[2].deploy.regions[1]: `eu-west` is not an AWS region",
     ),
     (
         A,
         "regions = [\"us-east-1\", \"eu-west-1\"]",
         "regions = [\"eu-west-1\", \"eu-west-1\"]",
-        "pipelines/hello-aws.toml:45:25: stage[2].deploy.regions[1]: `eu-west-1` is listed twice",
+        "pipelines/hello-aws.toml:48:25: stage[2].deploy.regions[1]: `eu-west-1` is listed twice",
     ),
     (
         A,
         "accounts = [\"111122223333\"]",
         "accounts = [\"all\"]",
-        "pipelines/hello-aws.toml:46:13: stage[2].deploy.accounts[0]: kiln never makes an image public: list account ids",
+        "pipelines/hello-aws.toml:49:13: stage[2].deploy.accounts[0]: kiln never makes an image public: list account ids",
     ),
     (
         A,
@@ -525,7 +532,7 @@ const AWS_PIPELINE_EDITS: &[(&str, &str, &str, &str)] = &[
         A,
         "accounts = [\"111122223333\"]",
         "accounts = [\"111122223333\", \"111122223333\"]",
-        "pipelines/hello-aws.toml:46:29: stage[2].deploy.accounts[1]: `111122223333` is listed twice",
+        "pipelines/hello-aws.toml:49:29: stage[2].deploy.accounts[1]: `111122223333` is listed twice",
     ),
     (
         A,
@@ -549,7 +556,7 @@ const AWS_PIPELINE_EDITS: &[(&str, &str, &str, &str)] = &[
         A,
         "accounts = [\"111122223333\"]",
         "acounts = [\"111122223333\"]",
-        "pipelines/hello-aws.toml:46:1: stage[2].deploy.acounts: unknown field `acounts`",
+        "pipelines/hello-aws.toml:49:1: stage[2].deploy.acounts: unknown field `acounts`",
     ),
 ];
 

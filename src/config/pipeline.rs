@@ -75,6 +75,7 @@ struct DeployToml {
     regions: Option<Spanned<Vec<Spanned<String>>>>,
     accounts: Option<Spanned<Vec<Spanned<String>>>>,
     security_groups: Option<Spanned<Vec<String>>>,
+    instance_profile: Option<Spanned<String>>,
 }
 
 impl DeployToml {
@@ -87,6 +88,7 @@ impl DeployToml {
             self.regions.as_ref().map(|v| ("regions", v.span())),
             self.accounts.as_ref().map(|v| ("accounts", v.span())),
             self.security_groups.as_ref().map(|v| ("security-groups", v.span())),
+            self.instance_profile.as_ref().map(|v| ("instance-profile", v.span())),
         ]
         .into_iter()
         .flatten()
@@ -193,6 +195,8 @@ pub enum StageDeploy {
         regions: Vec<String>,
         accounts: Vec<String>,
         security_groups: Vec<String>,
+        /// The instance profile the stage's instances run with (its role is what the service may do in AWS).
+        instance_profile: Option<String>,
     },
 }
 
@@ -574,6 +578,13 @@ fn validate_aws_deploy(
         aws_shape::instance_type(instance_type.get_ref())
             .map_err(|m| source.error(instance_type.span(), format!("{field}.deploy.instance-type"), m))?;
     }
+    if let Some(profile) = deploy.instance_profile.as_ref().filter(|p| p.get_ref().trim().is_empty()) {
+        return Err(source.error(
+            profile.span(),
+            format!("{field}.deploy.instance-profile"),
+            "the instance profile name is empty; name one, or leave the key out to run without one",
+        ));
+    }
     let regions = checked_list(source, &format!("{field}.deploy.regions"), deploy.regions, aws_shape::region)?;
     let accounts = checked_list(source, &format!("{field}.deploy.accounts"), deploy.accounts, aws_shape::account)?;
     Ok(StageDeploy::Aws {
@@ -583,6 +594,7 @@ fn validate_aws_deploy(
         regions,
         accounts,
         security_groups: deploy.security_groups.map(Spanned::into_inner).unwrap_or_default(),
+        instance_profile: deploy.instance_profile.map(Spanned::into_inner),
     })
 }
 

@@ -69,10 +69,13 @@ struct DeployTarget {
     subnets: Vec<String>,
     instance_type: String,
     security_groups: Vec<String>,
+    instance_profile: Option<String>,
 }
 
 fn deploy_target(stage: StageRef) -> Result<DeployTarget, ProviderError> {
-    let StageDeploy::Aws { target_group_arn, subnets, instance_type, security_groups, .. } = &stage.stage.deploy else {
+    let StageDeploy::Aws { target_group_arn, subnets, instance_type, security_groups, instance_profile, .. } =
+        &stage.stage.deploy
+    else {
         return Err(invalid(format!("stage {} has no AWS deploy settings", stage.stage.name)));
     };
     let target_group = target_group_arn.clone().ok_or_else(|| {
@@ -86,6 +89,7 @@ fn deploy_target(stage: StageRef) -> Result<DeployTarget, ProviderError> {
         subnets: subnets.clone(),
         instance_type: instance_type.clone().unwrap_or(DEFAULT_INSTANCE_TYPE.into()),
         security_groups: security_groups.clone(),
+        instance_profile: instance_profile.clone(),
     })
 }
 
@@ -240,6 +244,9 @@ impl AwsProvider {
                     .build(),
             )
             .set_security_group_ids((!target.security_groups.is_empty()).then(|| target.security_groups.clone()))
+            .set_iam_instance_profile(target.instance_profile.as_ref().map(|name| {
+                aws_sdk_ec2::types::LaunchTemplateIamInstanceProfileSpecificationRequest::builder().name(name).build()
+            }))
             .tag_specifications(spec(ResourceType::Instance))
             .tag_specifications(spec(ResourceType::Volume))
             .build();
