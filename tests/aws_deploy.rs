@@ -586,3 +586,87 @@ fn a_kiln_killed_after_any_deploy_step_is_converged_by_the_next_deploy() {
         assert_dev_converged(&moto, &repo, &net, &digest, step);
     }
 }
+
+/// Whether an AWS operation only reads (`service:Operation`, as the recorder names it).
+fn reads_only(op: &str) -> bool {
+    let operation = op.rsplit(':').next().unwrap_or(op);
+    ["Describe", "Get", "List", "Head"].iter().any(|read| operation.starts_with(read))
+}
+
+#[test]
+fn a_kiln_stopped_past_its_lease_on_aws_is_taken_over_and_makes_no_change_once_resumed() {
+    let moto = Moto::start();
+    let (repo, net) = app(&moto, "lease = \"2s\"\n");
+    // The ledger in S3 as well, as CI runners share it: a write by the first kiln would be a PutObject.
+    repo.edit(
+        "pipelines/app.toml",
+        "provider = \"aws\"\n",
+        "provider = \"aws\"\nledger = \"s3://kiln-artifacts/ledger\"\n",
+    );
+    let dev_tg = &net.target_groups[0];
+    app_release(&moto, &repo, "zero");
+    moto::app::run(&moto, &repo, &["deploy", "--stage", "dev"]).ok();
+
+    // Stopped before traffic moved, the first's deployment is undone; stopped after, it is finished by the second.
+    // After `healthy` the first's next act is a fenced route, with no ledger write before it.
+    for (stop, taken_over_as) in [
+        ("after-group-created", "undid interrupted deployment"),
+        ("after-healthy", "undid interrupted deployment"),
+        ("after-traffic-switched", "finished interrupted deployment"),
+    ] {
+        let digest = app_release(&moto, &repo, stop);
+        let first = moto
+            .kiln(&repo)
+            .env("KILN_ACTOR", "first")
+            .env("KILN_FAULT", format!("stop:deploy:{stop}"))
+            .args(["deploy", "--stage", "dev"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        common::hello::wait_stopped(first.id());
+        // Past the 2s lease, which was taken before the stop.
+        std::thread::sleep(std::time::Duration::from_millis(2500));
+
+        let second =
+            moto.kiln(&repo).env("KILN_ACTOR", "second").args(["deploy", "--stage", "dev", "--json"]).output().unwrap();
+        let second = Run::of(second, &["deploy (second)"]).ok().json();
+        assert!(second["reconciled"].as_str().unwrap_or_default().contains(taken_over_as), "{stop}: {second}");
+        let group = second["group"].as_str().unwrap().to_string();
+        assert_eq!(attached(&moto, dev_tg), [group.as_str()], "{stop}: the second's group serves");
+        let head = ledger_events(&moto, &repo);
+
+        // Resumed, the first finds its lease gone before its next call: AWS sees reads at most.
+        moto.start_recording();
+        common::hello::signal(first.id(), "CONT");
+        let resumed = Run::of(first.wait_with_output().unwrap(), &["deploy (first)"]).expect(5);
+        let calls = moto.stop_recording();
+        eprintln!("{stop}: the first kiln, resumed after the takeover, called: {}", tally(&calls));
+        assert!(resumed.stderr.contains("was taken over by second"), "{stop}: {}", resumed.stderr);
+        let changes: Vec<&String> = calls.iter().filter(|op| !reads_only(op)).collect();
+        assert!(changes.is_empty(), "{stop}: the first kiln changed AWS after it was taken over: {changes:?}");
+
+        // Nothing moved: the ledger's head, the serving group, what runs.
+        let after = ledger_events(&moto, &repo);
+        assert_eq!(after.len(), head.len(), "{stop}: the first kiln wrote: {:#?}", &after[head.len()..]);
+        assert_eq!(after.last().map(|e| &e["seq"]), head.last().map(|e| &e["seq"]));
+        assert_eq!(attached(&moto, dev_tg), [group.as_str()], "{stop}");
+        assert_dev_converged(&moto, &repo, &net, &digest, stop);
+    }
+}
+
+/// `ops` with repeats folded: `ec2:X, s3:GetObject ×3, …`, in order of first appearance.
+fn tally(ops: &[String]) -> String {
+    let mut counted: Vec<(&str, usize)> = Vec::new();
+    for op in ops {
+        match counted.iter_mut().find(|(seen, _)| seen == op) {
+            Some((_, n)) => *n += 1,
+            None => counted.push((op, 1)),
+        }
+    }
+    counted
+        .iter()
+        .map(|(op, n)| if *n == 1 { op.to_string() } else { format!("{op} ×{n}") })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
