@@ -588,3 +588,226 @@ fn a_kiln_killed_after_any_deploy_step_is_converged_by_the_next_deploy() {
         assert_dev_converged(&moto, &repo, &net, &digest, step);
     }
 }
+
+/// Whether an AWS operation only reads (`service:Operation`, as the recorder names it).
+fn reads_only(op: &str) -> bool {
+    let operation = op.rsplit(':').next().unwrap_or(op);
+    ["Describe", "Get", "List", "Head"].iter().any(|read| operation.starts_with(read))
+}
+
+#[test]
+fn a_kiln_stopped_past_its_lease_on_aws_is_taken_over_and_makes_no_change_once_resumed() {
+    let moto = Moto::start();
+    let (repo, net) = app(&moto, "lease = \"2s\"\n");
+    // The ledger in S3 as well, as CI runners share it: a write by the first kiln would be a PutObject.
+    repo.edit(
+        "pipelines/app.toml",
+        "provider = \"aws\"\n",
+        "provider = \"aws\"\nledger = \"s3://kiln-artifacts/ledger\"\n",
+    );
+    let dev_tg = &net.target_groups[0];
+    app_release(&moto, &repo, "zero");
+    moto::app::run(&moto, &repo, &["deploy", "--stage", "dev"]).ok();
+
+    // Stopped before traffic moved, the first's deployment is undone; stopped after, it is finished by the second.
+    // After `healthy` the first's next act is a fenced route, with no ledger write before it.
+    for (stop, taken_over_as) in [
+        ("after-group-created", "undid interrupted deployment"),
+        ("after-healthy", "undid interrupted deployment"),
+        ("after-traffic-switched", "finished interrupted deployment"),
+    ] {
+        let digest = app_release(&moto, &repo, stop);
+        let first = moto
+            .kiln(&repo)
+            .env("KILN_ACTOR", "first")
+            .env("KILN_FAULT", format!("stop:deploy:{stop}"))
+            .args(["deploy", "--stage", "dev"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        common::hello::wait_stopped(first.id());
+        // Past the 2s lease, which was taken before the stop.
+        std::thread::sleep(std::time::Duration::from_millis(2500));
+
+        let second =
+            moto.kiln(&repo).env("KILN_ACTOR", "second").args(["deploy", "--stage", "dev", "--json"]).output().unwrap();
+        let second = Run::of(second, &["deploy (second)"]).ok().json();
+        assert!(second["reconciled"].as_str().unwrap_or_default().contains(taken_over_as), "{stop}: {second}");
+        let group = second["group"].as_str().unwrap().to_string();
+        assert_eq!(attached(&moto, dev_tg), [group.as_str()], "{stop}: the second's group serves");
+        let head = ledger_events(&moto, &repo);
+
+        // Resumed, the first finds its lease gone before its next call: AWS sees reads at most.
+        moto.start_recording();
+        common::hello::signal(first.id(), "CONT");
+        let resumed = Run::of(first.wait_with_output().unwrap(), &["deploy (first)"]).expect(5);
+        let calls = moto.stop_recording();
+        eprintln!("{stop}: the first kiln, resumed after the takeover, called: {}", tally(&calls));
+        assert!(resumed.stderr.contains("was taken over by second"), "{stop}: {}", resumed.stderr);
+        let changes: Vec<&String> = calls.iter().filter(|op| !reads_only(op)).collect();
+        assert!(changes.is_empty(), "{stop}: the first kiln changed AWS after it was taken over: {changes:?}");
+
+        // Nothing moved: the ledger's head, the serving group, what runs.
+        let after = ledger_events(&moto, &repo);
+        assert_eq!(after.len(), head.len(), "{stop}: the first kiln wrote: {:#?}", &after[head.len()..]);
+        assert_eq!(after.last().map(|e| &e["seq"]), head.last().map(|e| &e["seq"]));
+        assert_eq!(attached(&moto, dev_tg), [group.as_str()], "{stop}");
+        assert_dev_converged(&moto, &repo, &net, &digest, stop);
+    }
+}
+
+/// `ops` with repeats folded: `ec2:X, s3:GetObject ×3, …`, in order of first appearance.
+fn tally(ops: &[String]) -> String {
+    let mut counted: Vec<(&str, usize)> = Vec::new();
+    for op in ops {
+        match counted.iter_mut().find(|(seen, _)| seen == op) {
+            Some((_, n)) => *n += 1,
+            None => counted.push((op, 1)),
+        }
+    }
+    counted
+        .iter()
+        .map(|(op, n)| if *n == 1 { op.to_string() } else { format!("{op} ×{n}") })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The wait polls among `ops`: a wait reads the group (DescribeAutoScalingGroups) and its targets
+/// (DescribeTargetHealth) until they settle, so in a run of such read pairs with nothing else between them every
+/// pair after the first is a poll, and both its calls count.
+fn wait_polls(ops: &[String]) -> usize {
+    let read = |i: usize| {
+        ops.get(i).is_some_and(|op| op == "autoscaling:DescribeAutoScalingGroups")
+            && ops.get(i + 1).is_some_and(|op| op == "elasticloadbalancing:DescribeTargetHealth")
+    };
+    let (mut polls, mut i) = (0, 0);
+    while i < ops.len() {
+        if read(i) {
+            let mut j = i + 2;
+            while read(j) {
+                polls += 2;
+                j += 2;
+            }
+            i = j;
+        } else {
+            i += 1;
+        }
+    }
+    polls
+}
+
+#[test]
+fn wait_polls_are_the_repeated_reads_of_a_wait() {
+    let ops = |s: &str| s.split(' ').map(|op| op.to_string()).collect::<Vec<_>>();
+    let (group, targets) = ("autoscaling:DescribeAutoScalingGroups", "elasticloadbalancing:DescribeTargetHealth");
+    assert_eq!(wait_polls(&ops(&format!("{group} {targets}"))), 0);
+    assert_eq!(wait_polls(&ops(&format!("{group} {targets} {group} {targets} {group} {targets}"))), 4);
+    assert_eq!(wait_polls(&ops(&format!("{group} {targets} x:Route {group} {targets}"))), 0, "two waits");
+    assert_eq!(wait_polls(&ops(&format!("{group} {group} {targets} {group}"))), 0);
+}
+
+/// Runs kiln with moto's recorder on; returns the run and the AWS operations it called, in order.
+fn recorded(moto: &Moto, repo: &Repo, what: &str, args: &[&str]) -> (Run, Vec<String>) {
+    moto.start_recording();
+    let run = moto::app::run(moto, repo, args);
+    let ops = moto.stop_recording();
+    let polls = wait_polls(&ops);
+    eprintln!("B6 {what}: {} calls ({polls} polls): {}", ops.len(), tally(&ops));
+    (run, ops)
+}
+
+fn count(ops: &[String], op: &str) -> usize {
+    ops.iter().filter(|o| *o == op).count()
+}
+
+#[test]
+fn b6_api_calls_per_promotion_deploy_and_rollback() {
+    let moto = Moto::start();
+    let (repo, net) = app(&moto, "");
+    let dev_tg = &net.target_groups[0];
+    repo.write("images/files/app/config.txt", "mode=one\n");
+    moto::app::bake(&moto, &repo, &[]);
+
+    // A promotion alone (gates, the stage pointer): no deploy call.
+    let (run, promote) =
+        recorded(&moto, &repo, "promote to dev (--no-deploy)", &["promote", "--stage", "dev", "--no-deploy"]);
+    run.ok();
+    assert_eq!(count(&promote, "ssm:PutParameter"), 1, "{promote:?}");
+    assert!(!promote.iter().any(|op| op.starts_with("autoscaling:Create")), "{promote:?}");
+    assert!(promote.len() <= 6, "{promote:?}");
+
+    // The first deploy into an empty stage: a template, a group, its wait, the cutover.
+    let (run, first) = recorded(&moto, &repo, "first deploy (new template and group)", &["deploy", "--stage", "dev"]);
+    run.ok();
+    assert_eq!(count(&first, "ec2:CreateLaunchTemplate"), 1, "{first:?}");
+    assert_eq!(count(&first, "autoscaling:CreateAutoScalingGroup"), 1, "{first:?}");
+    assert!(first.len() - wait_polls(&first) <= 20, "{first:?}");
+    assert_eq!(attached(&moto, dev_tg), ["app-dev-v001"]);
+
+    // The next release: a template version, a group, the cutover, the old group drained and parked.
+    repo.write("images/files/app/config.txt", "mode=two\n");
+    moto::app::bake(&moto, &repo, &[]);
+    moto::app::run(&moto, &repo, &["promote", "--stage", "dev", "--no-deploy"]).ok();
+    let (run, next) = recorded(&moto, &repo, "deploy replacing a group", &["deploy", "--stage", "dev"]);
+    run.ok();
+    assert_eq!(count(&next, "ec2:CreateLaunchTemplateVersion"), 1, "{next:?}");
+    assert_eq!(count(&next, "autoscaling:UpdateAutoScalingGroup"), 1, "the park: {next:?}");
+    assert!(next.len() - wait_polls(&next) <= 25, "{next:?}");
+    assert_eq!(attached(&moto, dev_tg), ["app-dev-v002"]);
+
+    // Rollback: the kept group scaled back up, the pointer moved, the cutover, v002 parked.
+    let (run, rollback) = recorded(&moto, &repo, "rollback (kept group scaled up)", &["rollback", "--stage", "dev"]);
+    run.ok();
+    assert_eq!(count(&rollback, "autoscaling:CreateAutoScalingGroup"), 0, "{rollback:?}");
+    assert_eq!(count(&rollback, "autoscaling:UpdateAutoScalingGroup"), 2, "scale up v001, park v002: {rollback:?}");
+    assert_eq!(count(&rollback, "ssm:PutParameter"), 1, "{rollback:?}");
+    assert!(rollback.len() - wait_polls(&rollback) <= 25, "{rollback:?}");
+    assert_eq!(attached(&moto, dev_tg), ["app-dev-v001"]);
+
+    // A promotion that deploys: the promotion's calls and the deploy's, in one command.
+    repo.write("images/files/app/config.txt", "mode=three\n");
+    moto::app::bake(&moto, &repo, &[]);
+    let (run, both) = recorded(&moto, &repo, "promote to dev with its deploy", &["promote", "--stage", "dev"]);
+    run.ok();
+    assert!(both.len() - wait_polls(&both) <= 30, "{both:?}");
+    assert_eq!(attached(&moto, dev_tg), ["app-dev-v003"]);
+
+    // moto's targets are healthy at once, so the waits above read once each. Here the new group's instance is
+    // stopped (its target `unused`) once the group exists, and started again 3s later: kiln's first read finds it
+    // unhealthy, so it must poll. The test's own calls (EC2 instance calls, which a deploy never makes) are left out.
+    repo.write("images/files/app/config.txt", "mode=four\n");
+    moto::app::bake(&moto, &repo, &[]);
+    moto::app::run(&moto, &repo, &["promote", "--stage", "dev", "--no-deploy"]).ok();
+    moto.start_recording();
+    let slow = moto
+        .kiln(&repo)
+        .env("KILN_FAULT", "stop:deploy:after-group-created")
+        .args(["deploy", "--stage", "dev"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    common::hello::wait_stopped(slow.id());
+    moto.boto3(
+        "r = ec2.describe_instances(Filters=[{'Name': 'tag:kiln:group', 'Values': ['app-dev-v004']}])['Reservations']\n\
+         ec2.stop_instances(InstanceIds=[i['InstanceId'] for x in r for i in x['Instances']])",
+    );
+    common::hello::signal(slow.id(), "CONT");
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    moto.boto3(
+        "r = ec2.describe_instances(Filters=[{'Name': 'tag:kiln:group', 'Values': ['app-dev-v004']}])['Reservations']\n\
+         ec2.start_instances(InstanceIds=[i['InstanceId'] for x in r for i in x['Instances']])",
+    );
+    Run::of(slow.wait_with_output().unwrap(), &["deploy (slow target)"]).ok();
+    let ops: Vec<String> = moto
+        .stop_recording()
+        .into_iter()
+        .filter(|op| !["ec2:DescribeInstances", "ec2:StopInstances", "ec2:StartInstances"].contains(&op.as_str()))
+        .collect();
+    let polls = wait_polls(&ops);
+    eprintln!("B6 deploy whose target turns healthy after ~3s: {} calls ({polls} polls): {}", ops.len(), tally(&ops));
+    assert!(polls >= 2, "the first read found the target stopped, so kiln read again: {ops:?}");
+    assert!(ops.len() - polls <= 30, "it also destroys the group beyond keep-previous: {ops:?}");
+    assert_eq!(attached(&moto, dev_tg), ["app-dev-v004"]);
+}
