@@ -9,7 +9,7 @@ mod moto;
 use std::path::Path;
 
 use common::{copy_dir, Repo, Run};
-use moto::app::tag;
+use moto::app::{network, tag, Network};
 use moto::Moto;
 
 const NOW: &str = "2026-11-28T12:00:00Z";
@@ -18,41 +18,6 @@ const LATER: &str = "2026-11-28T12:11:00Z";
 fn at(moto: &Moto, repo: &Repo, now: &str, actor: &str, args: &[&str]) -> Run {
     let out = moto.kiln(repo).env("KILN_NOW", now).env("KILN_ACTOR", actor).args(args).output().unwrap();
     Run::of(out, args)
-}
-
-/// What a stage deploys into, made in moto as Terraform would: the default VPC's subnets, a security group, one
-/// load balancer, and a target group (with a listener) per stage.
-struct Network {
-    subnets: Vec<String>,
-    security_group: String,
-    /// Target group ARN per stage, in the order asked for.
-    target_groups: Vec<String>,
-}
-
-fn network(moto: &Moto, stages: &[&str]) -> Network {
-    let names: Vec<String> = stages.iter().map(|s| format!("'{s}'")).collect();
-    let out = moto.boto3(&format!(
-        "elb = client('elbv2')\n\
-         vpc = ec2.describe_vpcs(Filters=[{{'Name': 'isDefault', 'Values': ['true']}}])['Vpcs'][0]['VpcId']\n\
-         subnets = [s['SubnetId'] for s in ec2.describe_subnets(Filters=[{{'Name': 'vpc-id', 'Values': [vpc]}}])['Subnets']][:2]\n\
-         sg = ec2.create_security_group(GroupName='hello-instances', Description='hello', VpcId=vpc)['GroupId']\n\
-         lb = elb.create_load_balancer(Name='hello', Subnets=subnets)['LoadBalancers'][0]['LoadBalancerArn']\n\
-         tgs = []\n\
-         for i, stage in enumerate([{}]):\n\
-         \x20   tg = elb.create_target_group(Name='hello-' + stage, Protocol='HTTP', Port=8080, VpcId=vpc, TargetType='instance')['TargetGroups'][0]['TargetGroupArn']\n\
-         \x20   elb.create_listener(LoadBalancerArn=lb, Protocol='HTTP', Port=8000 + i, DefaultActions=[{{'Type': 'forward', 'TargetGroupArn': tg}}])\n\
-         \x20   tgs.append(tg)\n\
-         print(json.dumps({{'subnets': subnets, 'sg': sg, 'tgs': tgs}}))",
-        names.join(", ")
-    ));
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let strings =
-        |v: &serde_json::Value| v.as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect();
-    Network {
-        subnets: strings(&v["subnets"]),
-        security_group: v["sg"].as_str().unwrap().to_string(),
-        target_groups: strings(&v["tgs"]),
-    }
 }
 
 /// A copy of this repository's `images/` and `pipelines/hello-aws.toml` (the only pipeline), its REPLACE values

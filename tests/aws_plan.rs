@@ -6,25 +6,16 @@ mod common;
 mod moto;
 
 use common::Repo;
-use moto::app::{aws_repo, bake, run};
+use moto::app::{aws_repo, bake, network, run};
 use moto::Moto;
 
 const ACCOUNT: &str = "111122223333";
 
-/// A load balancer and a target group in a VPC, and the app pipeline deploying dev into it (one instance, one
+/// The app pipeline deploying dev behind a target group of `moto::app::network` (one instance, one
 /// group kept for rollback); prod also runs in eu-west-1 and is shared with another account.
 fn with_target_group(moto: &Moto, repo: &Repo) {
-    let out = moto.boto3(
-        "elb = client('elbv2')\n\
-         vpc = ec2.create_vpc(CidrBlock='10.0.0.0/16')['Vpc']['VpcId']\n\
-         a = ec2.create_subnet(VpcId=vpc, CidrBlock='10.0.1.0/24', AvailabilityZone='us-east-1a')['Subnet']['SubnetId']\n\
-         b = ec2.create_subnet(VpcId=vpc, CidrBlock='10.0.2.0/24', AvailabilityZone='us-east-1b')['Subnet']['SubnetId']\n\
-         lb = elb.create_load_balancer(Name='app', Subnets=[a, b])['LoadBalancers'][0]['LoadBalancerArn']\n\
-         tg = elb.create_target_group(Name='app-dev', Protocol='HTTP', Port=80, VpcId=vpc, TargetType='instance')['TargetGroups'][0]['TargetGroupArn']\n\
-         elb.create_listener(LoadBalancerArn=lb, Protocol='HTTP', Port=80, DefaultActions=[{'Type': 'forward', 'TargetGroupArn': tg}])\n\
-         print(a, tg)",
-    );
-    let (subnet, target_group) = out.trim().split_once(' ').unwrap();
+    let net = network(moto, &["dev"]);
+    let (subnet, target_group) = (&net.subnets[0], &net.target_groups[0]);
     repo.write(
         "pipelines/app.toml",
         &format!(
