@@ -397,10 +397,8 @@ fn record(
 mod tests {
     use super::*;
     use crate::clock::Clock;
-    use crate::config::{pipeline, Repo};
-    use crate::ledger::Ledger;
-    use crate::progress::Silent;
-    use crate::provider::memory::{test_instance, MemoryProvider};
+    use crate::engine::fixture::Fixture;
+    use crate::provider::memory::test_instance;
 
     fn baked(digest: Digest, instance: Option<Instance>) -> EventBody {
         EventBody::Baked {
@@ -420,33 +418,12 @@ mod tests {
 
     #[test]
     fn the_instance_section_comes_from_the_ledger_and_from_the_provider_only_for_older_images() {
-        let dir = tempfile::tempdir().unwrap();
-        for (rel, text) in [
+        let world = Fixture::new(&[
             ("images/app.toml", "description = \"app\"\n"),
             ("pipelines/app.toml", "image = \"app\"\n[[stage]]\nname = \"dev\"\ndeploy = { port = 30998 }\n"),
-        ] {
-            let path = dir.path().join(rel);
-            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-            std::fs::write(path, text).unwrap();
-        }
-        let repo = Repo::discover(dir.path()).unwrap();
-        let pipeline = pipeline::load(&repo, "app").unwrap();
-        let ledger = Ledger::open_dir(&dir.path().join(".kiln/ledger"));
-        let memory = MemoryProvider::default();
+        ]);
+        let (ledger, memory) = (&world.ledger, &world.memory);
         let clock = Clock::system();
-        let ctx = Context {
-            repo: &repo,
-            pipeline: &pipeline,
-            ledger: &ledger,
-            clock: &clock,
-            actor: "t",
-            images: &memory,
-            fleet: &memory,
-            state_dir: dir.path().join(".kiln"),
-            echo: false,
-            lease_holder: "t".into(),
-            progress: &Silent,
-        };
         let append = |body: EventBody| {
             ledger.append::<(), Error>("t", &clock, |_| Ok(Decision::Append(Box::new(body.clone()), ()))).unwrap();
         };
@@ -454,51 +431,27 @@ mod tests {
         let older = Digest::of(b"older");
         memory.add_image(older);
         append(baked(older, None));
-        assert_eq!(instance_of(&ctx, &ImageRef::new(older, "o")).unwrap(), Some(test_instance()));
+        assert_eq!(world.run(|ctx| instance_of(ctx, &ImageRef::new(older, "o"))).unwrap(), Some(test_instance()));
         // Recorded in the ledger: the provider, which here stores nothing (like AMI tags), is not needed.
         let recorded = Digest::of(b"recorded");
         let mut instance = test_instance();
         instance.command = vec!["/bin/recorded".into()];
         append(baked(recorded, Some(instance.clone())));
-        assert_eq!(instance_of(&ctx, &ImageRef::new(recorded, "r")).unwrap(), Some(instance));
+        assert_eq!(world.run(|ctx| instance_of(ctx, &ImageRef::new(recorded, "r"))).unwrap(), Some(instance));
     }
 
     #[test]
     fn a_plan_without_a_settled_base_says_so_and_leaves_every_later_key_unknown() {
-        use crate::provider::inject::{CrashMode, Fault, Faulty, Injector, Rule};
-        let dir = tempfile::tempdir().unwrap();
-        for (rel, text) in [
+        use crate::provider::inject::{Fault, Rule};
+        let world = Fixture::new(&[
             ("images/base.toml", "description = \"base\"\n"),
             ("images/app.toml", "parent = \"base\"\ndescription = \"app\"\n"),
             ("pipelines/app.toml", "image = \"app\"\n[[stage]]\nname = \"dev\"\ndeploy = { port = 30996 }\n"),
-        ] {
-            let path = dir.path().join(rel);
-            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-            std::fs::write(path, text).unwrap();
-        }
-        let repo = Repo::discover(dir.path()).unwrap();
-        let pipeline = pipeline::load(&repo, "app").unwrap();
-        let ledger = Ledger::open_dir(&dir.path().join(".kiln/ledger"));
-        let memory = MemoryProvider::default();
-        let injector = Injector::new(CrashMode::Panic);
-        let faulty = Faulty { images: &memory, fleet: &memory, injector: &injector };
-        let clock = Clock::system();
-        let ctx = Context {
-            repo: &repo,
-            pipeline: &pipeline,
-            ledger: &ledger,
-            clock: &clock,
-            actor: "t",
-            images: &faulty,
-            fleet: &faulty,
-            state_dir: dir.path().join(".kiln"),
-            echo: false,
-            lease_holder: "t".into(),
-            progress: &Silent,
-        };
+        ]);
+        let (ledger, injector) = (&world.ledger, &world.injector);
         // The root's build settings name a base that is not resolved yet (AWS: no kiln.lock entry).
         injector.add(Rule { call: "build_settings".into(), nth: Some(1), fault: Fault::Fail("no base yet".into()) });
-        let plan = plan(&ctx, &BakeOptions::default()).unwrap();
+        let plan = world.run(|ctx| plan(ctx, &BakeOptions::default())).unwrap();
         let [base, app] = &plan.plan[..] else { panic!("{plan:?}") };
         assert_eq!(base.recipe_key, None);
         let why = base.unknown_because.clone().unwrap_or_default();

@@ -252,34 +252,12 @@ mod tests {
     #[test]
     fn an_image_something_outside_the_ledger_uses_is_kept_and_reported() {
         use crate::clock::Clock;
-        use crate::provider::memory::MemoryProvider;
-        let dir = tempfile::tempdir().unwrap();
-        for (rel, text) in [
+        let world = crate::engine::fixture::Fixture::new(&[
             ("images/app.toml", "description = \"app\"\n"),
             ("pipelines/app.toml", "image = \"app\"\n[[stage]]\nname = \"dev\"\ndeploy = { port = 30997 }\n"),
-        ] {
-            let path = dir.path().join(rel);
-            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-            std::fs::write(path, text).unwrap();
-        }
-        let repo = crate::config::Repo::discover(dir.path()).unwrap();
-        let pipeline = pipeline::load(&repo, "app").unwrap();
-        let ledger = Ledger::open_dir(&dir.path().join(".kiln/ledger"));
-        let memory = MemoryProvider::default();
+        ]);
+        let (ledger, memory) = (&world.ledger, &world.memory);
         let clock = Clock::system();
-        let ctx = Context {
-            repo: &repo,
-            pipeline: &pipeline,
-            ledger: &ledger,
-            clock: &clock,
-            actor: "t",
-            images: &memory,
-            fleet: &memory,
-            state_dir: dir.path().join(".kiln"),
-            echo: false,
-            lease_holder: "t".into(),
-            progress: &crate::progress::Silent,
-        };
         // Three bakes of one recipe: the newest stays; of the two older ones, a launch template uses `used`.
         let [unused, used, newest] = [&b"unused"[..], b"used", b"newest"].map(Digest::of);
         for digest in [unused, used, newest] {
@@ -291,14 +269,14 @@ mod tests {
             ledger.append::<(), Error>("t", &clock, |_| Ok(Decision::Append(Box::new(body.clone()), ()))).unwrap();
         }
         memory.add_user(used, "launch template lt-0abc version 3");
-        let planned = collect(&ctx, true).unwrap();
+        let planned = world.run(|ctx| collect(ctx, true)).unwrap();
         let digests = |images: &[ImageRef]| images.iter().map(|i| i.digest).collect::<Vec<_>>();
         assert_eq!(digests(&planned.deleted), [unused]);
         assert_eq!(planned.in_use.len(), 1);
         assert_eq!(planned.in_use[0].digest, used);
         assert_eq!(planned.in_use[0].users, ["launch template lt-0abc version 3"]);
         assert_eq!(planned.kept, 2);
-        let done = collect(&ctx, false).unwrap();
+        let done = world.run(|ctx| collect(ctx, false)).unwrap();
         assert_eq!(digests(&done.deleted), [unused]);
         assert_eq!(done.in_use.len(), 1);
         let view = ledger.view().unwrap();

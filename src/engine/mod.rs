@@ -5,6 +5,8 @@ pub mod approval;
 pub mod bake;
 pub mod deploy;
 pub mod drift;
+#[cfg(test)]
+pub(crate) mod fixture;
 pub mod gate;
 pub mod gc;
 pub mod lineage;

@@ -490,69 +490,46 @@ fn ordered_verdicts(
 mod tests {
     use super::*;
     use crate::clock::Clock;
-    use crate::config::{pipeline, Pipeline, Repo};
-    use crate::ledger::Ledger;
-    use crate::progress::Silent;
-    use crate::provider::inject::{CrashMode, Fault, Faulty, Injector, Rule};
-    use crate::provider::memory::MemoryProvider;
+    use crate::config::pipeline;
+    use crate::engine::fixture::Fixture;
+    use crate::provider::inject::{Fault, Rule};
     use crate::provider::{ImageCopy, ImageProvider};
 
     const ACCOUNT: &str = "111122223333";
 
     /// An AWS-shaped pipeline: `dev` runs in two regions and shares with one account; `prod` names no region.
-    struct World {
-        dir: tempfile::TempDir,
-        repo: Repo,
-        pipeline: Pipeline,
-        ledger: Ledger,
-        memory: MemoryProvider,
-        injector: Injector,
+    struct World(Fixture);
+
+    impl std::ops::Deref for World {
+        type Target = Fixture;
+        fn deref(&self) -> &Fixture {
+            &self.0
+        }
+    }
+
+    impl std::ops::DerefMut for World {
+        fn deref_mut(&mut self) -> &mut Fixture {
+            &mut self.0
+        }
     }
 
     impl World {
         fn new() -> World {
-            let dir = tempfile::tempdir().unwrap();
             let deploy_dev = format!(
                 "deploy = {{ subnets = [\"subnet-1\"], regions = [\"us-east-1\", \"eu-west-1\"], accounts = [\"{ACCOUNT}\"] }}"
             );
-            for (rel, text) in [
-                ("images/app.toml", "description = \"app\"\n[aws]\nbase-ami = \"ami-0123456789abcdef0\"\n".to_string()),
-                (
-                    "pipelines/app.toml",
-                    format!(
-                        "image = \"app\"\nprovider = \"aws\"\n[aws]\nregion = \"us-east-1\"\nartifact-bucket = \"kiln-artifacts\"\n[[stage]]\nname = \"dev\"\n\
-                         {deploy_dev}\n[[stage]]\nname = \"prod\"\ndeploy = {{ subnets = [\"subnet-1\"] }}\n"
-                    ),
-                ),
-            ] {
-                let path = dir.path().join(rel);
-                std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-                std::fs::write(path, text).unwrap();
-            }
-            let repo = Repo::discover(dir.path()).unwrap();
-            let pipeline = pipeline::load(&repo, "app").unwrap();
-            let ledger = Ledger::open_dir(&dir.path().join(".kiln/ledger"));
-            let injector = Injector::new(CrashMode::Panic);
-            World { dir, repo, pipeline, ledger, memory: MemoryProvider::default(), injector }
+            let pipeline = format!(
+                "image = \"app\"\nprovider = \"aws\"\n[aws]\nregion = \"us-east-1\"\nartifact-bucket = \"kiln-artifacts\"\n[[stage]]\nname = \"dev\"\n\
+                 {deploy_dev}\n[[stage]]\nname = \"prod\"\ndeploy = {{ subnets = [\"subnet-1\"] }}\n"
+            );
+            World(Fixture::new(&[
+                ("images/app.toml", "description = \"app\"\n[aws]\nbase-ami = \"ami-0123456789abcdef0\"\n"),
+                ("pipelines/app.toml", &pipeline),
+            ]))
         }
 
         fn with<T>(&self, f: impl FnOnce(&Context) -> T) -> T {
-            let clock = Clock::system();
-            let faulty = Faulty { images: &self.memory, fleet: &self.memory, injector: &self.injector };
-            let ctx = Context {
-                repo: &self.repo,
-                pipeline: &self.pipeline,
-                ledger: &self.ledger,
-                clock: &clock,
-                actor: "t",
-                images: &faulty,
-                fleet: &faulty,
-                state_dir: self.dir.path().join(".kiln"),
-                echo: false,
-                lease_holder: "t".into(),
-                progress: &Silent,
-            };
-            f(&ctx)
+            self.run(f)
         }
 
         /// An image baked in us-east-1: the memory provider holds it and its one copy there.

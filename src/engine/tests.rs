@@ -7,14 +7,12 @@ use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, SystemTime};
 
 use super::deploy::{self, DeployOutcome, DeployReport, Want};
+use super::fixture::Fixture;
 use super::Context;
 use crate::clock::{self, Clock};
-use crate::config::{pipeline, Pipeline, Repo};
 use crate::digest::Digest;
-use crate::ledger::{Decision, EventBody, Ledger, LedgerError};
-use crate::progress::Silent;
-use crate::provider::inject::{CrashMode, Crashed, Fault, Faulty, Injector, Rule};
-use crate::provider::memory::MemoryProvider;
+use crate::ledger::{Decision, EventBody, LedgerError};
+use crate::provider::inject::{Crashed, Fault, Rule};
 use crate::provider::StageRef;
 use crate::Error;
 
@@ -22,13 +20,14 @@ const T0: &str = "2026-11-28T12:00:00Z";
 /// Provider calls that change something; after a takeover, the first holder makes none of them.
 const MUTATING: [&str; 4] = ["launch", "route", "park", "destroy"];
 
-struct World {
-    dir: tempfile::TempDir,
-    repo: Repo,
-    pipeline: Pipeline,
-    ledger: Ledger,
-    memory: MemoryProvider,
-    injector: Injector,
+/// The engine fixture with one stage `dev` (see [`World::new`]).
+struct World(Fixture);
+
+impl std::ops::Deref for World {
+    type Target = Fixture;
+    fn deref(&self) -> &Fixture {
+        &self.0
+    }
 }
 
 fn at(secs: u64) -> Clock {
@@ -52,34 +51,18 @@ impl World {
     /// One stage `dev` (capacity 2, one kept group), with `extra` stage keys and tables after its deploy line.
     fn new(extra: &str) -> World {
         quiet_crashes();
-        let dir = tempfile::tempdir().unwrap();
-        let write = |rel: &str, text: &str| {
-            let path = dir.path().join(rel);
-            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-            std::fs::write(path, text).unwrap();
-        };
-        write("images/app.toml", "description = \"app\"\n");
-        write(
-            "pipelines/app.toml",
-            &format!(
-                "image = \"app\"\n[[stage]]\nname = \"dev\"\ncapacity = 2\nkeep-previous = 1\ndeploy = {{ port = 30999 }}\n{extra}"
-            ),
+        let pipeline = format!(
+            "image = \"app\"\n[[stage]]\nname = \"dev\"\ncapacity = 2\nkeep-previous = 1\ndeploy = {{ port = 30999 }}\n{extra}"
         );
-        write("pipelines/scripts/check.sh", "#!/bin/sh\ntest ! -e \"$(dirname \"$0\")/fail\"\n");
+        let fixture = Fixture::new(&[
+            ("images/app.toml", "description = \"app\"\n"),
+            ("pipelines/app.toml", &pipeline),
+            ("pipelines/scripts/check.sh", "#!/bin/sh\ntest ! -e \"$(dirname \"$0\")/fail\"\n"),
+        ]);
         use std::os::unix::fs::PermissionsExt;
-        let check = dir.path().join("pipelines/scripts/check.sh");
+        let check = fixture.dir.path().join("pipelines/scripts/check.sh");
         std::fs::set_permissions(check, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let repo = Repo::discover(dir.path()).unwrap();
-        let pipeline = pipeline::load(&repo, "app").unwrap();
-        let ledger = Ledger::open_dir(&dir.path().join(".kiln/ledger"));
-        World {
-            dir,
-            repo,
-            pipeline,
-            ledger,
-            memory: MemoryProvider::default(),
-            injector: Injector::new(CrashMode::Panic),
-        }
+        World(fixture)
     }
 
     fn stage(&self) -> StageRef<'_> {
@@ -88,22 +71,7 @@ impl World {
 
     /// Runs `f` as the kiln process `who`, `secs` after T0.
     fn as_kiln<T>(&self, who: &str, secs: u64, f: impl FnOnce(&Context) -> T) -> T {
-        let faulty = Faulty { images: &self.memory, fleet: &self.memory, injector: &self.injector };
-        let clock = at(secs);
-        let ctx = Context {
-            repo: &self.repo,
-            pipeline: &self.pipeline,
-            ledger: &self.ledger,
-            clock: &clock,
-            actor: who,
-            images: &faulty,
-            fleet: &faulty,
-            state_dir: self.dir.path().join(".kiln"),
-            echo: false,
-            lease_holder: format!("test-host:{who}"),
-            progress: &Silent,
-        };
-        f(&ctx)
+        self.run_as(who, &at(secs), f)
     }
 
     fn deploy(&self, who: &str, secs: u64) -> Result<DeployReport, Error> {
