@@ -9,7 +9,7 @@ mod moto;
 use std::path::Path;
 
 use common::{copy_dir, Repo, Run};
-use moto::app::{network, tag, Network};
+use moto::app::{network, tag, write_pipeline, Network};
 use moto::Moto;
 
 const NOW: &str = "2026-11-28T12:00:00Z";
@@ -270,17 +270,10 @@ fn app(moto: &Moto, dev_extra: &str) -> (Repo, Network) {
     let repo = moto::app::aws_repo(moto);
     let net = network(moto, &["dev", "prod"]);
     let subnets = net.subnets.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(", ");
-    repo.write(
-        "pipelines/app.toml",
+    write_pipeline(
+        &repo,
         &format!(
-            r#"image = "app"
-provider = "aws"
-
-[aws]
-region = "us-east-1"
-artifact-bucket = "{bucket}"
-
-[[stage]]
+            r#"[[stage]]
 name = "dev"
 capacity = 1
 {dev_extra}
@@ -295,7 +288,6 @@ capacity = 1
 target-group-arn = "{prod}"
 subnets = [{subnets}]
 "#,
-            bucket = moto::app::BUCKET,
             dev = net.target_groups[0],
             prod = net.target_groups[1],
         ),

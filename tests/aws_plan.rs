@@ -6,7 +6,7 @@ mod common;
 mod moto;
 
 use common::Repo;
-use moto::app::{aws_repo, bake, network, run};
+use moto::app::{aws_repo, bake, network, run, write_pipeline};
 use moto::Moto;
 
 const ACCOUNT: &str = "111122223333";
@@ -16,17 +16,10 @@ const ACCOUNT: &str = "111122223333";
 fn with_target_group(moto: &Moto, repo: &Repo) {
     let net = network(moto, &["dev"]);
     let (subnet, target_group) = (&net.subnets[0], &net.target_groups[0]);
-    repo.write(
-        "pipelines/app.toml",
+    write_pipeline(
+        repo,
         &format!(
-            r#"image = "app"
-provider = "aws"
-
-[aws]
-region = "us-east-1"
-artifact-bucket = "{bucket}"
-
-[[stage]]
+            r#"[[stage]]
 name = "dev"
 capacity = 1
 keep-previous = 1
@@ -35,8 +28,7 @@ deploy = {{ target-group-arn = "{target_group}", subnets = ["{subnet}"] }}
 [[stage]]
 name = "prod"
 deploy = {{ target-group-arn = "{target_group}", subnets = ["{subnet}"], regions = ["us-east-1", "eu-west-1"], accounts = ["{ACCOUNT}"] }}
-"#,
-            bucket = moto::app::BUCKET
+"#
         ),
     );
 }

@@ -66,27 +66,26 @@ instance-profile = "kiln-builder"
     repo.write("images/files/app/run", "#!/bin/sh\nexec sleep 1000\n");
     repo.write("images/files/app/config.txt", "mode=fast\n");
     repo.write("images/scripts/setup.sh", "#!/bin/sh\nset -e\nmkdir -p /opt/app/bin\n");
-    repo.write(
-        "pipelines/app.toml",
-        &format!(
-            r#"image = "app"
-provider = "aws"
-
-[aws]
-region = "us-east-1"
-artifact-bucket = "{BUCKET}"
-
-[[stage]]
+    write_pipeline(
+        &repo,
+        r#"[[stage]]
 name = "dev"
-deploy = {{ subnets = ["subnet-00000001"] }}
+deploy = { subnets = ["subnet-00000001"] }
 
 [[stage]]
 name = "prod"
-deploy = {{ subnets = ["subnet-00000001"] }}
-"#
-        ),
+deploy = { subnets = ["subnet-00000001"] }
+"#,
     );
     repo
+}
+
+/// Writes pipeline `app` (image `app` on AWS in us-east-1, files staged in [`BUCKET`]) with `stages`.
+pub fn write_pipeline(repo: &Repo, stages: &str) {
+    repo.write(
+        "pipelines/app.toml",
+        &format!("image = \"app\"\nprovider = \"aws\"\n\n[aws]\nregion = \"us-east-1\"\nartifact-bucket = \"{BUCKET}\"\n\n{stages}"),
+    );
 }
 
 pub fn bake(moto: &Moto, repo: &Repo, args: &[&str]) -> serde_json::Value {
