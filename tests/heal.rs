@@ -61,8 +61,12 @@ fn after_a_rollback_deploy_heals_what_it_rolled_back_to_even_once_revoked_until_
     assert_eq!(again["outcome"], "already-live", "{again}");
     assert_eq!(greeting(port), "one");
 
-    // What the stage rolled back to is revoked later; an instance dies; deploy heals it in place.
+    // What the stage rolled back to is revoked later; an instance dies with the stage's supervisor (which would
+    // otherwise restart it itself); deploy heals it in place.
     repo.run(&["revoke", &one, "--reason", "base CVE"]).ok();
+    let proxy: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(repo.file(".kiln/run/hello/dev/proxy.json")).unwrap()).unwrap();
+    kill(proxy["pid"].as_u64().unwrap());
     kill(live_instance_pids(&repo, "hello-dev-v001")[1]);
     let healed = repo.run(&["deploy", "--stage", "dev", "--json"]).ok().json();
     assert_eq!(healed["outcome"], "healed", "{healed}");

@@ -8,6 +8,7 @@ mod plan;
 pub mod provision;
 pub mod proxy;
 pub mod stage;
+pub mod supervise;
 
 use std::collections::BTreeMap;
 use std::fs;

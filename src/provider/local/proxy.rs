@@ -37,7 +37,7 @@ const POOL_IDLE: Duration = Duration::from_secs(30);
 /// Also bounds how long an idle client keep-alive connection is kept.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(60);
 /// After SIGTERM, requests already in progress get this long to finish.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -551,13 +551,13 @@ async fn send_on(stream: tokio::net::TcpStream, req: Request<OutBody>) -> Result
 
 // ---- the process --------------------------------------------------------------------------------------------------
 
-static SHUTDOWN: AtomicBool = AtomicBool::new(false);
+pub(crate) static SHUTDOWN: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_shutdown_signal(_: libc::c_int) {
     SHUTDOWN.store(true, Ordering::SeqCst);
 }
 
-fn install_signal_handlers() -> Result<(), ProxyError> {
+pub(crate) fn install_signal_handlers() -> Result<(), ProxyError> {
     for signal in [libc::SIGTERM, libc::SIGINT] {
         // SAFETY: the handler only stores to an atomic, which is async-signal-safe; the struct is fully set.
         let r = unsafe {
@@ -574,9 +574,28 @@ fn install_signal_handlers() -> Result<(), ProxyError> {
     Ok(())
 }
 
+/// Where the proxy's listening socket comes from.
+#[derive(Debug, Clone, Copy)]
+pub enum Listen {
+    /// Bind the stage's port itself.
+    Port(u16),
+    /// A socket already listening on `port`, inherited as this descriptor from the stage's supervisor, which keeps
+    /// it open across restarts of the proxy so connections wait in its backlog meanwhile.
+    Inherited { fd: std::os::fd::RawFd, port: u16 },
+}
+
+/// Binds the stage's port as the proxy does, for a supervisor that hands the socket on to its proxy.
+pub fn bind_std(port: u16) -> Result<std::net::TcpListener, ProxyError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .map_err(|source| ProxyError::Runtime { source })?;
+    runtime.block_on(async { listen(port)?.into_std().map_err(|source| ProxyError::Bind { port, source }) })
+}
+
 /// Runs until SIGTERM or SIGINT, then stops accepting, lets requests in progress finish (up to a grace period),
 /// removes the status file and returns.
-pub fn serve(port: u16, routes_file: &Path, status_file: &Path) -> Result<(), ProxyError> {
+pub fn serve(listen_on: Listen, routes_file: &Path, status_file: &Path) -> Result<(), ProxyError> {
     install_signal_handlers()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -584,7 +603,18 @@ pub fn serve(port: u16, routes_file: &Path, status_file: &Path) -> Result<(), Pr
         .enable_all()
         .build()
         .map_err(|source| ProxyError::Runtime { source })?;
-    let listener = runtime.block_on(async { listen(port) })?;
+    let (listener, port) = match listen_on {
+        Listen::Port(port) => (runtime.block_on(async { listen(port) })?, port),
+        Listen::Inherited { fd, port } => {
+            use std::os::fd::FromRawFd;
+            // SAFETY: the supervisor passes a listening socket at this descriptor, which nothing else here owns.
+            let std_listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+            let err = |source| ProxyError::Bind { port, source };
+            std_listener.set_nonblocking(true).map_err(err)?;
+            let _guard = runtime.enter();
+            (tokio::net::TcpListener::from_std(std_listener).map_err(err)?, port)
+        }
+    };
     let port = listener.local_addr().map(|a| a.port()).unwrap_or(port);
 
     let shared = Arc::new(Shared::new());

@@ -1,7 +1,9 @@
 //! A local stage at run time: its groups of instance processes, and the detached reverse proxy on the stage's
 //! port that follows the group traffic is routed to. State lives in `.kiln/run/<pipeline>/<stage>/`.
 
+use std::collections::BTreeMap;
 use std::fs;
+use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -26,12 +28,58 @@ const LOG_TAIL: usize = 2048;
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct GroupState {
+pub(super) struct GroupState {
     name: String,
     digest: Digest,
     image_ref: String,
     capacity: u32,
     instances: Vec<InstanceHandle>,
+    /// How its instances start, so the stage's supervisor can restart one that died without the image or the
+    /// ledger at hand. Absent in groups launched before supervision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    start: Option<StartRecipe>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StartRecipe {
+    root: PathBuf,
+    command: Vec<String>,
+    env: BTreeMap<String, String>,
+}
+
+impl StartRecipe {
+    fn spec(&self, stage_dir: &Path, name: &str, port: u16) -> InstanceSpec {
+        InstanceSpec {
+            name: name.to_string(),
+            root: self.root.clone(),
+            command: self.command.clone(),
+            env: self.env.clone(),
+            port,
+            workdir: stage_dir.join("instances").join(name),
+            log_path: stage_dir.join("logs").join(format!("{name}.log")),
+        }
+    }
+}
+
+/// An exclusive lock on a stage's group files: kiln (launch, park, destroy) and the stage's supervisor (restarting
+/// dead instances) each read, change and write a group under it, so neither restarts or records an instance the
+/// other just stopped. Released when dropped.
+pub(super) struct GroupsLock {
+    _file: fs::File,
+}
+
+impl GroupsLock {
+    pub(super) fn take(stage_dir: &Path) -> Result<GroupsLock, ProviderError> {
+        let path = stage_dir.join("groups.lock");
+        let io = |source| ProviderError::Io { what: "locking", path: path.clone(), source };
+        fs::create_dir_all(stage_dir).map_err(io)?;
+        let file = fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io)?;
+        // SAFETY: flock on a descriptor we own; it blocks until the lock is ours.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(io(std::io::Error::last_os_error()));
+        }
+        Ok(GroupsLock { _file: file })
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -67,11 +115,120 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), ProviderError>
     })
 }
 
-fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Option<T> {
+pub(super) fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Option<T> {
     serde_json::from_slice(&fs::read(path).ok()?).ok()
 }
 
+/// One instance the supervisor restarted, or failed to.
+#[derive(Debug)]
+pub(super) struct Restart {
+    pub instance: String,
+    pub outcome: Result<i32, String>,
+}
+
+/// Restarts, on their own ports, the dead instances of the group the stage routes to (the group whose instance
+/// ports are exactly the routes' backends), as far as `may_restart` allows each. Groups not routed to are left
+/// alone: a new group that dies while it starts must fail its deployment, and an old one is being retired.
+pub(super) fn restart_dead_routed(
+    stage_dir: &Path,
+    may_restart: &mut dyn FnMut(&str) -> bool,
+) -> Result<Vec<Restart>, ProviderError> {
+    let Some(routes) = read_json::<Routes>(&stage_dir.join("routes.json")) else { return Ok(Vec::new()) };
+    let mut routed: Vec<u16> = routes.backends;
+    routed.sort_unstable();
+    if routed.is_empty() {
+        return Ok(Vec::new());
+    }
+    let _lock = GroupsLock::take(stage_dir)?;
+    let mut restarts = Vec::new();
+    for entry in fs::read_dir(stage_dir.join("groups")).into_iter().flatten().flatten() {
+        let path = entry.path();
+        let Some(mut state) = read_json::<GroupState>(&path) else { continue };
+        let mut ports: Vec<u16> = state.instances.iter().map(|i| i.port).collect();
+        ports.sort_unstable();
+        if state.capacity == 0 || ports != routed {
+            continue;
+        }
+        let Some(recipe) = state.start.clone() else { continue };
+        let mut changed = false;
+        for handle in state.instances.iter_mut() {
+            if fleet::is_alive(handle) || !may_restart(&handle.name) {
+                continue;
+            }
+            let outcome = match fleet::start(&recipe.spec(stage_dir, &handle.name, handle.port)) {
+                Ok(new) => {
+                    *handle = new;
+                    changed = true;
+                    Ok(handle.pid)
+                }
+                Err(e) => Err(e.to_string()),
+            };
+            restarts.push(Restart { instance: handle.name.clone(), outcome });
+        }
+        if changed {
+            write_json(&path, &state)?;
+        }
+    }
+    Ok(restarts)
+}
+
+/// Field 4 of `/proc/<pid>/stat`: the parent's pid.
+fn parent_pid(pid: i32) -> Option<i32> {
+    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    text[text.rfind(')')? + 1..].split_ascii_whitespace().nth(1)?.parse().ok()
+}
+
+/// Sends SIGKILL to `pid` and waits until it is gone (a zombie counts as gone), up to 5 s.
+fn kill_and_wait(pid: i32) -> Result<(), ProviderError> {
+    let started = crate::process::start_time(pid).ok_or_else(|| other(format!("pid {pid} does not run")))?;
+    // SAFETY: plain syscall with integer arguments.
+    if unsafe { libc::kill(pid, libc::SIGKILL) } != 0 {
+        return Err(other(format!("cannot kill pid {pid}: {}", std::io::Error::last_os_error())));
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while crate::process::alive(pid, started) {
+        if Instant::now() > deadline {
+            return Err(other(format!("pid {pid} still runs 5 s after SIGKILL")));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
 impl LocalProvider {
+    /// A drill's fault: SIGKILLs one running instance of `group`, and says which.
+    pub fn kill_instance(&self, stage: StageRef, group: &str) -> Result<String, ProviderError> {
+        let state = self.load_group(stage, group).ok_or_else(|| other(format!("group {group} does not exist")))?;
+        let victim = state
+            .instances
+            .iter()
+            .find(|i| fleet::is_alive(i))
+            .ok_or_else(|| other(format!("group {group} has no running instance to kill")))?;
+        kill_and_wait(victim.pid)?;
+        Ok(format!("SIGKILLed instance {} (pid {}) of group {group}", victim.name, victim.pid))
+    }
+
+    /// A drill's fault: SIGKILLs the process that forwards the stage's requests (the proxy worker, the child of
+    /// the stage's supervisor), and says which.
+    pub fn kill_proxy_worker(&self, stage: StageRef) -> Result<String, ProviderError> {
+        let supervisor = self
+            .proxy_alive(stage)
+            .ok_or_else(|| other(format!("the endpoint of {} is down; nothing to kill", stage.stage.name)))?;
+        let status = proxy::read_status(&self.stage_dir(stage).join("status.json"))
+            .ok_or_else(|| other(format!("the proxy of {} reports no status", stage.stage.name)))?;
+        if status.pid == supervisor.pid || parent_pid(status.pid) != Some(supervisor.pid) {
+            return Err(other(format!(
+                "the proxy of {} (pid {}) runs without a supervisor (an earlier kiln started it); `kiln down --stage \
+                 {stage}` and `kiln deploy --stage {stage}` start it supervised",
+                stage.stage.name,
+                supervisor.pid,
+                stage = stage.stage.name
+            )));
+        }
+        kill_and_wait(status.pid)?;
+        Ok(format!("SIGKILLed the proxy worker (pid {}) under supervisor pid {}", status.pid, supervisor.pid))
+    }
+
     fn stage_dir(&self, stage: StageRef) -> PathBuf {
         self.state.join("run").join(stage.pipeline).join(&stage.stage.name)
     }
@@ -144,6 +301,7 @@ impl LocalProvider {
             .arg(dir.join("routes.json"))
             .arg("--status")
             .arg(&status_file)
+            .arg("--supervise")
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err_log);
@@ -237,6 +395,7 @@ impl Fleet for LocalProvider {
         // No instance is worth starting for an endpoint that cannot come up.
         self.check_endpoint_port(stage)?;
         let dir = self.stage_dir(stage);
+        let _lock = GroupsLock::take(&dir)?;
         let file = self.group_file(stage, group);
         let mut state = self.load_group(stage, group).unwrap_or(GroupState {
             name: group.to_string(),
@@ -244,11 +403,14 @@ impl Fleet for LocalProvider {
             image_ref: image.image_ref.clone(),
             capacity,
             instances: Vec::new(),
+            start: None,
         });
         if state.digest != image.digest {
             return Err(other(format!("group {group} already exists and runs {}", state.digest.short())));
         }
         state.capacity = capacity;
+        state.start =
+            Some(StartRecipe { root: root.clone(), command: instance.command.clone(), env: instance.env.clone() });
         state.instances.retain(fleet::is_alive);
         write_json(&file, &state)?;
         let mut index = 1;
@@ -259,15 +421,8 @@ impl Fleet for LocalProvider {
                 continue;
             }
             let port = fleet::free_port().map_err(fleet_error)?;
-            let spec = InstanceSpec {
-                name: name.clone(),
-                root: root.clone(),
-                command: instance.command.clone(),
-                env: instance.env.clone(),
-                port,
-                workdir: dir.join("instances").join(&name),
-                log_path: dir.join("logs").join(format!("{name}.log")),
-            };
+            let Some(recipe) = &state.start else { return Err(other("the group has no start recipe")) };
+            let spec = recipe.spec(&dir, &name, port);
             let handle = fleet::start(&spec).map_err(fleet_error)?;
             state.instances.push(handle);
             // Recorded after each start, so a crash leaves no process that kiln does not know about.
@@ -341,6 +496,7 @@ impl Fleet for LocalProvider {
     }
 
     fn park(&self, stage: StageRef, group: &str) -> Result<(), ProviderError> {
+        let _lock = GroupsLock::take(&self.stage_dir(stage))?;
         let Some(mut state) = self.load_group(stage, group) else { return Ok(()) };
         self.stop_instances(&state)?;
         state.capacity = 0;
@@ -349,6 +505,7 @@ impl Fleet for LocalProvider {
     }
 
     fn destroy(&self, stage: StageRef, group: &str) -> Result<(), ProviderError> {
+        let _lock = GroupsLock::take(&self.stage_dir(stage))?;
         let Some(state) = self.load_group(stage, group) else { return Ok(()) };
         self.stop_instances(&state)?;
         let dir = self.stage_dir(stage);
