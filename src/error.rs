@@ -57,6 +57,9 @@ pub enum Error {
     },
     #[error("the provider has drifted from the ledger:{}", drift.iter().map(|d| format!("\n  - {}: {}", d.subject, d.problem)).collect::<String>())]
     Drift { drift: Vec<crate::engine::drift::Drift> },
+    /// A drill ran and the stage did not hold its invariant; `kiln drill` printed the drill's report already.
+    #[error("drill {kind} on {stage} failed: {reason}")]
+    DrillFailed { stage: String, kind: String, reason: String },
     /// A gate refused and the command already printed its verdicts (`promote --plan`, `run`).
     #[error("{message}")]
     RefusedAsShown { message: String },

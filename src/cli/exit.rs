@@ -8,7 +8,7 @@
 //! | 3 | a gate refused (a promotion, or the deployment of a revoked digest) |
 //! | 4 | deployment failed; the previous group kept serving |
 //! | 5 | stage busy, or concurrent write conflict after retries |
-//! | 6 | verification failed (tampered ledger, drift) |
+//! | 6 | verification failed (tampered ledger, drift, a drill whose invariant did not hold) |
 //! | 130 | interrupted (SIGINT or SIGTERM), after cleaning up |
 
 use std::error::Error as _;
@@ -52,9 +52,10 @@ pub fn classify(err: &Error) -> Exit {
         Error::Refused { .. } | Error::RefusedAsShown { .. } => Exit::Refused,
         Error::Busy { .. } | Error::TakenOver { .. } => Exit::Busy,
         Error::DeployFailed { .. } => Exit::DeployFailed,
-        Error::NotReproducible { .. } | Error::Drift { .. } | Error::Provider(ProviderError::Drift { .. }) => {
-            Exit::VerifyFailed
-        }
+        Error::NotReproducible { .. }
+        | Error::Drift { .. }
+        | Error::DrillFailed { .. }
+        | Error::Provider(ProviderError::Drift { .. }) => Exit::VerifyFailed,
         Error::Ledger(_)
         | Error::NotYet { .. }
         | Error::Encode { .. }
@@ -145,7 +146,7 @@ pub fn report(err: &Error, json: bool) -> Exit {
         eprintln!("  hint: {hint}");
     }
     // A plan's document, verdicts included, is already on stdout.
-    if json && !matches!(err, Error::RefusedAsShown { .. }) {
+    if json && !matches!(err, Error::RefusedAsShown { .. } | Error::DrillFailed { .. }) {
         let doc = serde_json::json!({
             "ok": false,
             "exit_code": exit as u8,

@@ -5,6 +5,7 @@ mod bake;
 mod completions;
 mod deploy;
 mod down;
+mod drill;
 pub mod exit;
 mod gc;
 mod images;
@@ -114,6 +115,8 @@ enum Command {
     Metrics(metrics::MetricsArgs),
     /// Stage images built on a base that a newer bake of the same base recipe has superseded
     Outdated(outdated::OutdatedArgs),
+    /// Run a named fault against a running local stage under load and check that it holds its invariant
+    Drill(drill::DrillArgs),
     /// Internal: the stage endpoint proxy that `kiln deploy` starts, detached
     #[command(hide = true)]
     ProxyServe(proxy_serve::ProxyServeArgs),
@@ -299,6 +302,7 @@ pub fn main() -> std::process::ExitCode {
         Command::Man(args) => man::run(&ctx, args),
         Command::Metrics(args) => metrics::run(&ctx, args),
         Command::Outdated(args) => outdated::run(&ctx, args),
+        Command::Drill(args) => drill::run(&ctx, args),
         Command::ProxyServe(args) => proxy_serve::run(&ctx, args),
     });
     match result {

@@ -34,6 +34,9 @@ pub enum Want {
     Promoted,
     /// An earlier digest (default: the one live before the current one), gates skipped.
     Rollback { to: Option<Digest>, reason: Option<String>, force: bool },
+    /// The live digest again, as a new group: the release `kiln drill` deploys so a fault meets a real deployment
+    /// without changing what the stage runs.
+    Redeploy,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -436,7 +439,7 @@ fn settle_open(ctx: &Context, stage: &Stage) -> Result<Option<String>, Error> {
 fn refused_revoked(stage: &Stage, want: &Want, digest: Digest, reason: String) -> Error {
     Error::Refused {
         action: match want {
-            Want::Promoted => Refusal::Deployment,
+            Want::Promoted | Want::Redeploy => Refusal::Deployment,
             Want::Rollback { .. } => Refusal::Rollback,
         },
         stage: stage.name.clone(),
@@ -481,6 +484,15 @@ fn choose(ctx: &Context, view: &View, stage: &Stage, want: &Want) -> Result<Choi
                 return Err(refused_revoked(stage, want, digest, revocation.reason));
             }
             Ok(Choice { digest, rollback: None, held: false })
+        }
+        Want::Redeploy => {
+            let live = there
+                .and_then(|s| s.live.as_ref())
+                .ok_or_else(|| Error::usage(format!("nothing is live in {}; deploy it first", stage.name)))?;
+            if let Some(revocation) = view.revocation(&live.digest) {
+                return Err(refused_revoked(stage, want, live.digest, revocation.reason));
+            }
+            Ok(Choice { digest: live.digest, rollback: None, held: false })
         }
         Want::Rollback { to, reason, force } => {
             let live = there.and_then(|s| s.live.as_ref()).map(|l| l.digest);
@@ -548,8 +560,10 @@ fn plan(
     let serving = fleet.serving(target)?;
     // The live digest's group still exists: healthy, there is nothing to do; otherwise it is healed in place (its
     // missing instances started again, its endpoint restarted), with no new group.
-    let live_group =
-        live.as_ref().filter(|l| l.digest == digest).and_then(|l| groups.iter().find(|g| g.name == l.group));
+    let live_group = live
+        .as_ref()
+        .filter(|l| l.digest == digest && !matches!(want, Want::Redeploy))
+        .and_then(|l| groups.iter().find(|g| g.name == l.group));
     if let Some(group) = live_group {
         let healthy = serving.as_deref() == Some(group.name.as_str())
             && group.capacity > 0

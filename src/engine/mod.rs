@@ -5,6 +5,7 @@ pub mod approval;
 pub mod bake;
 pub mod deploy;
 pub mod drift;
+pub mod drill;
 #[cfg(test)]
 pub(crate) mod fixture;
 pub mod gate;

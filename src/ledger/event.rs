@@ -155,6 +155,32 @@ pub enum EventBody {
         pipeline: String,
         stage: String,
     },
+    /// `kiln drill` ran a named fault against a running stage under load and judged whether the stage held its
+    /// invariant (docs/drill.md). A record of a test, not a change: the view folds nothing from it.
+    Drill {
+        pipeline: String,
+        stage: String,
+        /// The drill's kind: `kill-instance`, `kill-kiln`, `unhealthy-release`, `kill-proxy` or `failed-verify`
+        /// (not named `kind`, which every event uses for its own kind).
+        fault: String,
+        passed: bool,
+        /// Requests the drill's load sent through the stage endpoint, and how many of them failed.
+        requests: u64,
+        failed: u64,
+        /// The most failed requests the kind allows.
+        bound: u64,
+        /// The stage came back to capacity on one digest, the ledger's live one.
+        converged: bool,
+        /// The live digest before the drill; none if the stage had none.
+        digest: Option<Digest>,
+        duration_ms: u64,
+        /// The deployments the drill ran itself (its releases, the on-call's redeploy), which are exercises and
+        /// not changes: metrics leaves them out.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        deploys: Vec<String>,
+        /// What the drill did and saw, in words.
+        detail: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -179,6 +205,7 @@ impl EventBody {
             EventBody::Stopped { .. } => "stopped",
             EventBody::PointerPublished { .. } => "pointer-published",
             EventBody::Distributed { .. } => "distributed",
+            EventBody::Drill { .. } => "drill",
         }
     }
 
@@ -194,7 +221,8 @@ impl EventBody {
             | EventBody::DeployFailed { stage, .. }
             | EventBody::Stopped { stage, .. }
             | EventBody::PointerPublished { stage, .. }
-            | EventBody::Distributed { stage, .. } => Some(stage),
+            | EventBody::Distributed { stage, .. }
+            | EventBody::Drill { stage, .. } => Some(stage),
             EventBody::Baked { .. } | EventBody::Revoked { .. } | EventBody::Collected { .. } => None,
         }
     }
@@ -212,6 +240,7 @@ impl EventBody {
             | EventBody::DeployFailed { digest, .. }
             | EventBody::PointerPublished { digest, .. }
             | EventBody::Distributed { digest, .. } => Some(digest),
+            EventBody::Drill { digest, .. } => digest.as_ref(),
             EventBody::DeployStep { .. } | EventBody::Collected { .. } | EventBody::Stopped { .. } => None,
         }
     }
@@ -449,6 +478,34 @@ mod tests {
         let text = String::from_utf8_lossy(&stored);
         assert!(text.contains(r#""copies":[{"id":"ami-0456","region":"eu-west-1"}],"digest""#), "{text}");
         assert!(text.contains(r#""kind":"distributed""#), "{text}");
+        assert_eq!(decode(&stored).unwrap().event, event);
+    }
+
+    #[test]
+    fn a_drill_event_names_its_stage_digest_and_result() {
+        let body = EventBody::Drill {
+            pipeline: "hello".into(),
+            stage: "dev".into(),
+            fault: "kill-instance".into(),
+            passed: true,
+            requests: 120,
+            failed: 0,
+            bound: 0,
+            converged: true,
+            digest: Some(Digest::of(b"image")),
+            duration_ms: 1500,
+            deploys: vec![],
+            detail: "SIGKILLed instance hello-dev-v001-1".into(),
+        };
+        assert_eq!(body.kind(), "drill");
+        assert_eq!(body.stage(), Some("dev"));
+        assert_eq!(body.digest(), Some(&Digest::of(b"image")));
+        let mut event = sample(5);
+        event.body = body;
+        let (stored, _) = encode(&event).unwrap();
+        let text = String::from_utf8_lossy(&stored);
+        assert!(text.contains(r#""kind":"drill""#), "{text}");
+        assert!(!text.contains("deploys"), "an empty list is left out: {text}");
         assert_eq!(decode(&stored).unwrap().event, event);
     }
 

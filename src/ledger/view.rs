@@ -685,6 +685,7 @@ impl View {
                 self.stage_mut(pipeline, stage).stopped =
                     Some(Stop { seq, time: event.time.clone(), actor: event.actor.clone() });
             }
+            EventBody::Drill { .. } => {}
         }
         self.heads.seq = seq;
         self.heads.hash = stored.hash;
