@@ -154,6 +154,11 @@ fn detail(e: &Event) -> String {
             parts.push(format!("reason: {}", reason.lines().next().unwrap_or_default()))
         }
         EventBody::PointerPublished { pointer, .. } => parts.push(format!("pointer {pointer}")),
+        EventBody::Drill { fault, passed, requests, failed, bound, converged, .. } => parts.push(format!(
+            "{fault} {}: {failed} of {requests} requests failed (bound {bound}), {}",
+            if *passed { "passed" } else { "FAILED" },
+            if *converged { "converged" } else { "did not converge" }
+        )),
         EventBody::Distributed { copies, .. } => {
             let mut places: Vec<String> = copies
                 .iter()

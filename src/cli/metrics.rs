@@ -157,6 +157,7 @@ fn render_stage(s: &StageMetrics) -> String {
     ));
     let unrestored = if s.unrestored > 0 { format!("; {} not restored yet", s.unrestored) } else { String::new() };
     out.push_str(&format!("  time to restore       {}{unrestored}\n", summary(s.time_to_restore)));
+    out.push_str(&format!("  drills                {} run, {} passed\n", s.drills, s.drills_passed));
     for f in &s.failures {
         let cause = serde_json::to_value(f.cause).ok().and_then(|v| v.as_str().map(str::to_string));
         out.push_str(&format!(

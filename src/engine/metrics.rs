@@ -60,6 +60,9 @@ pub struct StageMetrics {
     pub time_to_restore: Option<Summary>,
     /// Failures in the window the stage has not recovered from yet.
     pub unrestored: usize,
+    /// `kiln drill` runs in the window, and how many of them held the stage's invariant.
+    pub drills: usize,
+    pub drills_passed: usize,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -136,6 +139,8 @@ struct StageState {
     /// When the stage's current failure began, if it has not been restored yet (and whether in the window).
     down_since: Option<(SystemTime, bool)>,
     restores: Vec<Duration>,
+    drills: usize,
+    drills_passed: usize,
 }
 
 impl StageState {
@@ -160,13 +165,34 @@ impl StageState {
 /// A *deployment* is a non-rollback deployment of a stage that either finished healthy with a digest other than
 /// the one live before (a heal or a resumed deployment of the live digest is not a new deployment) or failed its
 /// verification window (it reached traffic). A rollback is not a deployment: it is a failure of the deployment it
-/// rolls away from, and the end of an outage.
+/// rolls away from, and the end of an outage. A deployment a `kiln drill` ran (its `drill` event names it) is an
+/// exercise, not a change: it counts for nothing but the drill.
 pub fn compute(pipeline: &str, stages: &[String], events: &[Event], window: Window, sources: &Sources) -> Metrics {
     let mut state: BTreeMap<&str, StageState> = stages.iter().map(|s| (s.as_str(), StageState::default())).collect();
+    // The drill event comes after the deployments it ran, so they are known before the fold meets them.
+    let drilled: BTreeSet<&str> = events
+        .iter()
+        .filter_map(|e| match &e.body {
+            EventBody::Drill { pipeline: p, deploys, .. } if p == pipeline => Some(deploys),
+            _ => None,
+        })
+        .flatten()
+        .map(String::as_str)
+        .collect();
     for event in events {
         let Some(at) = crate::clock::parse(&event.time) else { continue };
         let seq = event.seq;
         match &event.body {
+            EventBody::Drill { pipeline: p, stage, passed, .. } if p == pipeline && at >= window.from => {
+                if let Some(s) = state.get_mut(stage.as_str()) {
+                    s.drills += 1;
+                    s.drills_passed += usize::from(*passed);
+                }
+            }
+            EventBody::DeployStep { deploy_id, .. }
+            | EventBody::DeployFailed { deploy_id, .. }
+            | EventBody::DeployFinished { deploy_id, .. }
+                if drilled.contains(deploy_id.as_str()) => {}
             EventBody::DeployStarted { pipeline: p, stage, deploy_id, rollback, .. } if p == pipeline => {
                 let Some(s) = state.get_mut(stage.as_str()) else { continue };
                 s.rollbacks.insert(deploy_id.clone(), rollback.is_some());
@@ -270,6 +296,8 @@ pub fn compute(pipeline: &str, stages: &[String], events: &[Event], window: Wind
             failures,
             time_to_restore: Summary::of(s.restores),
             unrestored,
+            drills: s.drills,
+            drills_passed: s.drills_passed,
         });
     }
     Metrics {
@@ -406,6 +434,26 @@ mod tests {
             );
         }
 
+        fn drill(&mut self, secs: u64, stage: &str, passed: bool, deploys: Vec<String>) {
+            self.push(
+                secs,
+                EventBody::Drill {
+                    pipeline: "hello".into(),
+                    stage: stage.into(),
+                    fault: "failed-verify".into(),
+                    passed,
+                    requests: 100,
+                    failed: 0,
+                    bound: 0,
+                    converged: passed,
+                    digest: None,
+                    duration_ms: 5000,
+                    deploys,
+                    detail: String::new(),
+                },
+            );
+        }
+
         fn revoke(&mut self, secs: u64, digest: Digest, descendants: Vec<Digest>) {
             self.push(secs, EventBody::Revoked { digest, reason: "cve".into(), descendants });
         }
@@ -513,6 +561,25 @@ mod tests {
         assert_eq!(prod.time_to_restore, Some(Summary { count: 1, median_secs: restore, p90_secs: restore }));
         // Lead time counts deployments that finished healthy (image 3 never did); c3 is unknown to git anyway.
         assert_eq!(metrics.lead_time.deployments, 2);
+    }
+
+    #[test]
+    fn drills_are_counted_per_stage_and_the_deployments_they_ran_count_for_nothing_else() {
+        let mut ledger = Ledger::default();
+        ledger.deploy(DAY, "prod", image(1));
+        // A failed-verify drill's release: a failed window, named by the drill event that follows it.
+        ledger.fail_verification(2 * DAY, "prod", image(1));
+        ledger.drill(2 * DAY + 200, "prod", true, vec!["d2".into()]);
+        ledger.drill(3 * DAY, "prod", false, vec![]);
+        ledger.drill(3 * DAY, "dev", true, vec![]);
+        ledger.drill(HOUR, "prod", true, vec![]); // before the window
+        let metrics = ledger.metrics(HOUR + 1, 5 * DAY);
+        let prod = stage(&metrics, "prod");
+        assert_eq!((prod.drills, prod.drills_passed), (2, 1));
+        assert_eq!((prod.deployments, prod.failed, prod.unrestored), (1, 0, 0), "the drill's release is no change");
+        assert_eq!(prod.time_to_restore, None);
+        let dev = stage(&metrics, "dev");
+        assert_eq!((dev.drills, dev.drills_passed), (1, 1));
     }
 
     #[test]
