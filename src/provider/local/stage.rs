@@ -573,3 +573,78 @@ impl Fleet for LocalProvider {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A group of `sleep` instances in `stage_dir`, the first one dead; returns its file.
+    fn group_with_a_dead_instance(stage_dir: &Path, name: &str, capacity: u32) -> PathBuf {
+        let recipe = StartRecipe {
+            root: stage_dir.to_path_buf(),
+            command: vec!["sleep".into(), "30".into()],
+            env: BTreeMap::new(),
+        };
+        let mut instances = Vec::new();
+        for n in 1..=2 {
+            let spec = recipe.spec(stage_dir, &format!("{name}-{n}"), fleet::free_port().unwrap());
+            instances.push(fleet::start(&spec).unwrap());
+        }
+        fleet::stop(&instances[0], Duration::from_secs(1)).unwrap();
+        let state = GroupState {
+            name: name.into(),
+            digest: Digest::of(name.as_bytes()),
+            image_ref: name.into(),
+            capacity,
+            instances,
+            start: Some(recipe),
+        };
+        let file = stage_dir.join("groups").join(format!("{name}.json"));
+        fs::create_dir_all(file.parent().unwrap()).unwrap();
+        write_json(&file, &state).unwrap();
+        file
+    }
+
+    fn stop_all(file: &Path) {
+        let state: GroupState = read_json(file).unwrap();
+        for instance in &state.instances {
+            let _ = fleet::stop(instance, Duration::from_secs(1));
+        }
+    }
+
+    #[test]
+    fn only_dead_instances_of_the_routed_group_are_restarted_on_their_ports() {
+        let dir = tempfile::tempdir().unwrap();
+        let routed = group_with_a_dead_instance(dir.path(), "live", 2);
+        let other = group_with_a_dead_instance(dir.path(), "old", 2);
+        let live: GroupState = read_json(&routed).unwrap();
+        let ports: Vec<u16> = live.instances.iter().map(|i| i.port).collect();
+        write_json(&dir.path().join("routes.json"), &Routes { generation: 1, backends: ports.clone() }).unwrap();
+
+        let mut asked = Vec::new();
+        let restarts = restart_dead_routed(dir.path(), &mut |name| {
+            asked.push(name.to_string());
+            true
+        })
+        .unwrap();
+        assert_eq!(asked, ["live-1"], "only the routed group's dead instance");
+        assert_eq!(restarts.len(), 1);
+        let now: GroupState = read_json(&routed).unwrap();
+        assert!(now.instances.iter().all(fleet::is_alive), "{now:?}");
+        assert_eq!(now.instances.iter().map(|i| i.port).collect::<Vec<_>>(), ports, "on the same ports");
+        assert_ne!(now.instances[0].pid, live.instances[0].pid);
+        let old: GroupState = read_json(&other).unwrap();
+        assert!(!fleet::is_alive(&old.instances[0]), "a group not routed to is left alone");
+
+        // Held back by the back-off, it is left dead; a parked group (capacity 0) is never restarted.
+        fleet::stop(&now.instances[1], Duration::from_secs(1)).unwrap();
+        assert!(restart_dead_routed(dir.path(), &mut |_| false).unwrap().is_empty());
+        assert!(!fleet::is_alive(&read_json::<GroupState>(&routed).unwrap().instances[1]));
+        let mut parked: GroupState = read_json(&routed).unwrap();
+        parked.capacity = 0;
+        write_json(&routed, &parked).unwrap();
+        assert!(restart_dead_routed(dir.path(), &mut |_| true).unwrap().is_empty());
+        stop_all(&routed);
+        stop_all(&other);
+    }
+}
