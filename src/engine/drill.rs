@@ -138,8 +138,8 @@ struct Converged {
 }
 
 /// Whether the stage is at capacity on one digest: every instance of the live group alive and healthy, the
-/// endpoint up and routed to that group, the group on the ledger's live digest, no other group running, no
-/// deployment open. `Ok(Err(why))` when not.
+/// endpoint up, routed to that group and answering, the group on the ledger's live digest, no other group
+/// running, no deployment open. `Ok(Err(why))` when not.
 fn converged(ctx: &Context, stage: &Stage) -> Result<Result<Converged, String>, Error> {
     let target = StageRef { pipeline: &ctx.pipeline.name, stage };
     let view = ctx.ledger.view()?;
@@ -171,6 +171,12 @@ fn converged(ctx: &Context, stage: &Stage) -> Result<Result<Converged, String>, 
     let health = ctx.fleet.health(target, &live.group)?;
     if !health.all_healthy() {
         return Ok(Err(format!("{} of {} instances healthy", health.healthy, health.total)));
+    }
+    // The endpoint's process may be up while what forwards its requests is not (a proxy worker being restarted).
+    if let Some((addr, host)) = ctx.fleet.endpoint(target).as_deref().and_then(endpoint_addr) {
+        if let Err(why) = get(addr, &host) {
+            return Ok(Err(format!("the endpoint does not answer: {why}")));
+        }
     }
     Ok(Ok(Converged { digest: live.digest, group: live.group }))
 }
