@@ -4,6 +4,7 @@ mod approve;
 mod bake;
 mod completions;
 mod deploy;
+mod diff;
 mod down;
 pub mod exit;
 mod gc;
@@ -114,6 +115,8 @@ enum Command {
     Metrics(metrics::MetricsArgs),
     /// Stage images built on a base that a newer bake of the same base recipe has superseded
     Outdated(outdated::OutdatedArgs),
+    /// What replacing image B with image A changes: inputs, steps, parent, commits, files
+    Diff(diff::DiffArgs),
     /// Internal: the stage endpoint proxy that `kiln deploy` starts, detached
     #[command(hide = true)]
     ProxyServe(proxy_serve::ProxyServeArgs),
@@ -299,6 +302,7 @@ pub fn main() -> std::process::ExitCode {
         Command::Man(args) => man::run(&ctx, args),
         Command::Metrics(args) => metrics::run(&ctx, args),
         Command::Outdated(args) => outdated::run(&ctx, args),
+        Command::Diff(args) => diff::run(&ctx, args),
         Command::ProxyServe(args) => proxy_serve::run(&ctx, args),
     });
     match result {
