@@ -30,15 +30,18 @@ pub fn list(store: &OciStore, manifest: &Digest) -> Result<BTreeMap<String, Root
             Err(source) => return Err(OciError::Io { path, source }),
         };
         let mut reader = Hashing { inner: BufReader::with_capacity(1 << 20, file), hasher: StreamHasher::new() };
-        tree.apply_layer(descriptor.digest, &mut reader).map_err(|err| match err {
+        let applied = tree.apply_layer(descriptor.digest, &mut reader);
+        // The tar reader stops at the end-of-archive marker; the padding after it is part of the blob too. A damaged
+        // blob often fails to parse before its end: name the damage, not the symptom.
+        let drained = io::copy(&mut reader, &mut io::sink());
+        if drained.is_ok() && reader.hasher.finish() != descriptor.digest {
+            return Err(OciError::Mismatch { digest: descriptor.digest, what });
+        }
+        applied.map_err(|err| match err {
             LayerRead::Io(source) => OciError::Io { path: path.clone(), source },
             LayerRead::Bad(err) => err,
         })?;
-        // The tar reader stops at the end-of-archive marker; the padding after it is part of the blob too.
-        io::copy(&mut reader, &mut io::sink()).map_err(|source| OciError::Io { path: path.clone(), source })?;
-        if reader.hasher.finish() != descriptor.digest {
-            return Err(OciError::Mismatch { digest: descriptor.digest, what });
-        }
+        drained.map_err(|source| OciError::Io { path: path.clone(), source })?;
     }
     Ok(tree.entries)
 }
