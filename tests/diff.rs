@@ -2,6 +2,7 @@
 //! filesystems' files, stages as arguments, and the arguments it refuses.
 
 mod common;
+mod moto;
 
 use common::{git, Down, Repo};
 use serde_json::{json, Value};
@@ -311,4 +312,29 @@ fn bad_arguments_are_refused_a_collected_image_still_diffs_and_a_damaged_layer_f
         "{}",
         run.stderr
     );
+}
+
+/// On AWS the recipe, parent and commit sections diff as anywhere, and the root filesystems are a note, not an
+/// error: an AMI's snapshots cannot be read as files.
+#[test]
+fn on_aws_the_root_filesystem_is_a_note_not_an_error() {
+    use moto::app::{aws_repo, bake, run};
+    let moto = moto::Moto::start();
+    let repo = aws_repo(&moto);
+    let first = bake(&moto, &repo, &[])["digest"].as_str().unwrap().to_string();
+    repo.write("images/files/app/config.txt", "mode=careful\n");
+    let second = bake(&moto, &repo, &[])["digest"].as_str().unwrap().to_string();
+    let doc = run(&moto, &repo, &["diff", &second, &first, "--json"]).ok().json();
+    assert_eq!(doc["from"]["provider"], "aws");
+    assert_eq!(
+        doc["root_fs"],
+        json!({
+            "compared": false,
+            "files": [],
+            "notes": ["not available on AWS: snapshots are not readable (docs/aws.md, \"The image digest\")"],
+        })
+    );
+    assert_eq!(doc["parent"]["changed"], false);
+    let text = run(&moto, &repo, &["diff", &second, &first]).ok().stdout;
+    assert!(text.contains("root filesystem\n  ! not available on AWS: snapshots are not readable"), "{text}");
 }

@@ -73,15 +73,15 @@ fn render(d: &Diff) -> String {
     let short = |c: &Option<String>| c.as_deref().map(|c| c[..c.len().min(12)].to_string()).unwrap_or("none".into());
     match (&d.commits.from, &d.commits.to) {
         (Some(from), Some(to)) if from == to => out.push_str(&format!("  same commit {}\n", short(&d.commits.to))),
-        _ => {
-            out.push_str(&format!(
-                "  {}..{}: {} added, {} dropped\n",
-                short(&d.commits.from),
-                short(&d.commits.to),
-                d.commits.added_count,
-                d.commits.dropped_count
-            ));
-        }
+        (Some(_), Some(_)) => out.push_str(&format!(
+            "  {}..{}: {} added, {} dropped\n",
+            short(&d.commits.from),
+            short(&d.commits.to),
+            d.commits.added_count,
+            d.commits.dropped_count
+        )),
+        // The notes say which commit is missing and why.
+        _ => {}
     }
     for (sign, lines, count) in
         [('+', &d.commits.added, d.commits.added_count), ('-', &d.commits.dropped, d.commits.dropped_count)]
