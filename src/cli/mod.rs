@@ -4,6 +4,7 @@ mod approve;
 mod bake;
 mod completions;
 mod deploy;
+mod diff;
 mod down;
 mod drill;
 pub mod exit;
@@ -117,6 +118,8 @@ enum Command {
     Outdated(outdated::OutdatedArgs),
     /// Run a named fault against a running local stage under load and check that it holds its invariant
     Drill(drill::DrillArgs),
+    /// What replacing image B with image A changes: inputs, steps, parent, commits, files
+    Diff(diff::DiffArgs),
     /// Internal: the stage endpoint proxy that `kiln deploy` starts, detached
     #[command(hide = true)]
     ProxyServe(proxy_serve::ProxyServeArgs),
@@ -303,6 +306,7 @@ pub fn main() -> std::process::ExitCode {
         Command::Metrics(args) => metrics::run(&ctx, args),
         Command::Outdated(args) => outdated::run(&ctx, args),
         Command::Drill(args) => drill::run(&ctx, args),
+        Command::Diff(args) => diff::run(&ctx, args),
         Command::ProxyServe(args) => proxy_serve::run(&ctx, args),
     });
     match result {

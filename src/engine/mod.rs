@@ -4,6 +4,7 @@
 pub mod approval;
 pub mod bake;
 pub mod deploy;
+pub mod diff;
 pub mod drift;
 pub mod drill;
 #[cfg(test)]

@@ -262,6 +262,10 @@ impl ImageProvider for Faulty<'_> {
     fn plan_promote(&self, stage: StageRef, image: &ImageRef, protect: bool) -> Vec<String> {
         self.images.plan_promote(stage, image, protect)
     }
+    fn root_fs(&self, image: &ImageRef) -> Result<super::RootFs, ProviderError> {
+        self.injector.before("root_fs")?;
+        self.images.root_fs(image)
+    }
 }
 
 impl Fleet for Faulty<'_> {

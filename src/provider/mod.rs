@@ -115,6 +115,44 @@ fn tail_suffix(tail: &str) -> String {
     }
 }
 
+/// One path of an image's root filesystem, as `kiln diff` compares them: type, permission bits and content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum RootEntry {
+    File {
+        #[serde(serialize_with = "octal")]
+        mode: u32,
+        sha256: Digest,
+        size: u64,
+    },
+    Dir {
+        #[serde(serialize_with = "octal")]
+        mode: u32,
+    },
+    Symlink {
+        target: String,
+    },
+    /// A device or fifo: only its kind and mode can be compared.
+    Special {
+        #[serde(serialize_with = "octal")]
+        mode: u32,
+    },
+}
+
+fn octal<S: serde::Serializer>(mode: &u32, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&format_args!("{mode:04o}"))
+}
+
+/// An image's root filesystem by absolute path (`/etc/motd`), or why the provider cannot list it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootFs {
+    Listed(BTreeMap<String, RootEntry>),
+    /// Not an error: the rest of a diff stands without it.
+    NotAvailable {
+        reason: String,
+    },
+}
+
 /// Builds images and answers for them.
 pub trait ImageProvider {
     /// "local" or "aws": recorded in `baked` events and hashed into recipe keys.
@@ -176,6 +214,12 @@ pub trait ImageProvider {
     /// gate's check of the copies the ledger records, the copies and shares the stage still lacks (judged from
     /// `image.copies` alone), the stage pointer's write, and with `protect` (the last stage) the protection.
     fn plan_promote(&self, stage: StageRef, image: &ImageRef, protect: bool) -> Vec<String>;
+    /// Every path of the image's root filesystem, its whole layer chain applied (`kiln diff`). A provider that
+    /// cannot read what its images hold says so with [`RootFs::NotAvailable`].
+    fn root_fs(&self, image: &ImageRef) -> Result<RootFs, ProviderError> {
+        let _ = image;
+        Ok(RootFs::NotAvailable { reason: format!("not available on the {} provider", self.name()) })
+    }
 }
 
 /// Everything the engine needs of one provider: images and the groups that run them.

@@ -24,7 +24,7 @@ use crate::config::pipeline::AwsPipeline;
 use crate::config::{Instance, Pipeline, Recipe};
 use crate::digest::Digest;
 use crate::ledger::{Ledger, StoreError};
-use crate::provider::{BakeJob, ImageCopy, ImageProvider, ImageRef, ProviderError, Reproduction, StageRef};
+use crate::provider::{BakeJob, ImageCopy, ImageProvider, ImageRef, ProviderError, Reproduction, RootFs, StageRef};
 use s3_store::{S3Settings, S3Store};
 
 /// The local marker that says the probe passed for this bucket, prefix and endpoint.
@@ -252,6 +252,12 @@ impl ImageProvider for AwsProvider {
 
     fn plan_promote(&self, stage: StageRef, image: &ImageRef, protect: bool) -> Vec<String> {
         plan::promote(self, stage, image, protect)
+    }
+
+    fn root_fs(&self, _image: &ImageRef) -> Result<RootFs, ProviderError> {
+        Ok(RootFs::NotAvailable {
+            reason: "not available on AWS: snapshots are not readable (docs/aws.md, \"The image digest\")".into(),
+        })
     }
 }
 

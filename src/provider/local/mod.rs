@@ -7,6 +7,7 @@ pub mod oci;
 mod plan;
 pub mod provision;
 pub mod proxy;
+mod rootfs;
 pub mod stage;
 pub mod supervise;
 
@@ -17,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use crate::config::{Instance, Provision, Recipe};
 use crate::digest::Digest;
-use crate::provider::{BakeJob, ImageCopy, ImageProvider, ImageRef, ProviderError, Reproduction, StageRef};
+use crate::provider::{BakeJob, ImageCopy, ImageProvider, ImageRef, ProviderError, Reproduction, RootFs, StageRef};
 
 use oci::{Descriptor, ImageSpec, OciStore};
 
@@ -350,6 +351,17 @@ impl ImageProvider for LocalProvider {
             parent = Some(rebuilt);
         }
         Ok(Reproduction::Identical)
+    }
+
+    fn root_fs(&self, image: &ImageRef) -> Result<RootFs, ProviderError> {
+        if !self.has_image(image)? {
+            return Err(ProviderError::MissingImage {
+                provider: "local",
+                image: image.image_ref.clone(),
+                reason: format!("no manifest blob {}", image.digest),
+            });
+        }
+        Ok(RootFs::Listed(rootfs::list(&self.store()?, &image.digest).map_err(oci_error)?))
     }
 
     fn verify_image(&self, image: &ImageRef) -> Result<(), ProviderError> {
