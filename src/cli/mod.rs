@@ -17,6 +17,7 @@ pub mod output;
 mod progress;
 mod promote;
 mod proxy_serve;
+mod report;
 mod revoke;
 mod rollback;
 mod run;
@@ -114,6 +115,8 @@ enum Command {
     Metrics(metrics::MetricsArgs),
     /// Stage images built on a base that a newer bake of the same base recipe has superseded
     Outdated(outdated::OutdatedArgs),
+    /// One self-contained HTML page: stages, timeline, gate verdicts, approvals, lineage, verify, metrics
+    Report(report::ReportArgs),
     /// Internal: the stage endpoint proxy that `kiln deploy` starts, detached
     #[command(hide = true)]
     ProxyServe(proxy_serve::ProxyServeArgs),
@@ -299,6 +302,7 @@ pub fn main() -> std::process::ExitCode {
         Command::Man(args) => man::run(&ctx, args),
         Command::Metrics(args) => metrics::run(&ctx, args),
         Command::Outdated(args) => outdated::run(&ctx, args),
+        Command::Report(args) => report::run(&ctx, args),
         Command::ProxyServe(args) => proxy_serve::run(&ctx, args),
     });
     match result {
