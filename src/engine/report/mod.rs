@@ -5,6 +5,8 @@
 
 mod graph;
 mod html;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::SystemTime;
@@ -590,7 +592,10 @@ pub fn gather(
             (start..end).into_par_iter().map(|seq| read_event(ledger, seq)).collect::<Result<_, _>>()?;
         events_read += chunk.len() as u64;
         for event in chunk {
-            fold.apply(event, true);
+            // The scan stops only at real-clock events well before the window; what it let through is shown only
+            // from the window's start on, as `kiln log --since` does. The metrics judge each event's time alike.
+            let shown = options.since.is_none_or(|from| crate::clock::parse(&event.time).is_some_and(|t| t >= from));
+            fold.apply(event, shown);
         }
         start = end;
     }
