@@ -61,6 +61,7 @@ struct OverviewRow {
     since: String,
     promoted: Option<DigestView>,
     warnings: Vec<String>,
+    notices: Vec<String>,
 }
 
 /// A digest shown short, with the full one a hover (and a print) away.
@@ -90,6 +91,7 @@ struct StageView {
     /// Facts that are digests, shown whole.
     digests: Vec<(String, String)>,
     warnings: Vec<String>,
+    notices: Vec<String>,
     timeline: Vec<TimelineView>,
     timeline_older: u64,
     verdicts: Vec<VerdictView>,
@@ -232,6 +234,7 @@ fn stage_view(stage: &super::StageReport) -> StageView {
         facts,
         digests,
         warnings: stage.warnings.clone(),
+        notices: stage.notices.clone(),
         timeline: stage
             .timeline
             .rows
@@ -302,6 +305,7 @@ pub fn render(report: &Report, out: &mut dyn std::io::Write) -> std::io::Result<
             since: s.live.as_ref().map(|l| time(&l.since, false)).unwrap_or_default(),
             promoted: s.promoted.as_ref().map(|p| DigestView::of(&p.digest)),
             warnings: s.warnings.clone(),
+            notices: s.notices.clone(),
         })
         .collect();
     let metrics = report

@@ -163,7 +163,10 @@ pub struct StageReport {
     pub live: Option<LiveFacts>,
     pub promoted: Option<PromotedFacts>,
     pub open: Option<OpenFacts>,
+    /// A revoked image live or promoted here.
     pub warnings: Vec<String>,
+    /// What a reader should know: the stage held by a rollback, or stopped.
+    pub notices: Vec<String>,
     pub timeline: Shown<TimelineRow>,
     pub verdicts: Shown<Verdicts>,
     pub approvals: Shown<ApprovalRow>,
@@ -637,6 +640,7 @@ pub fn gather(
             lease_until: o.lease_until.clone(),
         });
         let mut warnings = Vec::new();
+        let mut notices = Vec::new();
         let live_digest = live.as_ref().map(|l| l.digest);
         let promoted_digest = promoted.as_ref().map(|p| p.digest).filter(|d| Some(*d) != live_digest);
         for (what, digest) in [("live", live_digest), ("promoted", promoted_digest)] {
@@ -645,10 +649,10 @@ pub fn gather(
             }
         }
         if let Some(held) = there.and_then(|s| s.held_by_rollback()) {
-            warnings.push(format!("held on {} by a rollback until the next promotion", held.digest.short()));
+            notices.push(format!("held on {} by a rollback until the next promotion", held.digest.short()));
         }
         if let Some(stop) = there.and_then(|s| s.stopped.as_ref()) {
-            warnings.push(format!("stopped with kiln down at seq {} by {}", stop.seq, stop.actor));
+            notices.push(format!("stopped with kiln down at seq {} by {}", stop.seq, stop.actor));
         }
         let Some(stage_rows) = rows.remove(name) else { continue };
         stages.push(StageReport {
@@ -657,6 +661,7 @@ pub fn gather(
             promoted,
             open,
             warnings,
+            notices,
             timeline: stage_rows.timeline.newest_first(),
             verdicts: stage_rows.verdicts.newest_first(),
             approvals: stage_rows.approvals.newest_first(),
