@@ -110,6 +110,10 @@ pub fn lineage_svg(view: &View, stages: &[StageReport]) -> Option<String> {
             graph.add_edge(edge("parent of"), *parent, *child);
         }
     }
+    if images.is_empty() {
+        // Stage digests this ledger has no bake record of: nothing to draw a lineage from.
+        return None;
+    }
     let mut stage_nodes = BTreeMap::new();
     for stage in stages {
         if reached.values().flatten().any(|(s, _)| *s == stage.name) {

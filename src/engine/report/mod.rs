@@ -501,13 +501,21 @@ fn window_start(
     pipeline: &str,
     stages: &[String],
 ) -> Result<(u64, Vec<Event>), Error> {
-    let mut seq = head;
-    while seq > 0 {
-        let event = read_event(ledger, seq)?;
-        if before(&event, from) {
+    // Back from the head in chunks read in parallel: small first, as a window is usually a sliver of the ledger,
+    // doubling up to READ_CHUNK for one that is not.
+    let mut seq = 0;
+    let mut high = head;
+    let mut size = 64;
+    while high > 0 {
+        let low = high.saturating_sub(size - 1).max(1);
+        let chunk: Vec<Event> =
+            (low..=high).into_par_iter().map(|seq| read_event(ledger, seq)).collect::<Result<_, _>>()?;
+        if let Some(at) = chunk.iter().rposition(|event| before(event, from)) {
+            seq = low + at as u64;
             break;
         }
-        seq -= 1;
+        high = low - 1;
+        size = (size * 2).min(READ_CHUNK);
     }
     let first = seq + 1;
     let mut scene = Vec::new();

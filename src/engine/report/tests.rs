@@ -223,3 +223,62 @@ fn a_broken_chain_is_reported_as_failed_with_the_error_verify_exits_with() {
     assert!(check.problems[0].contains("seq 1"), "{:?}", check.problems);
     assert!(matches!(failure, Some(Error::Ledger(LedgerError::Tampered { seq: 1, .. }))), "{failure:?}");
 }
+
+/// Writes `bodies` as events 1.. straight into the store, dated by a real clock (not pinned) at the given offsets:
+/// the only way to date events in the past without `KILN_NOW`, whose times never end a backwards scan.
+fn write_dated(fixture: &Fixture, bodies: Vec<(u64, EventBody)>) {
+    let dir = fixture.dir.path().join(".kiln/ledger");
+    std::fs::create_dir_all(dir.join("events")).unwrap();
+    let mut prev = Digest::ZERO;
+    for (n, (secs, body)) in bodies.into_iter().enumerate() {
+        let seq = n as u64 + 1;
+        let event = Event { seq, prev, time: crate::clock::format(at(secs)), actor: "ci".into(), clock: None, body };
+        let (bytes, hash) = crate::ledger::event::encode(&event).unwrap();
+        std::fs::write(dir.join(crate::ledger::event_key(seq)), bytes).unwrap();
+        prev = hash;
+    }
+}
+
+#[test]
+fn with_since_only_the_window_and_the_deployment_before_it_are_read() {
+    let f = fixture();
+    let hour = 3600;
+    let mut bodies = Vec::new();
+    // A deployment to dev every hour for ten days, each of image n % 2 (so each one changes what is live).
+    for n in 0..240u64 {
+        let digest = image((n % 2) as u8 + 1);
+        let id = format!("d{n}");
+        let started = EventBody::DeployStarted {
+            pipeline: "app".into(),
+            stage: "dev".into(),
+            deploy_id: id.clone(),
+            digest,
+            group: format!("app-dev-v{n:03}"),
+            previous_group: None,
+            lease_until: crate::clock::format(at(n * hour + 600)),
+            lease_holder: "host:1:1".into(),
+            rollback: None,
+        };
+        bodies.push((n * hour, started));
+        let group = format!("app-dev-v{n:03}");
+        bodies.push((
+            n * hour + 60,
+            EventBody::DeployFinished { pipeline: "app".into(), stage: "dev".into(), deploy_id: id, digest, group },
+        ));
+    }
+    write_dated(&f, bodies);
+
+    let now = 240 * hour;
+    let report = gather_at(&f, now, Some(DAY));
+    let dev = stage(&report, "dev");
+    // The last day holds 24 deployments (48 events); the backwards scan reads past it by the clock-skew margin.
+    assert_eq!(report.metrics.stages[0].deployments, 24);
+    assert_eq!(dev.timeline.rows.len() as u64 + dev.timeline.older, 24);
+    assert!(report.events_read < 60, "read {} of 480 events", report.events_read);
+    assert!(dev.timeline.rows.iter().all(|r| crate::clock::parse(&r.at.time).unwrap() >= at(now - DAY)));
+
+    let whole = gather_at(&f, now, None);
+    assert_eq!(whole.events_read, 480);
+    assert_eq!(whole.metrics.stages[0].deployments, 240);
+    assert_eq!((stage(&whole, "dev").timeline.rows.len(), stage(&whole, "dev").timeline.older), (TIMELINE_ROWS, 190));
+}
