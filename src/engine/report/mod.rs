@@ -358,6 +358,9 @@ struct Fold<'a> {
     started: HashMap<(String, String), Started>,
     /// The events [`metrics::compute`] looks at; the others (most of a ledger: steps, bakes) are not kept.
     for_metrics: Vec<Event>,
+    /// When and from which commit each image read was baked, for lead times: asking the view instead would load
+    /// every index shard of a long history into memory.
+    baked: HashMap<Digest, metrics::Baked>,
 }
 
 impl Fold<'_> {
@@ -371,8 +374,12 @@ impl Fold<'_> {
     fn apply(&mut self, event: Event, shown: bool) {
         let at = At::of(&event);
         let ours = |p: &str| p == self.pipeline;
-        let mut for_metrics = false;
         match &event.body {
+            EventBody::Baked { digest, commit, .. } => {
+                if let Some(time) = crate::clock::parse(&event.time) {
+                    self.baked.insert(*digest, metrics::Baked { time, commit: commit.clone() });
+                }
+            }
             EventBody::Promoted { pipeline, stage, digest, gates }
             | EventBody::Refused { pipeline, stage, digest, gates }
                 if ours(pipeline) && shown =>
@@ -401,10 +408,6 @@ impl Fold<'_> {
                     format!("{}{forced}", r.reason.as_deref().unwrap_or("no reason given"))
                 });
                 self.started.insert((stage.clone(), deploy_id.clone()), Started { rollback: reason });
-                for_metrics = true;
-            }
-            EventBody::DeployStep { pipeline, step, .. } if ours(pipeline) => {
-                for_metrics = step == VERIFICATION_FAILED_STEP;
             }
             EventBody::DeployFinished { pipeline, stage, deploy_id, digest, group } if ours(pipeline) => {
                 let started = self.started.remove(&(stage.clone(), deploy_id.clone()));
@@ -415,7 +418,6 @@ impl Fold<'_> {
                     };
                     self.row(stage, &at, what, Some(*digest), Some(group.clone()), detail);
                 }
-                for_metrics = true;
             }
             EventBody::DeployFailed { pipeline, stage, deploy_id, digest, group, reason, .. } if ours(pipeline) => {
                 let started = self.started.remove(&(stage.clone(), deploy_id.clone()));
@@ -424,7 +426,6 @@ impl Fold<'_> {
                     let detail = format!("{kind} {deploy_id}: {reason}");
                     self.row(stage, &at, What::DeployFailed, Some(*digest), Some(group.clone()), detail);
                 }
-                for_metrics = true;
             }
             EventBody::Stopped { pipeline, stage } if ours(pipeline) && shown => {
                 self.row(stage, &at, What::Stopped, None, None, "kiln down".into());
@@ -439,12 +440,11 @@ impl Fold<'_> {
                         self.row(&stage, &at, What::Revoked, Some(*digest), None, detail);
                     }
                 }
-                for_metrics = true;
             }
             _ => {}
         }
-        if for_metrics {
-            self.for_metrics.push(event);
+        if needed_by_metrics(&event.body, self.pipeline) {
+            self.for_metrics.push(lean(event));
         }
     }
 
@@ -461,6 +461,53 @@ impl Fold<'_> {
         }
         reached
     }
+}
+
+/// Whether [`metrics::compute`] reads the event. A whole-history report holds these in memory at once, so what it
+/// never reads is left out: every kind of event that is not about deployments, the steps other than a failed
+/// verification window, other pipelines' deployments, and the start of a deployment that is not a rollback (a
+/// deployment whose start it has not seen is an ordinary one to it). Kinds not named here are kept.
+fn needed_by_metrics(body: &EventBody, pipeline: &str) -> bool {
+    match body {
+        EventBody::Baked { .. }
+        | EventBody::Promoted { .. }
+        | EventBody::Refused { .. }
+        | EventBody::Approved { .. }
+        | EventBody::Collected { .. }
+        | EventBody::PointerPublished { .. }
+        | EventBody::Distributed { .. }
+        | EventBody::Stopped { .. } => false,
+        EventBody::DeployStarted { pipeline: p, rollback, .. } => p == pipeline && rollback.is_some(),
+        EventBody::DeployStep { pipeline: p, step, .. } => p == pipeline && step == VERIFICATION_FAILED_STEP,
+        EventBody::DeployFinished { pipeline: p, .. } | EventBody::DeployFailed { pipeline: p, .. } => p == pipeline,
+        _ => true,
+    }
+}
+
+/// The event without what the metrics do not read: a whole-history report of a million events keeps a quarter of a
+/// million deploy events for them.
+fn lean(mut event: Event) -> Event {
+    std::mem::take(&mut event.actor);
+    event.clock = None;
+    match &mut event.body {
+        EventBody::DeployStarted { group, previous_group, lease_until, lease_holder, .. } => {
+            std::mem::take(group);
+            std::mem::take(lease_until);
+            std::mem::take(lease_holder);
+            *previous_group = None;
+        }
+        EventBody::DeployFinished { group, .. } => {
+            std::mem::take(group);
+        }
+        EventBody::DeployFailed { group, reason, log_tail, .. } => {
+            std::mem::take(group);
+            std::mem::take(reason);
+            *log_tail = None;
+        }
+        EventBody::DeployStep { detail, .. } => *detail = serde_json::Value::Null,
+        _ => {}
+    }
+    event
 }
 
 fn gate_row(gate: &crate::ledger::GateVerdict) -> GateRow {
@@ -591,6 +638,7 @@ pub fn gather(
             .collect(),
         started: HashMap::new(),
         for_metrics: Vec::new(),
+        baked: HashMap::new(),
     };
     for event in scene {
         fold.apply(event, false);
@@ -612,6 +660,10 @@ pub fn gather(
     }
 
     let baked = |digest: &Digest| {
+        if let Some(baked) = fold.baked.get(digest) {
+            return Some(baked.clone());
+        }
+        // Baked before the window: the view knows.
         let record = view.image(digest)?;
         Some(metrics::Baked { time: crate::clock::parse(&record.time)?, commit: record.commit })
     };

@@ -282,3 +282,64 @@ fn with_since_only_the_window_and_the_deployment_before_it_are_read() {
     assert_eq!(whole.metrics.stages[0].deployments, 240);
     assert_eq!((stage(&whole, "dev").timeline.rows.len(), stage(&whole, "dev").timeline.older), (TIMELINE_ROWS, 190));
 }
+
+#[test]
+fn the_metrics_match_those_computed_from_every_event() {
+    let f = fixture();
+    bake(&f, 0, image(1), None);
+    bake(&f, 1, image(2), None);
+    bake(&f, 2, image(3), None);
+    deploy(&f, 10, "dev", image(1), "d1", None);
+    deploy(&f, DAY, "dev", image(2), "d2", None);
+    deploy(&f, DAY + 3600, "dev", image(1), "d3", Some("bad image 2"));
+    deploy(&f, 2 * DAY, "prod", image(1), "p1", None);
+    // A deployment to prod that fails its verification window.
+    let start = EventBody::DeployStarted {
+        pipeline: "app".into(),
+        stage: "prod".into(),
+        deploy_id: "p2".into(),
+        digest: image(3),
+        group: "app-prod-p2".into(),
+        previous_group: None,
+        lease_until: crate::clock::format(at(3 * DAY + 600)),
+        lease_holder: "host:1:1".into(),
+        rollback: None,
+    };
+    write(&f, 3 * DAY, "ci", start);
+    for step in ["group-created", "healthy", "traffic-switched", VERIFICATION_FAILED_STEP] {
+        let body = EventBody::DeployStep {
+            pipeline: "app".into(),
+            stage: "prod".into(),
+            deploy_id: "p2".into(),
+            step: step.into(),
+            detail: serde_json::Value::Null,
+        };
+        write(&f, 3 * DAY + 60, "ci", body);
+    }
+    let failed = EventBody::DeployFailed {
+        pipeline: "app".into(),
+        stage: "prod".into(),
+        deploy_id: "p2".into(),
+        digest: image(3),
+        group: "app-prod-p2".into(),
+        reason: "verification failed".into(),
+        log_tail: None,
+    };
+    write(&f, 3 * DAY + 120, "ci", failed);
+    write(&f, 4 * DAY, "ci", EventBody::Revoked { digest: image(1), reason: "cve".into(), descendants: vec![] });
+
+    let report = gather_at(&f, 5 * DAY, None);
+    let all: Vec<Event> = (1..=f.ledger.view().unwrap().seq()).map(|seq| read_event(&f.ledger, seq).unwrap()).collect();
+    let view = f.ledger.view().unwrap();
+    let baked = |digest: &Digest| {
+        let record = view.image(digest)?;
+        Some(metrics::Baked { time: crate::clock::parse(&record.time)?, commit: record.commit })
+    };
+    let sources = Sources { baked: &baked, commit_time: &|_| None };
+    let names = ["dev".to_string(), "prod".to_string()];
+    let expected = metrics::compute("app", &names, &all, report.window, &sources);
+    assert_eq!(report.metrics, expected);
+    // And it is not a vacuous comparison: a rollback, a failed verification and a revocation were all counted.
+    let causes: Vec<_> = report.metrics.stages.iter().flat_map(|s| s.failures.iter().map(|f| f.cause)).collect();
+    assert_eq!(causes.len(), 4, "{causes:?}");
+}
