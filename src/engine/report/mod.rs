@@ -430,15 +430,13 @@ impl Fold<'_> {
             EventBody::Stopped { pipeline, stage } if ours(pipeline) && shown => {
                 self.row(stage, &at, What::Stopped, None, None, "kiln down".into());
             }
-            EventBody::Revoked { digest, reason, descendants } => {
-                if shown {
-                    for stage in self.stages_reached(std::iter::once(digest).chain(descendants)) {
-                        let detail = match descendants.len() {
-                            0 => reason.clone(),
-                            n => format!("{reason} (and {n} image(s) built on it)"),
-                        };
-                        self.row(&stage, &at, What::Revoked, Some(*digest), None, detail);
-                    }
+            EventBody::Revoked { digest, reason, descendants } if shown => {
+                for stage in self.stages_reached(std::iter::once(digest).chain(descendants)) {
+                    let detail = match descendants.len() {
+                        0 => reason.clone(),
+                        n => format!("{reason} (and {n} image(s) built on it)"),
+                    };
+                    self.row(&stage, &at, What::Revoked, Some(*digest), None, detail);
                 }
             }
             _ => {}
