@@ -90,6 +90,8 @@ fn external_references(html: &str) -> Vec<String> {
 
 #[test]
 fn the_report_opens_offline_in_a_real_browser_and_shows_stages_digests_lineage_and_metrics() {
+    // First, so that a machine without the browser fails at once, saying what to run.
+    chromium();
     let (repo, _ports) = Repo::example_on_free_ports();
     let _down = Down { repo: &repo, stages: vec!["dev", "test", "prod"], pipeline: None };
     let digest = at(&repo, NOW, "ci", &["bake", "--json"]).ok().json()["digest"].as_str().unwrap().to_string();
@@ -114,7 +116,10 @@ fn the_report_opens_offline_in_a_real_browser_and_shows_stages_digests_lineage_a
     assert!(dom.contains("Delivery metrics") && dom.contains("Change-failure rate"), "no metrics in the DOM");
     assert!(dom.contains("Verification passed"), "verify did not pass");
     assert!(dom.contains("<title>kiln report: hello</title>"), "the note's script ran or the title is wrong");
-    assert!(dom.contains("&lt;script&gt;document.title='owned'&lt;/script&gt;ship it"), "the note is not shown as text");
+    assert!(
+        dom.contains("&lt;script&gt;document.title='owned'&lt;/script&gt;ship it"),
+        "the note is not shown as text"
+    );
 
     // Kept for a person to look at, wherever the test ran.
     let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts");
