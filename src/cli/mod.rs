@@ -19,6 +19,7 @@ pub mod output;
 mod progress;
 mod promote;
 mod proxy_serve;
+mod report;
 mod revoke;
 mod rollback;
 mod run;
@@ -120,6 +121,8 @@ enum Command {
     Drill(drill::DrillArgs),
     /// What replacing image B with image A changes: inputs, steps, parent, commits, files
     Diff(diff::DiffArgs),
+    /// One self-contained HTML page: stages, timeline, gate verdicts, approvals, lineage, verify, metrics
+    Report(report::ReportArgs),
     /// Internal: the stage endpoint proxy that `kiln deploy` starts, detached
     #[command(hide = true)]
     ProxyServe(proxy_serve::ProxyServeArgs),
@@ -307,6 +310,7 @@ pub fn main() -> std::process::ExitCode {
         Command::Outdated(args) => outdated::run(&ctx, args),
         Command::Drill(args) => drill::run(&ctx, args),
         Command::Diff(args) => diff::run(&ctx, args),
+        Command::Report(args) => report::run(&ctx, args),
         Command::ProxyServe(args) => proxy_serve::run(&ctx, args),
     });
     match result {

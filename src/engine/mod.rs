@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod outdated;
 pub mod promote;
 pub mod recipe_key;
+pub mod report;
 #[cfg(test)]
 mod tests;
 
