@@ -24,6 +24,11 @@ fn every_command(digest: &str) -> Vec<Vec<String>> {
         &["gc", "--dry-run"],
         &["revoke", digest, "--reason", "absurd"],
         &["down", "--stage", "dev"],
+        &["metrics"],
+        &["outdated"],
+        &["report", "--out", "-"],
+        &["diff", digest, "dev"],
+        &["drill", "--stage", "dev", "--kind", "kill-instance"],
     ];
     commands.iter().map(|c| c.iter().map(|a| a.to_string()).collect()).collect()
 }
@@ -111,6 +116,14 @@ fn absurd_arguments_do_not_panic() {
         vec!["--pipeline", &long, "status"],
         vec!["--ledger", "s3://", "log"],
         vec!["-C", "/nonexistent/dir", "log"],
+        vec!["metrics", "--since", "99999999999999d"],
+        vec!["metrics", "--since", "0s"],
+        vec!["report", "--out", "-", "--since", "99999999999999d"],
+        vec!["report", "--out", &long],
+        vec!["diff", &long, &upper_z],
+        vec!["diff", "sha256:", "dev"],
+        vec!["drill", "--stage", &long, "--kind", "kill-proxy"],
+        vec!["drill", "--stage", "dev", "--kind", "failed-verify", "--converge-timeout", "99999999999999d"],
     ];
     for args in cases {
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();

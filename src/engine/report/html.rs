@@ -83,6 +83,7 @@ struct MetricRow {
     change_failure_rate: String,
     time_to_restore: String,
     unrestored: usize,
+    drills: String,
 }
 
 struct StageView {
@@ -322,6 +323,10 @@ pub fn render(report: &Report, out: &mut dyn std::io::Write) -> std::io::Result<
                 .unwrap_or_else(|| "none".into()),
             time_to_restore: summary(m.time_to_restore),
             unrestored: m.unrestored,
+            drills: match m.drills {
+                0 => "none".into(),
+                run => format!("{} of {run} passed", m.drills_passed),
+            },
         })
         .collect();
     let failures = report

@@ -255,6 +255,8 @@ pub enum What {
     DeployFailed,
     Revoked,
     Stopped,
+    DrillPassed,
+    DrillFailed,
 }
 
 impl What {
@@ -267,15 +269,17 @@ impl What {
             What::DeployFailed => "deploy failed",
             What::Revoked => "revoked",
             What::Stopped => "stopped",
+            What::DrillPassed => "drill passed",
+            What::DrillFailed => "drill failed",
         }
     }
 
     /// The CSS class that colours the row's label.
     pub fn class(self) -> &'static str {
         match self {
-            What::Promoted | What::Deployed => "good",
+            What::Promoted | What::Deployed | What::DrillPassed => "good",
             What::Refused | What::RolledBack | What::Stopped => "warn",
-            What::DeployFailed | What::Revoked => "bad",
+            What::DeployFailed | What::Revoked | What::DrillFailed => "bad",
         }
     }
 }
@@ -429,6 +433,14 @@ impl Fold<'_> {
             }
             EventBody::Stopped { pipeline, stage } if ours(pipeline) && shown => {
                 self.row(stage, &at, What::Stopped, None, None, "kiln down".into());
+            }
+            EventBody::Drill { pipeline, stage, fault, passed, requests, failed, bound, converged, digest, .. }
+                if ours(pipeline) && shown =>
+            {
+                let what = if *passed { What::DrillPassed } else { What::DrillFailed };
+                let converged = if *converged { "converged" } else { "did not converge" };
+                let detail = format!("{fault}: {failed} of {requests} requests failed (bound {bound}), {converged}");
+                self.row(stage, &at, what, *digest, None, detail);
             }
             EventBody::Revoked { digest, reason, descendants } if shown => {
                 for stage in self.stages_reached(std::iter::once(digest).chain(descendants)) {

@@ -343,3 +343,36 @@ fn the_metrics_match_those_computed_from_every_event() {
     let causes: Vec<_> = report.metrics.stages.iter().flat_map(|s| s.failures.iter().map(|f| f.cause)).collect();
     assert_eq!(causes.len(), 4, "{causes:?}");
 }
+
+#[test]
+fn drills_are_timeline_rows_and_counted_in_the_metrics_table() {
+    let f = fixture();
+    bake(&f, 0, image(1), None);
+    promote(&f, 10, "dev", image(1), vec![]);
+    deploy(&f, 20, "dev", image(1), "d1", None);
+    let drill = |passed: bool, fault: &str| EventBody::Drill {
+        pipeline: "app".into(),
+        stage: "dev".into(),
+        fault: fault.into(),
+        passed,
+        requests: 80,
+        failed: if passed { 0 } else { 7 },
+        bound: 0,
+        converged: passed,
+        digest: Some(image(1)),
+        duration_ms: 900,
+        deploys: Vec::new(),
+        detail: String::new(),
+    };
+    write(&f, 200, "oncall", drill(true, "kill-instance"));
+    write(&f, 300, "oncall", drill(false, "kill-kiln"));
+
+    let report = gather_at(&f, DAY, None);
+    let dev = stage(&report, "dev");
+    let kinds: Vec<What> = dev.timeline.rows.iter().map(|r| r.what).collect();
+    assert_eq!(kinds, [What::DrillFailed, What::DrillPassed, What::Deployed, What::Promoted], "newest first");
+    assert_eq!(dev.timeline.rows[0].detail, "kill-kiln: 7 of 80 requests failed (bound 0), did not converge");
+    let page = html(&report);
+    assert!(page.contains("1 of 2 passed"), "the metrics table counts the drills: {page}");
+    assert!(page.contains("drill failed"), "{page}");
+}
