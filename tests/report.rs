@@ -26,9 +26,10 @@ fn the_page_goes_to_a_file_or_stdout_and_since_narrows_the_timeline_only() {
     let (repo, digest) = deployed();
     let _down = Down { repo: &repo, stages: vec!["dev"], pipeline: None };
 
-    // By default: kiln-report.html in the current directory, and a line saying where it went.
+    // By default: .kiln/reports/<pipeline>.html, and a line saying where it went. Not the work tree, where the
+    // page would make the next bake refuse it as an uncommitted change (it used to be ./kiln-report.html).
     let run = at(&repo, LATER, &["report"]).ok();
-    let written = repo.file("kiln-report.html");
+    let written = repo.file(".kiln/reports/hello.html");
     assert!(run.stdout.starts_with(&format!("report written to {}", written.display())), "{}", run.stdout);
     assert!(run.stdout.contains("verify passed"), "{}", run.stdout);
     let page = std::fs::read_to_string(&written).unwrap();
@@ -47,6 +48,8 @@ fn the_page_goes_to_a_file_or_stdout_and_since_narrows_the_timeline_only() {
         assert!(page.contains(expected), "{expected} is not in the page");
     }
     assert!(!page.contains("<script"), "the approval note reached the page as markup");
+    // The default page leaves the work tree clean, so the next bake is not refused as dirty.
+    at(&repo, LATER, &["bake"]).ok();
 
     // `--out -`: the page alone on stdout.
     let to_stdout = at(&repo, LATER, &["report", "--out", "-", "--since", "30m"]).ok();
@@ -91,7 +94,7 @@ fn bad_arguments_and_unwritable_files_are_refused_with_their_exit_codes() {
         let run = repo.run(args).expect(*code);
         assert!(run.stderr.contains(message), "{args:?}: {}", run.stderr);
     }
-    assert!(!repo.file("kiln-report.html").exists(), "a refused report wrote a page");
+    assert!(!repo.file(".kiln/reports/hello.html").exists(), "a refused report wrote a page");
     let left: Vec<_> = std::fs::read_dir(repo.path()).unwrap().flatten().map(|e| e.file_name()).collect();
     assert!(!left.iter().any(|n| n.to_string_lossy().starts_with(".kiln-report")), "a staging file was left: {left:?}");
 }

@@ -15,9 +15,10 @@ use super::Ctx;
 
 #[derive(Args, Debug)]
 pub struct ReportArgs {
-    /// Where to write the page; `-` writes it to stdout
-    #[arg(long, value_name = "FILE", default_value = "kiln-report.html")]
-    pub out: PathBuf,
+    /// Where to write the page; `-` writes it to stdout [default: .kiln/reports/<pipeline>.html under the
+    /// repository root, which kiln's state directory keeps out of the work tree a bake checks]
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
     /// Only this long ago until now in the timeline and the metrics, such as 7d or 30d (default: the whole
     /// history); what is live and promoted is always shown as it is now
     #[arg(long, value_parser = parse_age)]
@@ -38,7 +39,17 @@ pub fn run(ctx: &Ctx, args: ReportArgs) -> Result<(), Error> {
              --json` give the same facts as documents",
         ));
     }
-    let to_stdout = args.out.as_os_str() == "-";
+    let pipeline = ctx.pipeline()?;
+    // Not the current directory: a page left in the work tree would make the next bake refuse it as dirty.
+    let page = match args.out {
+        Some(out) => out,
+        None => {
+            let dir = ctx.state_dir().join("reports");
+            std::fs::create_dir_all(&dir).map_err(Error::io(&dir))?;
+            dir.join(format!("{}.html", pipeline.name))
+        }
+    };
+    let to_stdout = page.as_os_str() == "-";
     // A pinned clock (`KILN_NOW`) moves "now" too, as for `kiln log --since` and `kiln metrics --since`.
     let now = ctx.clock.now();
     let since = match args.since {
@@ -48,10 +59,9 @@ pub fn run(ctx: &Ctx, args: ReportArgs) -> Result<(), Error> {
         })?),
         None => None,
     };
-    let pipeline = ctx.pipeline()?;
     // Made before the ledger is read, so an unwritable --out fails at once rather than after a long read; the page
     // replaces FILE only once it is whole.
-    let mut file = if to_stdout { None } else { Some(staging_file(&args.out)?) };
+    let mut file = if to_stdout { None } else { Some(staging_file(&page)?) };
 
     let ledger = ctx.ledger()?;
     let (chain, chain_failure) = report::check_chain(&ledger);
@@ -85,14 +95,14 @@ pub fn run(ctx: &Ctx, args: ReportArgs) -> Result<(), Error> {
         }
         Some(staged) => {
             let mut out = std::io::BufWriter::new(staged);
-            report::render(&gathered, &mut out).and_then(|()| out.flush()).map_err(Error::io(&args.out))?;
-            let staged = out.into_inner().map_err(|e| Error::Io { path: args.out.clone(), source: e.into_error() })?;
+            report::render(&gathered, &mut out).and_then(|()| out.flush()).map_err(Error::io(&page))?;
+            let staged = out.into_inner().map_err(|e| Error::Io { path: page.clone(), source: e.into_error() })?;
             let bytes = staged.as_file().metadata().map(|m| m.len()).unwrap_or_default();
-            staged.persist(&args.out).map_err(|e| Error::Io { path: args.out.clone(), source: e.error })?;
+            staged.persist(&page).map_err(|e| Error::Io { path: page.clone(), source: e.error })?;
             let verified = if gathered.verification.passed() { "verify passed" } else { "verify FAILED" };
             super::output::print_stdout(&format!(
                 "report written to {} ({} KB, {verified})\n",
-                shown_path(&args.out).display(),
+                shown_path(&page).display(),
                 bytes.div_ceil(1024)
             ));
         }
