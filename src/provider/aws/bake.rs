@@ -25,8 +25,6 @@ const DEFAULT_VOLUME_GIB: i32 = 8;
 pub const BUILDER_SECURITY_GROUP: &str = "kiln-builder";
 /// How long a builder may take to register with SSM before kiln gives up on it.
 const SSM_REGISTRATION_TIMEOUT: Duration = Duration::from_secs(600);
-/// How long CreateImage may take to reach `available`.
-const IMAGE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Polls start fast (moto and small images answer at once) and back off to a pace AWS does not throttle.
 const FIRST_POLL: Duration = Duration::from_millis(200);
 const MAX_POLL: Duration = Duration::from_secs(15);
@@ -561,27 +559,9 @@ fn finish_image(provider: &AwsProvider, job: &BakeJob, image: &Image) -> Result<
 }
 
 fn wait_available(provider: &AwsProvider, job: &BakeJob, id: &str) -> Result<Image, ProviderError> {
-    let region = &provider.home;
-    let started = Instant::now();
-    let mut pause = FIRST_POLL;
     job.progress.begin(&format!("waiting for {id} to become available"), None);
-    let result = loop {
-        let found = provider.describe_images(region, &[id.to_string()])?.into_iter().next();
-        match found.as_ref().and_then(|i| i.state()) {
-            Some(aws_sdk_ec2::types::ImageState::Available) => break Ok(found.expect("state came from it")),
-            Some(state @ (aws_sdk_ec2::types::ImageState::Failed | aws_sdk_ec2::types::ImageState::Error)) => {
-                let reason = found.as_ref().and_then(|i| i.state_reason()).and_then(|r| r.message()).unwrap_or("");
-                break Err(other(format!("image {id} in {region} ended {}: {reason}", state.as_str())));
-            }
-            _ => {}
-        }
-        if started.elapsed() > IMAGE_TIMEOUT {
-            break Err(other(format!("image {id} in {region} was not available after {IMAGE_TIMEOUT:?}")));
-        }
-        job.progress.update(started.elapsed().as_secs(), "pending");
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(MAX_POLL);
-    };
+    let result = provider
+        .wait_image_available(&provider.home, id, &mut |waited| job.progress.update(waited.as_secs(), "pending"));
     job.progress.end(if result.is_ok() { "available" } else { "failed" });
     result
 }

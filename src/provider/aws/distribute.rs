@@ -107,7 +107,7 @@ fn copy_to(
         )
         .map_err(|e| sdk::error("ec2:CopyImage", region, &e))?;
     let id = out.image_id().map(str::to_string).ok_or_else(|| other("CopyImage returned no image id".into()))?;
-    let copied = wait_available(provider, region, &id)?;
+    let copied = provider.wait_image_available(region, &id, &mut |_| {})?;
     let snapshots = snapshots_of(&copied);
     let mut resources = vec![id.clone()];
     resources.extend(snapshots.iter().cloned());
@@ -130,29 +130,6 @@ fn snapshots_of(image: &aws_sdk_ec2::types::Image) -> Vec<String> {
         .collect();
     snapshots.sort();
     snapshots
-}
-
-fn wait_available(provider: &AwsProvider, region: &str, id: &str) -> Result<aws_sdk_ec2::types::Image, ProviderError> {
-    let started = std::time::Instant::now();
-    let mut pause = std::time::Duration::from_millis(200);
-    loop {
-        if let Some(image) = provider.describe_images(region, &[id.to_string()])?.into_iter().next() {
-            if ami::is_available(&image) {
-                return Ok(image);
-            }
-            if matches!(
-                image.state(),
-                Some(aws_sdk_ec2::types::ImageState::Failed | aws_sdk_ec2::types::ImageState::Error)
-            ) {
-                return Err(other(format!("the copy {id} in {region} failed")));
-            }
-        }
-        if started.elapsed() > std::time::Duration::from_secs(3600) {
-            return Err(other(format!("the copy {id} in {region} was not available within an hour")));
-        }
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(std::time::Duration::from_secs(15));
-    }
 }
 
 /// Lets `account` launch the AMI: a launch permission for that account id only, and the volume permission its
