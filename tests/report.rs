@@ -12,19 +12,25 @@ fn at(repo: &Repo, now: &str, args: &[&str]) -> common::Run {
     common::Run::of(repo.kiln().args(args).env("KILN_NOW", now).output().unwrap(), args)
 }
 
-/// A dev stage of one instance, behind an approval, running one image approved with a note that is markup.
-fn deployed() -> (Repo, String) {
-    let (repo, _port) = common::hello::dev_stage(1, "", "[[stage.gate]]\napprovals = 1\n");
-    let digest = at(&repo, BAKED, &["bake", "--json"]).ok().json()["digest"].as_str().unwrap().to_string();
-    at(&repo, BAKED, &["approve", "--stage", "dev", "--digest", &digest, "--note", "<script>alert(1)</script>"]).ok();
-    at(&repo, BAKED, &["promote", "--stage", "dev"]).ok();
-    (repo, digest)
+/// A dev stage of one instance, behind an approval.
+fn approval_stage() -> Repo {
+    common::hello::dev_stage(1, "", "[[stage.gate]]\napprovals = 1\n").0
+}
+
+/// Runs one image in `repo`'s dev stage, approved with a note that is markup.
+fn deploy(repo: &Repo) -> String {
+    let digest = at(repo, BAKED, &["bake", "--json"]).ok().json()["digest"].as_str().unwrap().to_string();
+    at(repo, BAKED, &["approve", "--stage", "dev", "--digest", &digest, "--note", "<script>alert(1)</script>"]).ok();
+    at(repo, BAKED, &["promote", "--stage", "dev"]).ok();
+    digest
 }
 
 #[test]
 fn the_page_goes_to_a_file_or_stdout_and_since_narrows_the_timeline_only() {
-    let (repo, digest) = deployed();
+    let repo = approval_stage();
+    // Before the deployment, so that a failing one leaves no stage running either.
     let _down = Down { repo: &repo, stages: vec!["dev"], pipeline: None };
+    let digest = deploy(&repo);
 
     // By default: .kiln/reports/<pipeline>.html, and a line saying where it went. Not the work tree, where the
     // page would make the next bake refuse it as an uncommitted change (it used to be ./kiln-report.html).
