@@ -31,7 +31,7 @@ const EDITS: &[(&str, &str, &str, &str)] = &[
         P,
         "approvals = 1",
         "approvals = 1\nbogus = 2",
-        "pipelines/hello.toml:28:1: stage[2].gate[0].bogus: unknown field `bogus`",
+        "pipelines/hello.toml:31:1: stage[2].gate[0].bogus: unknown field `bogus`",
     ),
     (R, "description =", "summary =", "images/hello.toml:3:1: summary: unknown field `summary`"),
     (
@@ -90,7 +90,7 @@ const EDITS: &[(&str, &str, &str, &str)] = &[
         P,
         "approvals = 1",
         "approvals = 0",
-        "pipelines/hello.toml:27:13: stage[2].gate[0].approvals: approvals must be at least 1",
+        "pipelines/hello.toml:30:13: stage[2].gate[0].approvals: approvals must be at least 1",
     ),
     (
         P,
@@ -215,7 +215,7 @@ const EDITS: &[(&str, &str, &str, &str)] = &[
         P,
         "approvals = 1",
         "approvals = 1\napprovers = [\"ana\", \"eve\\nmallory\"]",
-        "pipelines/hello.toml:28:21: stage[2].gate[0].approvers[1]: `eve\\nmallory` is not a valid actor name: it contains the control character",
+        "pipelines/hello.toml:31:21: stage[2].gate[0].approvers[1]: `eve\\nmallory` is not a valid actor name: it contains the control character",
     ),
     // every duration is bounded: 1s to 365 days, so a later sum with the clock cannot overflow
     (
