@@ -6,7 +6,6 @@ use std::fs;
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -292,19 +291,8 @@ impl LocalProvider {
         let exe = std::env::current_exe().map_err(io("finding the kiln executable", Path::new("kiln")))?;
         let status_file = dir.join("status.json");
         let _ = fs::remove_file(&status_file);
-        let mut command = Command::new(exe);
-        command
-            .arg("proxy-serve")
-            .arg("--port")
-            .arg(port.to_string())
-            .arg("--routes")
-            .arg(dir.join("routes.json"))
-            .arg("--status")
-            .arg(&status_file)
-            .arg("--supervise")
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(err_log);
+        let mut command = super::supervise::proxy_serve(&exe, port, &dir.join("routes.json"), &status_file);
+        command.arg("--supervise").stdout(log).stderr(err_log);
         // SAFETY: setsid is async-signal-safe; it detaches the proxy from kiln's session so it outlives kiln.
         unsafe {
             command.pre_exec(|| {

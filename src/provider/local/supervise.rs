@@ -122,6 +122,22 @@ pub fn supervise(port: u16, routes_file: &Path, status_file: &Path) -> Result<()
     Ok(())
 }
 
+/// `kiln proxy-serve` for a stage's port, routes file and status file, with no stdin: the supervisor and the
+/// worker it runs are both this command, with their own flags added.
+pub(crate) fn proxy_serve(exe: &Path, port: u16, routes_file: &Path, status_file: &Path) -> Command {
+    let mut command = Command::new(exe);
+    command
+        .arg("proxy-serve")
+        .arg("--port")
+        .arg(port.to_string())
+        .arg("--routes")
+        .arg(routes_file)
+        .arg("--status")
+        .arg(status_file)
+        .stdin(Stdio::null());
+    command
+}
+
 /// Starts `kiln proxy-serve` on the inherited socket. It dies with the supervisor (PR_SET_PDEATHSIG), so a killed
 /// supervisor never leaves a proxy that holds the stage's port with nobody to restart or stop it.
 fn start_worker(
@@ -133,18 +149,8 @@ fn start_worker(
 ) -> io::Result<Child> {
     let fd = listener.as_raw_fd();
     let supervisor = std::process::id() as i32;
-    let mut command = Command::new(exe);
-    command
-        .arg("proxy-serve")
-        .arg("--port")
-        .arg(port.to_string())
-        .arg("--routes")
-        .arg(routes_file)
-        .arg("--status")
-        .arg(status_file)
-        .arg("--listen-fd")
-        .arg(INHERITED_FD.to_string())
-        .stdin(Stdio::null());
+    let mut command = proxy_serve(exe, port, routes_file, status_file);
+    command.arg("--listen-fd").arg(INHERITED_FD.to_string());
     // SAFETY: only async-signal-safe calls (fcntl, dup2, prctl, getppid) between fork and exec.
     unsafe {
         command.pre_exec(move || {
