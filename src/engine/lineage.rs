@@ -215,6 +215,18 @@ pub struct StageStatus {
     pub warnings: Vec<String>,
 }
 
+/// A stage's warnings about revoked images: the live one, and the promoted one when it is another image.
+pub(crate) fn revocation_warnings(view: &View, live: Option<Digest>, promoted: Option<Digest>) -> Vec<String> {
+    let promoted = promoted.filter(|d| Some(*d) != live);
+    [("live", live), ("promoted", promoted)]
+        .into_iter()
+        .filter_map(|(what, digest)| {
+            let revocation = view.revocation(&digest?)?;
+            Some(format!("the {what} image is REVOKED: {}", revocation.reason))
+        })
+        .collect()
+}
+
 /// Per stage: what is promoted, what is live, what is being deployed, and what is wrong.
 pub fn status(ctx: &Context) -> Result<Vec<StageStatus>, Error> {
     let view = ctx.ledger.view()?;
@@ -230,14 +242,8 @@ pub fn status(ctx: &Context) -> Result<Vec<StageStatus>, Error> {
         });
         let live = there.and_then(|s| s.live.clone());
         let deploying = there.and_then(|s| s.open.clone());
-        let mut warnings = Vec::new();
-        let live_digest = live.as_ref().map(|l| l.digest);
-        let promoted_digest = promoted.as_ref().map(|p| p.digest).filter(|d| Some(*d) != live_digest);
-        for (what, digest) in [("live", live_digest), ("promoted", promoted_digest)] {
-            if let Some(revocation) = digest.and_then(|d| view.revocation(&d)) {
-                warnings.push(format!("the {what} image is REVOKED: {}", revocation.reason));
-            }
-        }
+        let mut warnings =
+            revocation_warnings(&view, live.as_ref().map(|l| l.digest), promoted.as_ref().map(|p| p.digest));
         let target = crate::provider::StageRef { pipeline: &ctx.pipeline.name, stage };
         let mut stopped = None;
         let runtime = match &live {

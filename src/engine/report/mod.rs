@@ -709,15 +709,12 @@ pub fn gather(
             holder: o.holder.clone(),
             lease_until: o.lease_until.clone(),
         });
-        let mut warnings = Vec::new();
+        let warnings = super::lineage::revocation_warnings(
+            &view,
+            live.as_ref().map(|l| l.digest),
+            promoted.as_ref().map(|p| p.digest),
+        );
         let mut notices = Vec::new();
-        let live_digest = live.as_ref().map(|l| l.digest);
-        let promoted_digest = promoted.as_ref().map(|p| p.digest).filter(|d| Some(*d) != live_digest);
-        for (what, digest) in [("live", live_digest), ("promoted", promoted_digest)] {
-            if let Some(revocation) = digest.and_then(|d| view.revocation(&d)) {
-                warnings.push(format!("the {what} image is REVOKED: {}", revocation.reason));
-            }
-        }
         if let Some(held) = there.and_then(|s| s.held_by_rollback()) {
             notices.push(format!("held on {} by a rollback until the next promotion", held.digest.short()));
         }
