@@ -60,13 +60,8 @@ pub fn outdated(view: &View, pipeline: &str, stages: &[String]) -> Vec<Outdated>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ledger::{Event, EventBody, StoredEvent};
-
-    fn fold(view: &mut View, body: EventBody) {
-        let seq = view.seq() + 1;
-        let event = Event { seq, prev: view.hash(), time: format!("t{seq}"), actor: "ana".into(), clock: None, body };
-        view.apply(&StoredEvent { event, hash: Digest::of(&seq.to_be_bytes()) });
-    }
+    use crate::ledger::view::tests::fold;
+    use crate::ledger::EventBody;
 
     fn bake(view: &mut View, recipe: &str, name: &str, parent: Option<Digest>) -> Digest {
         let digest = Digest::of(name.as_bytes());

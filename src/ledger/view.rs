@@ -742,11 +742,12 @@ pub(crate) fn is_named_shard(name: &str, files: &ShardFiles) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::ledger::Event;
 
-    fn fold(view: &mut View, body: EventBody) {
+    /// Applies `body` as the next event, written by `ana`: for tests of what the view makes of events.
+    pub(crate) fn fold(view: &mut View, body: EventBody) {
         let seq = view.seq() + 1;
         let event = Event { seq, prev: view.hash(), time: format!("t{seq}"), actor: "ana".into(), clock: None, body };
         view.apply(&StoredEvent { event, hash: Digest::of(&seq.to_be_bytes()) });
